@@ -1,0 +1,846 @@
+#!/usr/bin/env python3
+"""bscrypto.py - Bareos tape encryption keys, crypto cache and LTO drive keys.
+
+A drop-in, standard-library-only replacement for Bareos's ``bscrypto`` tool,
+meant to be copied onto a bare rescue host.  Run ``bscrypto.py selftest``
+first, then ``bscrypto.py --help``.
+
+Sections, in the order data flows:
+    constants and errors; AES and RFC 3394 key wrap; encodings and passphrases;
+    key files; crypto cache; SCSI transport; SSC pages; operations; CLI.
+"""
+
+import os
+import sys
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "AES", "aes_key_wrap", "aes_key_unwrap", "b64encode", "b64decode",
+    "generate_passphrase", "kek_from_text", "drive_key_bytes",
+    "BscryptoError", "main",
+]
+
+
+# ---------------------------------------------------------------------------
+# Constants, errors and exit codes
+# ---------------------------------------------------------------------------
+
+# Bareos DEFAULT_PASSPHRASE_LENGTH; the wrapped form is 8 bytes longer (RFC 3394).
+PASSPHRASE_LENGTH = 32
+WRAPPED_LENGTH = PASSPHRASE_LENGTH + 8
+# Bareos's passphrase alphabet: no quote, backslash, backtick or space, so the
+# passphrase survives config files and shells.
+PASSPHRASE_ALPHABET = (
+    "abcdefghijklmnopqrstuvwxyz"
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    "0123456789"
+    "!@#$%^&*()-_=+|[]{};:,.<>?/~"
+)
+# Bareos reads at most this many bytes of any key file.
+KEY_FILE_READ_LIMIT = 64
+# Bareos strips exactly these from the end of a key file, nothing else.
+KEY_FILE_STRIP = b"\n\r "
+# Bareos uses the first 16 bytes of the KEK file (AES-128), zero padded.
+KEK_LENGTH = 16
+KEY_PROMPT = "Enter Encryption Key (close with ^D): "
+
+# Exit codes: one per class of failure so scripts can tell them apart.
+# 1 is what Bareos's bscrypto uses for every usage error; keep it for those.
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_KEY_FILE = 2          # key file unreadable, malformed, or would be overwritten
+EXIT_UNWRAP = 3            # integrity check failed: wrong KEK or corrupt key
+EXIT_CACHE = 4             # crypto cache unreadable or not writable
+EXIT_DEVICE = 5            # device cannot be opened (missing, busy)
+EXIT_PERMISSION = 6        # not allowed to send SCSI commands
+EXIT_NOT_SCSI = 7          # the node does not take SCSI pass-through
+EXIT_NOT_READY = 8         # no medium / drive not ready
+EXIT_NO_ENCRYPTION = 9     # drive has no encryption support
+EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
+EXIT_SCSI = 11             # any other SCSI or transport failure
+EXIT_LABEL = 12            # not a Bareos volume / label unreadable
+EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
+EXIT_INTERNAL = 70         # a bug: please report it with --debug output
+
+EXIT_CODES = (
+    (EXIT_OK, "success"),
+    (EXIT_USAGE, "usage error (as Bareos bscrypto); selftest failure"),
+    (EXIT_KEY_FILE, "key file unreadable, malformed or already exists"),
+    (EXIT_UNWRAP, "key unwrap failed: wrong KEK or corrupt key"),
+    (EXIT_CACHE, "crypto cache unreadable or not writable (left untouched)"),
+    (EXIT_DEVICE, "device cannot be opened (missing, busy)"),
+    (EXIT_PERMISSION, "permission denied for SCSI pass-through"),
+    (EXIT_NOT_SCSI, "device node does not accept SCSI pass-through"),
+    (EXIT_NOT_READY, "no medium or drive not ready"),
+    (EXIT_NO_ENCRYPTION, "drive has no encryption support"),
+    (EXIT_KEY_REFUSED, "drive refused the key (algorithm index, not AME)"),
+    (EXIT_SCSI, "other SCSI or transport error"),
+    (EXIT_LABEL, "not a Bareos volume or label unreadable"),
+    (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
+    (EXIT_INTERNAL, "internal error (a bug)"),
+)
+
+
+class BscryptoError(Exception):
+    """A failure the user can act on: printed as one line, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message, exit_code=None):
+        Exception.__init__(self, message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(BscryptoError):
+    exit_code = EXIT_USAGE
+
+
+class KeyFileError(BscryptoError):
+    exit_code = EXIT_KEY_FILE
+
+
+class UnwrapError(BscryptoError):
+    exit_code = EXIT_UNWRAP
+
+
+# Debug level set by -d/--debug; debug() never receives key material.
+DEBUG_LEVEL = 0
+
+
+def debug(level, message):
+    if DEBUG_LEVEL >= level:
+        sys.stderr.write("bscrypto: debug: %s\n" % message)
+
+
+# ---------------------------------------------------------------------------
+# AES (FIPS-197) and RFC 3394 key wrap
+# ---------------------------------------------------------------------------
+#
+# Word-oriented: the whole 16-byte state is one int.  A round unpacks its 16
+# bytes and XORs one table entry per byte (the entry already holds SubBytes,
+# ShiftRows and MixColumns for that byte, placed in its output column) with
+# the round key: 16 look-ups and 16 XORs, no shifts or masks.  The 64 small
+# tables are built on first use, so importing the module stays cheap.
+
+_SBOX = bytes.fromhex(
+    "637c777bf26b6fc53001672bfed7ab76ca82c97dfa5947f0add4a2af9ca472c0"
+    "b7fd9326363ff7cc34a5e5f171d8311504c723c31896059a071280e2eb27b275"
+    "09832c1a1b6e5aa0523bd6b329e32f8453d100ed20fcb15b6acbbe394a4c58cf"
+    "d0efaafb434d338545f9027f503c9fa851a3408f929d38f5bcb6da2110fff3d2"
+    "cd0c13ec5f974417c4a77e3d645d197360814fdc222a908846eeb814de5e0bdb"
+    "e0323a0a4906245cc2d3ac629195e479e7c8376d8dd54ea96c56f4ea657aae08"
+    "ba78252e1ca6b4c6e8dd741f4bbd8b8a703eb5664803f60e613557b986c11d9e"
+    "e1f8981169d98e949b1e87e9ce5528df8ca1890dbfe6426841992d0fb054bb16"
+)
+
+_TABLES = None
+
+
+def _aes_tables():
+    """(enc rounds, enc final, dec rounds, dec final, InvMixColumns words)."""
+    global _TABLES
+    if _TABLES is None:
+        sbox = _SBOX
+        inv = bytearray(256)
+        for i, v in enumerate(sbox):
+            inv[v] = i
+        inv = bytes(inv)
+        # GF(2^8) doubling as a translate table; composing it gives x4, x8.
+        x2 = bytes((i << 1) ^ (0x11B if i & 0x80 else 0) for i in range(256))
+        x4 = x2.translate(x2)
+        x8 = x4.translate(x2)
+        s2 = sbox.translate(x2)
+        # MixColumns column for input row 0: (2s, s, s, 3s); InvMixColumns: (14, 9, 13, 11).
+        te = [a << 24 | s << 16 | s << 8 | (a ^ s) for s, a in zip(sbox, s2)]
+        td = [(e ^ f ^ d) << 24 | (e ^ i) << 16 | (e ^ f ^ i) << 8 | (e ^ d ^ i)
+              for i, d, f, e in zip(inv, inv.translate(x2), inv.translate(x4),
+                                    inv.translate(x8))]
+
+        def rotated(words, row):
+            # Row r of a column is the row-0 column rotated right by 8*r bits.
+            n = 8 * row
+            return [(w >> n | w << (32 - n)) & 0xFFFFFFFF for w in words] if n else words
+
+        def place(words_by_row, direction):
+            # Input byte p = 4*col + row; ShiftRows moves it to column
+            # (col - row) % 4, InvShiftRows to (col + row) % 4.
+            tables = []
+            for p in range(16):
+                col, row = divmod(p, 4)
+                shift = 32 * (3 - (col + direction * row) % 4)
+                tables.append([w << shift for w in words_by_row[row]])
+            return tuple(tables)
+
+        def final(box):
+            return [[b << (8 * (3 - row)) for b in box] for row in range(4)]
+
+        td_rows = [rotated(td, r) for r in range(4)]
+        _TABLES = (place([rotated(te, r) for r in range(4)], -1), place(final(sbox), -1),
+                   place(td_rows, 1), place(final(inv), 1), td_rows)
+    return _TABLES
+
+
+def _aes_rounds(x, first, middle, last, tables, final):
+    """All rounds of AES on a 128-bit int; the same code serves both directions."""
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = tables
+    x ^= first
+    for k in middle:
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = x.to_bytes(16, "big")
+        x = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7] ^ t8[b8]
+             ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15] ^ k)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = final
+    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = x.to_bytes(16, "big")
+    return (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7] ^ t8[b8]
+            ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15] ^ last)
+
+
+def _expand_key(key):
+    """FIPS-197 key expansion: the list of 32-bit round-key words."""
+    nk = len(key) // 4
+    sbox = _SBOX
+    w = [int.from_bytes(key[4 * i:4 * i + 4], "big") for i in range(nk)]
+    rcon = 1
+    for i in range(nk, 4 * (nk + 7)):
+        t = w[i - 1]
+        if i % nk == 0:
+            t = (sbox[t >> 16 & 255] << 24 | sbox[t >> 8 & 255] << 16
+                 | sbox[t & 255] << 8 | sbox[t >> 24]) ^ (rcon << 24)
+            rcon = (rcon << 1) ^ (0x11B if rcon & 0x80 else 0)
+        elif nk > 6 and i % nk == 4:
+            t = (sbox[t >> 24] << 24 | sbox[t >> 16 & 255] << 16
+                 | sbox[t >> 8 & 255] << 8 | sbox[t & 255])
+        w.append(w[i - nk] ^ t)
+    return w
+
+
+# Key schedules by key: a KEK unwraps many keys, so expand it once.
+_SCHEDULES = {}
+
+
+def _key_schedule(key):
+    sched = _SCHEDULES.get(key)
+    if sched is None:
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES key must be 16, 24 or 32 bytes")
+        enc_tables, enc_final, dec_tables, dec_final, td = _aes_tables()
+        w = _expand_key(key)
+        rounds = len(w) // 4
+        ek = [w[4 * r] << 96 | w[4 * r + 1] << 64 | w[4 * r + 2] << 32 | w[4 * r + 3]
+              for r in range(rounds)]
+        # Equivalent inverse cipher: reversed round keys, the middle ones
+        # through InvMixColumns (td[0..3] hold InvS, so S is applied first).
+        sbox = _SBOX
+        dk = [ek[-1]]
+        for r in range(rounds - 2, 0, -1):
+            k = 0
+            for word in w[4 * r:4 * r + 4]:
+                k = k << 32 | (td[0][sbox[word >> 24]] ^ td[1][sbox[word >> 16 & 255]]
+                               ^ td[2][sbox[word >> 8 & 255]] ^ td[3][sbox[word & 255]])
+            dk.append(k)
+        dk.append(ek[0])
+        sched = ((ek[0], tuple(ek[1:-1]), ek[-1], enc_tables, enc_final),
+                 (dk[0], tuple(dk[1:-1]), dk[-1], dec_tables, dec_final))
+        if len(_SCHEDULES) >= 16:
+            _SCHEDULES.clear()
+        _SCHEDULES[key] = sched
+    return sched
+
+
+class AES(object):
+    """AES-128/192/256 on single 16-byte blocks (ECB); key schedule made once."""
+
+    __slots__ = ("_enc", "_dec")
+
+    def __init__(self, key):
+        self._enc, self._dec = _key_schedule(bytes(key))
+
+    def encrypt_int(self, block):
+        """Encrypt one block given and returned as a 128-bit big-endian int."""
+        return _aes_rounds(block, *self._enc)
+
+    def decrypt_int(self, block):
+        """Decrypt one block given and returned as a 128-bit big-endian int."""
+        return _aes_rounds(block, *self._dec)
+
+    def encrypt_block(self, block):
+        if len(block) != 16:
+            raise ValueError("AES block must be 16 bytes")
+        return _aes_rounds(int.from_bytes(block, "big"), *self._enc).to_bytes(16, "big")
+
+    def decrypt_block(self, block):
+        if len(block) != 16:
+            raise ValueError("AES block must be 16 bytes")
+        return _aes_rounds(int.from_bytes(block, "big"), *self._dec).to_bytes(16, "big")
+
+
+# RFC 3394 section 2.2.3.1 default initial value.
+KEY_WRAP_IV = 0xA6A6A6A6A6A6A6A6
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_wrap_args(kek, data, minimum):
+    if len(kek) not in (16, 24, 32):
+        raise ValueError("KEK must be 16, 24 or 32 bytes")
+    if len(data) % 8 or len(data) < minimum:
+        raise ValueError("key data must be a multiple of 8 bytes, at least %d" % minimum)
+
+
+def _constant_time_equal(a, b):
+    """Compare without an early exit, so timing does not say how much matched."""
+    try:
+        from _operator import _compare_digest  # what hmac.compare_digest is; hmac imports hashlib
+    except ImportError:
+        from hmac import compare_digest as _compare_digest
+    return _compare_digest(a, b)
+
+
+def aes_key_wrap(kek, plaintext):
+    """RFC 3394 section 2.2.1 wrap with the default IV."""
+    _check_wrap_args(kek, plaintext, 16)
+    enc = AES(kek).encrypt_int
+    n = len(plaintext) // 8
+    r = [int.from_bytes(plaintext[8 * i:8 * i + 8], "big") for i in range(n)]
+    a = KEY_WRAP_IV
+    t = 1
+    for _ in range(6):
+        for i in range(n):
+            b = enc(a << 64 | r[i])
+            a = (b >> 64) ^ t
+            r[i] = b & _MASK64
+            t += 1
+    return b"".join(x.to_bytes(8, "big") for x in [a] + r)
+
+
+def aes_key_unwrap(kek, wrapped):
+    """RFC 3394 section 2.2.2 unwrap; UnwrapError when the check value differs."""
+    _check_wrap_args(kek, wrapped, 24)
+    dec = AES(kek).decrypt_int
+    n = len(wrapped) // 8 - 1
+    a = int.from_bytes(wrapped[:8], "big")
+    r = [int.from_bytes(wrapped[8 * i + 8:8 * i + 16], "big") for i in range(n)]
+    t = 6 * n
+    for _ in range(6):
+        for i in range(n - 1, -1, -1):
+            b = dec((a ^ t) << 64 | r[i])
+            a = b >> 64
+            r[i] = b & _MASK64
+            t -= 1
+    if not _constant_time_equal(a.to_bytes(8, "big"), KEY_WRAP_IV.to_bytes(8, "big")):
+        raise UnwrapError("integrity check failed")
+    return b"".join(x.to_bytes(8, "big") for x in r)
+
+
+# ---------------------------------------------------------------------------
+# Encodings and passphrases
+# ---------------------------------------------------------------------------
+
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def b64encode(data):
+    """Standard base64 without '=' padding, as Bareos writes it (32 -> 43 chars)."""
+    import binascii
+    return binascii.b2a_base64(bytes(data)).rstrip(b"=\n").decode("ascii")
+
+
+def b64decode(text):
+    """Decode Bareos base64: stops at the first space, padding optional.
+
+    Bareos decodes invalid characters as zero bits; we refuse them instead,
+    because a mistyped key silently becomes a different key.
+    """
+    import binascii
+    if isinstance(text, str):
+        text = text.encode("latin-1")
+    text = text.split(b" ", 1)[0].rstrip(b"=")
+    bad = set(text) - _B64_ALPHABET
+    if bad:
+        raise ValueError("not base64: contains %s" % ", ".join(
+            repr(chr(c)) for c in sorted(bad)[:3]))
+    if len(text) % 4 == 1:
+        raise ValueError("not base64: %d characters cannot encode whole bytes" % len(text))
+    return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
+
+
+def generate_passphrase(length=PASSPHRASE_LENGTH):
+    """A random passphrase from Bareos's alphabet, without modulo bias.
+
+    Bytes >= 180 (2 x 90) are rejected, so byte % 90 is uniform.
+    """
+    alphabet = PASSPHRASE_ALPHABET
+    limit = 256 - 256 % len(alphabet)
+    out = []
+    while len(out) < length:
+        out.extend(alphabet[b % len(alphabet)] for b in os.urandom(2 * length) if b < limit)
+    return "".join(out[:length]).encode("ascii")
+
+
+def kek_from_text(text):
+    """The AES-128 KEK Bareos derives from a KEK file or config string."""
+    return bytes(text[:KEK_LENGTH]).ljust(KEK_LENGTH, b"\0")
+
+
+def drive_key_bytes(passphrase):
+    """The 32 key bytes Bareos really loads into the drive for a passphrase.
+
+    Bareos copies the passphrase with a bounded string copy: at most 31
+    characters, then NUL, the rest zero; a NUL inside ends the copy.  Every
+    tape Bareos wrote is encrypted with exactly these bytes.
+    """
+    text = bytes(passphrase).split(b"\0", 1)[0][:PASSPHRASE_LENGTH - 1]
+    return text.ljust(PASSPHRASE_LENGTH, b"\0")
+
+
+def wrap_passphrase(kek_text, passphrase):
+    """Catalog form of a passphrase under a KEK: base64(wrap(passphrase))."""
+    return b64encode(aes_key_wrap(kek_from_text(kek_text), passphrase))
+
+
+def unwrap_passphrase(kek_text, wrapped_b64):
+    """Inverse of wrap_passphrase; ValueError for bad base64, UnwrapError for a bad KEK."""
+    wrapped = b64decode(wrapped_b64)
+    if len(wrapped) % 8 or len(wrapped) < 24:
+        raise ValueError("decodes to %d bytes, a wrapped key is %d" % (len(wrapped), WRAPPED_LENGTH))
+    return aes_key_unwrap(kek_from_text(kek_text), wrapped)
+
+
+# ---------------------------------------------------------------------------
+# Key files
+# ---------------------------------------------------------------------------
+
+
+def strip_key_text(data):
+    """Bareos's key-file rule: first 64 bytes, trailing \\n, \\r and spaces removed."""
+    return bytes(data[:KEY_FILE_READ_LIMIT]).rstrip(KEY_FILE_STRIP)
+
+
+def read_key_file(path, what="key file", prompt=True):
+    """Read a key file (or stdin for '-') the way Bareos does."""
+    if path == "-":
+        if prompt:
+            sys.stdout.write(KEY_PROMPT)
+            sys.stdout.flush()
+        data = _read_stdin_bytes(KEY_FILE_READ_LIMIT)
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(KEY_FILE_READ_LIMIT)
+        except OSError as e:
+            raise KeyFileError("cannot read %s %s: %s" % (what, path, e.strerror or e))
+    text = strip_key_text(data)
+    if not text:
+        raise KeyFileError("%s %s is empty" % (what, "on stdin" if path == "-" else path))
+    return text
+
+
+def _read_stdin_bytes(limit):
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return sys.stdin.read(limit).encode("latin-1")
+    data = b""
+    while len(data) < limit:
+        chunk = stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def write_private_file(path, data, force=False, mode=0o600):
+    """Write a key file atomically, mode 0600, never clobbering a key silently.
+
+    A temporary file in the same directory is written, fsynced and renamed,
+    so a crash leaves the old file or the new one, never a torn key.
+    """
+    try:
+        if os.path.getsize(path) > 0 and not force:
+            raise KeyFileError("%s already exists and is not empty; a lost key is lost "
+                               "data: choose another name or add --force" % path)
+    except OSError:
+        pass
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise KeyFileError("cannot write %s: %s" % (path, e.strerror or e))
+
+
+def make_key_text(passphrase, kek_text=None, base64=False):
+    """What -g writes: the passphrase, base64 of it, or base64 of it wrapped."""
+    if kek_text is not None:
+        return wrap_passphrase(kek_text, passphrase).encode("ascii")
+    if base64:
+        return b64encode(passphrase).encode("ascii")
+    return passphrase
+
+
+def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base64=False):
+    """Recover the passphrase from key-file text (the inverse of make_key_text)."""
+    if kek_text is not None:
+        try:
+            return unwrap_passphrase(kek_text, text)
+        except ValueError as e:
+            raise KeyFileError("%s is not a wrapped key: %s" % (source, e))
+        except UnwrapError:
+            raise UnwrapError("cannot unwrap %s with the KEK from %s: integrity check failed "
+                              "(wrong KEK, or the key is corrupt or truncated)"
+                              % (source, kek_source))
+    if base64:
+        try:
+            return b64decode(text)
+        except ValueError as e:
+            raise KeyFileError("%s is not base64: %s" % (source, str(e)[len("not base64: "):]))
+    return text[:PASSPHRASE_LENGTH]
+
+
+# ---------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------
+
+
+def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
+    """-g: make a new passphrase (optionally base64 or wrapped) into dest."""
+    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+    text = make_key_text(generate_passphrase(), kek_text, base64)
+    if dest == "-":
+        out = out or _stdout_bytes()
+        out.write(text + b"\n")
+        out.flush()
+    else:
+        write_private_file(dest, text, force=force)
+        debug(1, "wrote %d-byte key file %s (mode 0600)" % (len(text), dest))
+    return EXIT_OK
+
+
+def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None):
+    """-k: print the passphrase held in a key file."""
+    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+    text = read_key_file(source, prompt=prompt)
+    name = "stdin" if source == "-" else source
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_path, base64)
+    out = out or _stdout_bytes()
+    out.write(passphrase + b"\n")
+    out.flush()
+    return EXIT_OK
+
+
+def _stdout_bytes():
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+# Known answers built into the file: FIPS-197 Appendix C and RFC 3394 section 4.
+_FIPS197_PLAINTEXT = "00112233445566778899aabbccddeeff"
+_FIPS197_VECTORS = (
+    ("C.1 AES-128", "000102030405060708090a0b0c0d0e0f", "69c4e0d86a7b0430d8cdb78070b4c55a"),
+    ("C.2 AES-192", "000102030405060708090a0b0c0d0e0f1011121314151617",
+     "dda97ca4864cdfe06eaf70a0ec0d7191"),
+    ("C.3 AES-256", "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+     "8ea2b7ca516745bfeafc49904b496089"),
+)
+_RFC3394_VECTORS = (
+    ("4.1 128-bit KEK, 128-bit key", "000102030405060708090A0B0C0D0E0F",
+     "00112233445566778899AABBCCDDEEFF",
+     "1FA68B0A8112B447AEF34BD8FB5A7B829D3E862371D2CFE5"),
+    ("4.6 256-bit KEK, 256-bit key",
+     "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F",
+     "00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F",
+     "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"),
+)
+# A wrap made by Bareos's own bscrypto (shared reference fixture wrap_triples.tsv).
+_BAREOS_WRAP = (b"RZrW?;%Ot2csX|#9c[]3G5iUV2e9qc.0",
+                "+TzT2bajQbRzEJncUCIbdXQUJyrW5X0JDhdb+k2HWnN89rWFusCZ6g",
+                b"lV6=X?uqky(roy{5LKa8@Iwi+Ij~kNaq")
+
+
+def _selftest_checks():
+    """(name, function) pairs; each function returns None or raises."""
+    checks = []
+
+    def aes_check(name, key, expected):
+        def run():
+            aes = AES(bytes.fromhex(key))
+            pt = bytes.fromhex(_FIPS197_PLAINTEXT)
+            assert aes.encrypt_block(pt).hex() == expected, "encrypt"
+            assert aes.decrypt_block(bytes.fromhex(expected)) == pt, "decrypt"
+        return ("FIPS-197 %s encrypt and decrypt" % name, run)
+
+    def wrap_check(name, kek, key, wrapped):
+        def run():
+            k, p, w = bytes.fromhex(kek), bytes.fromhex(key), bytes.fromhex(wrapped)
+            assert aes_key_wrap(k, p) == w, "wrap"
+            assert aes_key_unwrap(k, w) == p, "unwrap"
+            try:
+                aes_key_unwrap(k, w[:-1] + bytes([w[-1] ^ 1]))
+            except UnwrapError:
+                return
+            raise AssertionError("corrupt key not detected")
+        return ("RFC 3394 %s wrap, unwrap, tamper" % name, run)
+
+    def bareos_wrap():
+        kek, wrapped, plain = _BAREOS_WRAP
+        assert unwrap_passphrase(kek, wrapped) == plain, "unwrap"
+        assert wrap_passphrase(kek, plain) == wrapped, "wrap"
+
+    def base64_rules():
+        assert b64encode(b"\xff" * 32) == "/" * 42 + "8"
+        assert b64decode("/" * 42 + "8 trailing") == b"\xff" * 32
+        try:
+            b64decode("ab*d")
+        except ValueError:
+            return
+        raise AssertionError("invalid character accepted")
+
+    def passphrase_rules():
+        p = generate_passphrase()
+        assert len(p) == PASSPHRASE_LENGTH and set(p.decode()) <= set(PASSPHRASE_ALPHABET)
+        assert drive_key_bytes(b"A" * 32) == b"A" * 31 + b"\0"
+
+    for v in _FIPS197_VECTORS:
+        checks.append(aes_check(*v))
+    for v in _RFC3394_VECTORS:
+        checks.append(wrap_check(*v))
+    checks.append(("Bareos bscrypto wrapped key (reference fixture)", bareos_wrap))
+    checks.append(("Bareos base64: no padding, stop at space, reject junk", base64_rules))
+    checks.append(("passphrase alphabet and drive key bytes", passphrase_rules))
+    return checks
+
+
+def op_selftest(out=None):
+    """Run the built-in known-answer checks; one line each and a verdict."""
+    out = out or sys.stdout
+    failed = 0
+    checks = _selftest_checks()
+    for name, run in checks:
+        try:
+            run()
+            out.write("ok      %s\n" % name)
+        except Exception as e:  # any failure is a finding, report and go on
+            failed += 1
+            out.write("FAILED  %s: %s\n" % (name, str(e) or type(e).__name__))
+    if failed:
+        out.write("selftest: %d of %d checks FAILED - do not trust this host's Python\n"
+                  % (failed, len(checks)))
+        return EXIT_USAGE
+    out.write("selftest: all %d checks passed (Python %s)\n"
+              % (len(checks), sys.version.split()[0]))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+#
+# Two faces: Bareos's original flags (drop-in for scripts, same messages and
+# exit codes) and subcommands with readable names.  A first argument that is a
+# subcommand name selects the second face.
+
+
+def _exit_code_epilog():
+    return "exit codes:\n" + "\n".join("  %-3d %s" % c for c in EXIT_CODES)
+
+
+def _legacy_parser():
+    import argparse
+
+    class LegacyParser(argparse.ArgumentParser):
+        # The command list needs the full subcommand parser: build it only
+        # when help is shown, not on every run.
+        @property
+        def epilog(self):
+            return _commands_epilog() + "\n\n" + _exit_code_epilog()
+
+        @epilog.setter
+        def epilog(self, value):
+            pass
+
+    p = LegacyParser(
+        prog="bscrypto",
+        usage="%(prog)s <options> [<device_name>]\n"
+              "       %(prog)s COMMAND ...   (see 'commands' below)",
+        description="Bareos tape encryption keys, crypto cache and drive keys.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("-b", "--base64", action="store_true", help="perform base64 encoding of keydata")
+    a("-c", "--clear-encryption", action="store_true", help="clear encryption key")
+    a("-D", "--dump-cache", metavar="<cachefile>", help="dump content of given cachefile")
+    a("-d", "--debug", metavar="<nn>", type=int, default=0, help="set debug level to <nn>")
+    a("-e", "--drive-encryption-status", action="store_true",
+      help="show drive encryption status")
+    a("-g", "--generate-passphrase", metavar="<keyfile>",
+      help="generate new encryption passphrase in keyfile ('-' for stdout)")
+    a("-k", "--show-keyfile", metavar="<keyfile>", help="show content of keyfile")
+    a("-p", "--populate-cachefile", metavar="<cachefile>",
+      help="populate given cachefile with crypto keys read from stdin")
+    a("-r", "--reset-expiry-time", metavar="<cachefile>",
+      help="reset expiry time for entries of given cachefile")
+    a("-s", "--set-encryption-key", metavar="<keyfile>",
+      help="set encryption key loaded from keyfile")
+    a("-v", "--volume-encryption-status", action="store_true",
+      help="show volume encryption status")
+    a("-w", "--wrap-unwrap-key", metavar="<keyfile>",
+      help="wrap/unwrap the key using RFC3394 aes-(un)wrap using the key in "
+           "keyfile as a Key Encryption Key")
+    a("--force", action="store_true", help="allow -g to replace a non-empty key file")
+    a("--version", action="version", version="bscrypto.py " + __version__)
+    a("device_name", nargs="?", help="name of device (e.g. /dev/nst0)")
+    return p
+
+
+def _legacy_checks(ns):
+    """Bareos's own argument rules and messages, in its order."""
+    file_ops = (ns.generate_passphrase or ns.show_keyfile or ns.dump_cache
+                or ns.populate_cachefile or ns.reset_expiry_time)
+    drive_ops = (ns.clear_encryption or ns.set_encryption_key
+                 or ns.drive_encryption_status or ns.volume_encryption_status)
+    if not file_ops and not ns.device_name:
+        return "Missing device_name argument for this option"
+    if ns.generate_passphrase and ns.show_keyfile:
+        return "Either use -g or -k not both"
+    if ns.clear_encryption and ns.set_encryption_key:
+        return "Either use -c or -s not both"
+    if ((ns.clear_encryption or ns.set_encryption_key)
+            and (ns.drive_encryption_status or ns.volume_encryption_status)):
+        return "Either set or clear the crypto key or ask for status not both"
+    if drive_ops and file_ops:
+        return ("Don't mix operations which are incompatible "
+                "e.g. generate/show vs set/clear etc.")
+    return None
+
+
+def _run_legacy(argv):
+    parser = _legacy_parser()
+    ns = parser.parse_args(argv)
+    _set_debug(ns.debug)
+    problem = _legacy_checks(ns)
+    if problem:
+        sys.stderr.write(problem + "\n")
+        if problem.startswith("Missing"):
+            parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    # Bareos's order of precedence.
+    if ns.generate_passphrase:
+        return op_generate(ns.generate_passphrase, ns.wrap_unwrap_key, ns.base64, ns.force)
+    if ns.show_keyfile:
+        return op_show_key(ns.show_keyfile, ns.wrap_unwrap_key, ns.base64)
+    parser.error("this operation is not available in this build")
+    return EXIT_USAGE
+
+
+def _set_debug(level):
+    global DEBUG_LEVEL
+    DEBUG_LEVEL = level or 0
+
+
+# Subcommands: name -> (function adding its arguments, function running it, help).
+def _add_key_commands(sub, common):
+    p = sub.add_parser("generate", parents=[common], help="generate a new passphrase key file",
+                       description="Generate a random 32-character passphrase (Bareos's "
+                                   "alphabet, unbiased) into FILE, mode 0600; '-' prints it.")
+    p.add_argument("file", help="key file to create, or '-' for stdout")
+    p.add_argument("-w", "--kek", metavar="KEKFILE", help="wrap it with this KEK (base64 output)")
+    p.add_argument("-b", "--base64", action="store_true", help="write base64 of the passphrase")
+    p.add_argument("--force", action="store_true", help="replace a non-empty existing file")
+    p.set_defaults(run=lambda ns: op_generate(ns.file, ns.kek, ns.base64, ns.force))
+
+    p = sub.add_parser("show", parents=[common], help="print the passphrase in a key file",
+                       description="Print the passphrase held in FILE ('-' reads stdin).")
+    p.add_argument("file", help="key file, or '-' for stdin")
+    p.add_argument("-w", "--kek", metavar="KEKFILE", help="unwrap with this KEK")
+    p.add_argument("-b", "--base64", action="store_true", help="the file holds base64")
+    p.set_defaults(run=lambda ns: op_show_key(ns.file, ns.kek, ns.base64,
+                                              prompt=sys.stdin.isatty()))
+
+    p = sub.add_parser("selftest", parents=[common], help="run the built-in known-answer tests",
+                       description="Run the known-answer tests built into this file: the "
+                                   "first thing to run on an unknown rescue host.")
+    p.set_defaults(run=lambda ns: op_selftest())
+
+
+def _add_cache_commands(sub, common):
+    """Crypto cache subcommands."""
+
+
+def _add_drive_commands(sub, common):
+    """Drive subcommands."""
+
+
+def _add_recovery_commands(sub, common):
+    """Disaster-recovery subcommands."""
+
+
+_COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
+                   _add_recovery_commands)
+
+
+def _command_parser():
+    import argparse
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-d", "--debug", metavar="N", type=int, default=0,
+                        help="debug level (never shows key material)")
+    p = argparse.ArgumentParser(prog="bscrypto", epilog=_exit_code_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMAND_GROUPS:
+        add(sub, common)
+    return p, sub
+
+
+def _command_names():
+    _, sub = _command_parser()
+    return list(sub.choices)
+
+
+def _commands_epilog():
+    _, sub = _command_parser()
+    lines = ["commands (each has its own --help):"]
+    for action in sub._choices_actions:
+        lines.append("  %-18s %s" % (action.dest, action.help))
+    return "\n".join(lines)
+
+
+def _run_command(argv):
+    parser, _ = _command_parser()
+    ns = parser.parse_args(argv)
+    _set_debug(ns.debug)
+    return ns.run(ns)
+
+
+def main(argv=None):
+    """Entry point: returns the exit status instead of exiting."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] in _command_names():
+            return _run_command(argv)
+        return _run_legacy(argv)
+    except BscryptoError as e:
+        sys.stderr.write("bscrypto: %s\n" % e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("bscrypto: interrupted\n")
+        return 130
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except Exception as e:
+        if DEBUG_LEVEL:
+            raise
+        sys.stderr.write("bscrypto: internal error: %s: %s (rerun with -d 1 for a "
+                         "traceback and please report it)\n" % (type(e).__name__, e))
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
