@@ -507,8 +507,38 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 
 
 # ---------------------------------------------------------------------------
+# Crypto cache
+# ---------------------------------------------------------------------------
+
+# (cache: layout, read, update rules, atomic locked write)
+
+
+# ---------------------------------------------------------------------------
+# SCSI transport
+# ---------------------------------------------------------------------------
+
+# (transport: Linux SG_IO, Solaris USCSI, NetBSD/OpenBSD SCIOCCOMMAND, FreeBSD camcontrol)
+
+
+# ---------------------------------------------------------------------------
+# SSC pages: build and parse
+# ---------------------------------------------------------------------------
+
+# (pages: CDBs, SPIN/SPOUT pages, INQUIRY, sense decoding)
+
+
+# ---------------------------------------------------------------------------
+# Bareos volume label
+# ---------------------------------------------------------------------------
+
+# (label: BB02 block, record header, label fields)
+
+
+# ---------------------------------------------------------------------------
 # Operations
 # ---------------------------------------------------------------------------
+
+# -- key operations --
 
 
 def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
@@ -639,6 +669,15 @@ def op_selftest(out=None):
     return EXIT_OK
 
 
+# -- cache operations --
+
+
+# -- drive operations --
+
+
+# -- recovery operations --
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -730,13 +769,12 @@ def _run_legacy(argv):
         if problem.startswith("Missing"):
             parser.print_usage(sys.stderr)
         return EXIT_USAGE
-    # Bareos's order of precedence.
-    if ns.generate_passphrase:
-        return op_generate(ns.generate_passphrase, ns.wrap_unwrap_key, ns.base64, ns.force)
-    if ns.show_keyfile:
-        return op_show_key(ns.show_keyfile, ns.wrap_unwrap_key, ns.base64)
-    parser.error("this operation is not available in this build")
-    return EXIT_USAGE
+    # Bareos's order of precedence: cache, then key files, then the drive.
+    for dispatch in (_legacy_cache_ops, _legacy_key_ops, _legacy_drive_ops):
+        rc = dispatch(ns)
+        if rc is not None:
+            return rc
+    return EXIT_OK
 
 
 def _set_debug(level):
@@ -769,12 +807,30 @@ def _add_key_commands(sub, common):
     p.set_defaults(run=lambda ns: op_selftest())
 
 
+def _legacy_key_ops(ns):
+    if ns.generate_passphrase:
+        return op_generate(ns.generate_passphrase, ns.wrap_unwrap_key, ns.base64, ns.force)
+    if ns.show_keyfile:
+        return op_show_key(ns.show_keyfile, ns.wrap_unwrap_key, ns.base64)
+    return None
+
+
 def _add_cache_commands(sub, common):
     """Crypto cache subcommands."""
 
 
+def _legacy_cache_ops(ns):
+    """-D, -p, -r."""
+    return None
+
+
 def _add_drive_commands(sub, common):
     """Drive subcommands."""
+
+
+def _legacy_drive_ops(ns):
+    """-c, -e, -s, -v."""
+    return None
 
 
 def _add_recovery_commands(sub, common):
