@@ -334,7 +334,7 @@ def build_base(path, tools, kroot, kver):
     os.rename(tmp, path)
 
 
-def build_payload(path, options):
+def build_payload(path, options, src):
     """The small, per-run part: /init, guest scripts, bscrypto files."""
     cpio = Cpio(path)
     cpio.file("/init", INIT_SCRIPT.encode(), 0o755)
@@ -342,9 +342,9 @@ def build_payload(path, options):
         cpio.copy(os.path.join(HERE, n), "/systest/" + n)
     present = []
     for n in REPO_FILES:
-        src = os.path.join(REPO, n)
-        if os.path.exists(src):
-            cpio.copy(src, "/work/" + n)
+        path_n = os.path.join(src, n)
+        if os.path.exists(path_n):
+            cpio.copy(path_n, "/work/" + n)
             present.append(n)
     options = dict(options, repo_files=present)
     cpio.file("/systest/options.json", json.dumps(options).encode())
@@ -352,7 +352,7 @@ def build_payload(path, options):
     return present
 
 
-def build_initrd(tools, kroot, kver, options):
+def build_initrd(tools, kroot, kver, options, src):
     """Cached base image + fresh payload, concatenated (the kernel unpacks
     concatenated cpio archives in order)."""
     base = os.path.join(BUILD, "base-%s-%s.cpio" % (kver, base_key(tools, kroot)))
@@ -362,7 +362,7 @@ def build_initrd(tools, kroot, kver, options):
         log("systest: building base initramfs")
         build_base(base, tools, kroot, kver)
     payload = os.path.join(BUILD, "payload.cpio")
-    present = build_payload(payload, options)
+    present = build_payload(payload, options, src)
     initrd = os.path.join(BUILD, "initrd.img")
     with open(initrd, "wb") as out:
         for part in (base, payload):
@@ -469,10 +469,10 @@ def run(args):
     deb = download_kernel(os.path.join(BUILD, "kernel"))
     kroot, vmlinuz, kver = extract_kernel(deb, tools["busybox"])
     options = {"deadline": args.timeout - 20, "only": args.case}
-    initrd, present = build_initrd(tools, kroot, kver, options)
+    initrd, present = build_initrd(tools, kroot, kver, options, args.src)
     missing = [n for n in REPO_FILES if n not in present]
     if missing:
-        log("systest: note: %s not in the repository yet" % ", ".join(missing))
+        log("systest: note: %s not in %s" % (", ".join(missing), args.src))
     log("systest: kernel %s, initrd %.0f MB built in %.1fs"
         % (kver, os.path.getsize(initrd) / 1e6, time.monotonic() - t0))
     disk = os.path.join(BUILD, "results.img")
@@ -504,6 +504,9 @@ def main(argv=None):
                     help="seconds before qemu is killed (default 180)")
     ap.add_argument("--case", action="append", default=[],
                     help="run only this case (and what it needs); repeatable")
+    ap.add_argument("--src", default=REPO,
+                    help="take %s from this folder (default: the repository)"
+                    % " and ".join(REPO_FILES))
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="echo the guest console")
     args = ap.parse_args(argv)
