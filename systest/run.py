@@ -149,6 +149,7 @@ def download_kernel(cache):
     if pkg:
         debs = glob.glob(os.path.join(cache, pkg + "_*.deb"))
         if not debs:
+            drop_old_kernels(cache)
             log("systest: downloading %s" % pkg)
             out = sh(["apt-get", "download", "-q", pkg], cwd=cache)
             debs = glob.glob(os.path.join(cache, pkg + "_*.deb"))
@@ -163,6 +164,15 @@ def download_kernel(cache):
         return debs[-1]
     raise CannotStart("apt-cache knows no %s (run apt-get update or --install)"
                       % KERNEL_META)
+
+
+def drop_old_kernels(cache):
+    """A new ABI superseded what is cached: free the disk space."""
+    for path in glob.glob(os.path.join(cache, "linux-image-*")):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def extract_kernel(deb, busybox):
@@ -413,9 +423,13 @@ def read_results(disk, outdir):
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar.getmembers():
-                # Only plain files with plain names: the guest is untrusted-ish.
-                if member.isfile() and "/" not in member.name.strip("./"):
-                    tar.extract(member, outdir)
+                # Plain files with plain names only: nothing the guest writes
+                # can land outside outdir.
+                name = member.name
+                if member.isfile() and re.fullmatch(r"[\w.-]+", name) \
+                        and not name.startswith("."):
+                    with open(os.path.join(outdir, name), "wb") as out:
+                        shutil.copyfileobj(tar.extractfile(member), out)
     with open(os.path.join(outdir, "results.json")) as f:
         return json.load(f)
 

@@ -112,6 +112,9 @@ def load_model():
     return BringupDrive(), "bringup_drive.BringupDrive (fallback; %s)" % why
 
 
+HEAD_BYTES = 24
+
+
 class CommandLog:
     """One JSON line per command, flushed at once so nothing is lost."""
 
@@ -125,7 +128,10 @@ class CommandLog:
             "t": round(time.monotonic(), 3), "op": "0x%02x" % cdb[0],
             "name": OPCODE_NAMES.get(cdb[0], "?"), "cdb": cdb.hex(" "),
             "out": len(data_out), "alloc": alloc_len, "status": status,
-            "in": len(data_in), "sense": sense[:18].hex(" ")}) + "\n")
+            "in": len(data_in), "sense": sense[:18].hex(" "),
+            # The first bytes are enough to see pages and headers.
+            "out_head": data_out[:HEAD_BYTES].hex(" "),
+            "in_head": data_in[:HEAD_BYTES].hex(" ")}) + "\n")
         self.f.flush()
 
 
