@@ -78,17 +78,21 @@ def log(msg):
 
 def sh(argv, **kw):
     """Run a host command, returning CompletedProcess with text output."""
-    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, **kw)
+    try:
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, **kw)
+    except FileNotFoundError:
+        raise CannotStart("%s not found" % argv[0])
 
 
 # ---- Host tools --------------------------------------------------------------
 
 def guest_python():
-    """Debian's /usr/bin/python3.X: its stdlib lives in /usr/lib/python3.X."""
+    """Debian's /usr/bin/python3.X with its full stdlib in /usr/lib/python3.X
+    (tarfile is in libpython3.X-stdlib, which python3-minimal lacks)."""
     found = [p for p in glob.glob("/usr/bin/python3.*")
              if re.fullmatch(r"/usr/bin/python3\.\d+", p)
-             and os.path.isdir("/usr/lib/" + os.path.basename(p))]
+             and os.path.exists("/usr/lib/%s/tarfile.py" % os.path.basename(p))]
     found.sort(key=lambda p: int(p.rsplit(".", 1)[1]))
     return found[-1] if found else None
 
@@ -97,12 +101,12 @@ def install_packages():
     """apt-get install what the harness needs (for `.ci/run`)."""
     pkgs = list(APT_PACKAGES)
     if not guest_python():
-        pkgs.append("python3-minimal")
-        pkgs.append("libpython3-stdlib")
+        pkgs += ["python3-minimal", "libpython3-stdlib"]
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends"] + pkgs
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if subprocess.run(cmd, env=env).returncode != 0:
-        # Package lists may be missing or stale: refresh once and retry.
+    # Refresh the package lists only when they are missing or stale: the
+    # install fails, or they do not know the kernel metapackage.
+    if subprocess.run(cmd, env=env).returncode != 0 or not kernel_package_name():
         subprocess.run(["apt-get", "update", "-q"], env=env)
         if subprocess.run(cmd, env=env).returncode != 0:
             raise CannotStart("apt-get install %s failed" % " ".join(pkgs))
@@ -118,15 +122,16 @@ def static_busybox():
 
 
 def find_tools():
+    for tool in ("timeout", "dpkg-deb", "ldd", "apt-get", "apt-cache"):
+        if not shutil.which(tool):
+            raise CannotStart("%s not found" % tool)
     tools = {"qemu": shutil.which(QEMU), "busybox": static_busybox(),
              "python": guest_python()}
     if not tools["qemu"]:
         raise CannotStart("%s not found (apt-get install qemu-system-x86)" % QEMU)
     if not tools["python"]:
-        raise CannotStart("no Debian /usr/bin/python3.X with /usr/lib/python3.X")
-    for tool in ("timeout", "dpkg-deb", "ldd"):
-        if not shutil.which(tool):
-            raise CannotStart("%s not found" % tool)
+        raise CannotStart("no Debian /usr/bin/python3.X with its stdlib "
+                          "(apt-get install python3-minimal libpython3-stdlib)")
     return tools
 
 
@@ -149,13 +154,13 @@ def download_kernel(cache):
     if pkg:
         debs = glob.glob(os.path.join(cache, pkg + "_*.deb"))
         if not debs:
-            drop_old_kernels(cache)
             log("systest: downloading %s" % pkg)
             out = sh(["apt-get", "download", "-q", pkg], cwd=cache)
             debs = glob.glob(os.path.join(cache, pkg + "_*.deb"))
             if not debs:
                 raise CannotStart("apt-get download %s failed: %s"
                                   % (pkg, out.stderr.strip()[-300:]))
+            drop_old_kernels(cache, keep=pkg + "_")
         return debs[0]
     # No package lists (offline): fall back to a previously cached kernel.
     debs = sorted(glob.glob(os.path.join(cache, "linux-image-*-cloud-amd64_*.deb")),
@@ -166,9 +171,11 @@ def download_kernel(cache):
                       % KERNEL_META)
 
 
-def drop_old_kernels(cache):
+def drop_old_kernels(cache, keep):
     """A new ABI superseded what is cached: free the disk space."""
     for path in glob.glob(os.path.join(cache, "linux-image-*")):
+        if os.path.basename(path).startswith(keep):
+            continue
         if os.path.isdir(path):
             shutil.rmtree(path)
         else:
@@ -440,7 +447,7 @@ def indent(text, prefix="    "):
     return "\n".join(prefix + line for line in text.rstrip().splitlines())
 
 
-def report(results, console, seconds, outdir):
+def report(results, seconds, outdir):
     """Print per-case lines and the summary; return the number of failures."""
     cases = results["cases"]
     for case in cases:
@@ -507,7 +514,16 @@ def run(args):
         results = None
     if results is None:
         return unfinished(console, seconds, args.timeout)
-    return 1 if report(results, console, seconds, outdir) else 0
+    return 1 if report(results, seconds, outdir) else 0
+
+
+def cannot_start(reason, ci):
+    """SKIP locally; under CI a harness that cannot run is a failure."""
+    if ci:
+        log("FAIL: systest cannot run: %s (CI=true, so this is an error)" % reason)
+        return 2
+    log("SKIP: systest: %s" % reason)
+    return 0
 
 
 def main(argv=None):
@@ -530,14 +546,10 @@ def main(argv=None):
             install_packages()
         return run(args)
     except CannotStart as e:
-        if ci:
-            log("FAIL: systest cannot run: %s (CI=true, so this is an error)" % e)
-            return 2
-        log("SKIP: systest: %s" % e)
-        return 0
+        return cannot_start(e, ci)
     except subprocess.CalledProcessError as e:
-        log("FAIL: systest: %s" % e)
-        return 2
+        # dpkg-deb or depmod failing: a broken download or cache, not a test.
+        return cannot_start("%s (remove systest/build/kernel to refetch)" % e, ci)
 
 
 if __name__ == "__main__":
