@@ -494,6 +494,9 @@ class Run:
                 self.ctx.log("FAILED: guest deadline reached during this case")
                 self.record(self.current[0], "FAIL")
             self.ctx.facts["opcodes"] = opcode_summary(self.ctx)
+            if self.ctx.handler is not None:
+                # None while it serves; an exit status means it died.
+                self.ctx.facts["handler_exit"] = self.ctx.handler.poll()
             with open(RESULTS + "/dmesg.txt", "w") as f:
                 subprocess.run(["dmesg"], stdout=f)
             summary = {"cases": self.results, "facts": self.ctx.facts,

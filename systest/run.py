@@ -455,7 +455,10 @@ def report(results, seconds, outdir):
         if case["status"] != "PASS":
             log(indent(case["log"]))
     facts = results.get("facts", {})
-    log("systest: TCMU drive model: %s" % facts.get("model", "not started"))
+    log("systest: TCMU drive model: %s" % (facts.get("model") or "not started"))
+    if facts.get("handler_exit") is not None:
+        log("systest: the TCMU handler died (exit %s); see tcmu-handler.log"
+            % facts["handler_exit"])
     if facts.get("opcodes"):
         log("systest: opcodes seen by the drive model: %s"
             % " ".join(facts["opcodes"]))

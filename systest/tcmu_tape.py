@@ -232,6 +232,9 @@ def main(argv=None):
     # The model's description goes last: guest_init takes all after "model=".
     print("READY ring=v%d flags=0x%x cmdr_size=%d model=%s"
           % (ring.version, ring.flags, ring.cmdr_size, which), flush=True)
+    # Nobody reads stdout after READY: a chatty model must not fill the pipe
+    # and block, so send anything printed later to the stderr log.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     ring.serve(handle)
 
 
