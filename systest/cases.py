@@ -1,0 +1,96 @@
+"""The guest's test cases, as data.
+
+Each case is a dict: "name", optional "needs" (cases that must have passed
+first) and "steps", a list of step dicts that systest/guest_init.py runs in
+order until one fails.  Step kinds (the first key names the kind):
+
+  {"sh": "cmd"}                     shell command, must exit 0
+  {"run": [argv], <checks>}         command; checks below
+  {"wait": path} / {"gone": path}   wait until a path appears / disappears
+  {"read": path, "equals": text}    a sysfs attribute's value
+  {"realpath": path, "contains": s} where a sysfs link points (which host)
+  {"call": name, ...}               a helper in guest_init.STEP_FUNCS
+  {"tape": op, ...}                 open TAPE, do op, close; op is one of
+        "rewind", "fsf" (+"count"), "position" (+"equals": block number),
+        "write" / "read" (+"blocks": sizes; read also expects the filemark
+        that closing after a write leaves), "read_fails" (+"errno": name)
+
+Checks for "run": "rc" (an int, or "nonzero"); "stdout_has", "stderr_has",
+"stdout_lacks" (substrings, case-insensitive); "stdout_re" (regex,
+case-insensitive); "stderr_max_lines"; "no_traceback" (true unless given).
+"""
+
+TAPE = "/dev/nst0"
+
+# Variable-size blocks written and read back (sizes chosen to cover tiny,
+# odd, a typical Bareos label size and the 64 KiB Bareos default).
+BLOCKS = [1, 512, 1001, 64512, 65536]
+
+
+def bscrypto(*args, **checks):
+    """A bscrypto.py command line run from the payload directory /work."""
+    return dict(run=["python3", "bscrypto.py"] + list(args), **checks)
+
+
+CASES = [
+    {"name": "boot", "steps": [
+        {"sh": "modprobe sg && modprobe st"},
+        {"read": "/sys/module/st/initstate", "equals": "live"},
+    ]},
+
+    {"name": "scsi_debug-attach", "needs": ["boot"], "steps": [
+        {"sh": "modprobe scsi_debug ptype=1 max_luns=1 num_tgts=1 dev_size_mb=8"},
+        {"wait": TAPE},
+        {"read": "/sys/class/scsi_tape/nst0/device/type", "equals": "1"},
+        {"read": "/sys/class/scsi_tape/nst0/device/vendor", "equals": "Linux"},
+        # Transport check, independent of bscrypto: SPIN protocol 0 must come
+        # back as CHECK CONDITION, ILLEGAL REQUEST, invalid opcode.
+        {"call": "spin_sense", "status": 2, "key": 5, "asc": 0x20},
+    ]},
+
+    {"name": "scsi_debug-bscrypto", "needs": ["scsi_debug-attach"], "steps": [
+        bscrypto("-e", TAPE, rc="nonzero", stderr_has=["no encryption support"],
+                 stderr_max_lines=1),
+    ]},
+
+    {"name": "tcmu-attach", "needs": ["boot"], "steps": [
+        # The TCMU tape must become st0: drop the scsi_debug one first.
+        {"sh": "if grep -q '^scsi_debug ' /proc/modules; then rmmod scsi_debug; fi"},
+        {"gone": TAPE},
+        {"call": "tcmu_start"},
+        {"wait": TAPE},
+        {"read": "/sys/class/scsi_tape/nst0/device/type", "equals": "1"},
+        {"realpath": "/sys/class/scsi_tape/nst0/device", "contains": "tcm_loop"},
+    ]},
+
+    {"name": "tcmu-rw", "needs": ["tcmu-attach"], "steps": [
+        {"tape": "rewind"},
+        {"tape": "write", "blocks": BLOCKS},
+        {"tape": "rewind"},
+        {"tape": "position", "equals": 0},
+        {"tape": "read", "blocks": BLOCKS},
+        {"tape": "rewind"},
+        {"tape": "fsf", "count": 1},     # SPACE over the filemark
+        {"tape": "position", "equals": len(BLOCKS) + 1},
+        {"tape": "rewind"},
+    ]},
+
+    {"name": "tcmu-bscrypto", "needs": ["tcmu-attach"], "steps": [
+        bscrypto("-g", "/tmp/kek.key", rc=0),
+        bscrypto("-g", "/tmp/vol.key", "-w", "/tmp/kek.key", rc=0),
+        bscrypto("-s", "/tmp/vol.key", "-w", "/tmp/kek.key", TAPE, rc=0),
+        bscrypto("-e", TAPE, rc=0,
+                 stdout_has=["Encryption Mode: Encrypt", "Decryption Mode: Mixed"]),
+        {"tape": "rewind"},
+        {"tape": "write", "blocks": BLOCKS},
+        {"tape": "rewind"},
+        bscrypto("-v", TAPE, rc=0, stdout_re=r"Encryption Status: Encryption Enabled",
+                 stdout_lacks=["no valid key"]),
+        {"tape": "read", "blocks": BLOCKS},
+        bscrypto("-c", TAPE, rc=0),
+        {"tape": "rewind"},
+        bscrypto("-v", TAPE, rc=0, stdout_re=r"no valid key"),
+        {"tape": "read_fails", "errno": "EIO"},
+        {"tape": "rewind"},
+    ]},
+]
