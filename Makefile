@@ -29,7 +29,7 @@ $(VENV)/lint/bin/ruff:
 	$(VENV)/lint/bin/pip install --quiet ruff vermin
 
 lint: $(VENV)/lint/bin/ruff  ## ruff, and vermin proving Python 3.6 suffices
-	$(VENV)/lint/bin/ruff check bscrypto.py test_bscrypto.py systest
+	$(VENV)/lint/bin/ruff check --isolated --select E,F,W,B --ignore B904 --line-length 110 --target-version py37 bscrypto.py test_bscrypto.py systest
 	$(VENV)/lint/bin/vermin --no-tips --violations -t=3.6- --backport argparse --eval-annotations bscrypto.py
 	$(VENV)/lint/bin/vermin --no-tips -t=3.6- bscrypto.py | tail -1
 

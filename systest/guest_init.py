@@ -427,7 +427,7 @@ def opcode_summary(ctx):
     """Which CDBs the drive model saw, overall and per step (README material)."""
     try:
         with open(COMMAND_LOG) as f:
-            commands = [json.loads(l) for l in f if l.strip()]
+            commands = [json.loads(line) for line in f if line.strip()]
     except OSError:
         return []
     first = {}

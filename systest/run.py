@@ -472,8 +472,8 @@ def report(results, seconds, outdir):
 
 def unfinished(console, seconds, timeout):
     """The guest booted but wrote no results: report what the console shows."""
-    done = [l.split()[1:3] for l in console.splitlines()
-            if l.startswith("SYSTEST-CASE ")]
+    done = [line.split()[1:3] for line in console.splitlines()
+            if line.startswith("SYSTEST-CASE ")]
     for status, name in done:
         log("%s %s" % (status, name))
     log("FAIL guest (no results after %.0fs, timeout %ds); console tail:"
