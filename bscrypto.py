@@ -531,7 +531,526 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 # Bareos volume label
 # ---------------------------------------------------------------------------
 
-# (label: BB02 block, record header, label fields)
+# The first block of every Bareos volume, tape or File, is never encrypted
+# (FORMATS.md section 7).  Facts from Bareos stored/block.h, block.cc,
+# record.h, label.cc and lib/serial.cc; all integers are big-endian:
+#   block header  BB02: CheckSum, block_len, BlockNumber, "BB02",
+#                 VolSessionId, VolSessionTime (24 bytes; what Bareos writes)
+#                 BB01: CheckSum, block_len, BlockNumber, "BB01" (16 bytes;
+#                 Bacula before 1.27, still read by Bareos and here)
+#   CheckSum      CRC-32 (zlib's) of bytes 4..block_len; 0 when the device
+#                 had "Block Checksum = no" (then Bareos does not check it)
+#   record header BB02: FileIndex, Stream, data_len (12 bytes); BB01 adds
+#                 VolSessionId, VolSessionTime in front (20 bytes)
+#   label data    Id, VerNum, two times, two float64, nine strings; strings
+#                 are NUL-terminated and fit Bareos's Volume_Label arrays
+
+BLKHDR1_LENGTH = 16
+BLKHDR2_LENGTH = 24
+RECHDR1_LENGTH = 20
+RECHDR2_LENGTH = 12
+# Bareos's sanity limit for block_len (block.h MAX_BLOCK_LENGTH).
+MAX_BLOCK_LENGTH = 20000000
+# Bareos writes labels in a block of at most 64,512 bytes (DEFAULT_BLOCK_SIZE);
+# the tape read buffer is larger so a padded or odd block still fits.
+LABEL_READ_SIZE = 256 * 1024
+
+# Negative FileIndex values mark label records (record.h).
+PRE_LABEL = -1             # labelled, never written
+VOL_LABEL = -2             # labelled and written to
+LABEL_TYPE_NAMES = {
+    -1: "PRE_LABEL", -2: "VOL_LABEL", -3: "EOM_LABEL", -4: "SOS_LABEL",
+    -5: "EOS_LABEL", -6: "EOT_LABEL", -7: "SOB_LABEL", -8: "EOB_LABEL",
+}
+# Label Ids Bareos accepts (block.h BareosId, OldBaculaId, OlderBaculaId).
+LABEL_IDS = (b"Bareos 2.0 immortal\n", b"Bacula 1.0 immortal\n", b"Bacula 0.9 mortal\n")
+# Label versions Bareos accepts: BareosTapeVersion and the three old ones.
+# VerNum >= 11 stores the times as int64 microseconds (btime), older ones as
+# a Julian day number and fraction.
+LABEL_VERSIONS = (20, 11, 10, 9)
+# Sizes of the Volume_Label char arrays (MAX_NAME_LENGTH = 128 includes the
+# NUL): a longer string is one Bareos never writes and cannot read back.
+_LABEL_ID_SIZE = 32
+_LABEL_STRINGS = (
+    ("VolumeName", 128), ("PrevVolumeName", 128), ("PoolName", 128),
+    ("PoolType", 128), ("MediaType", 128), ("HostName", 128),
+    ("LabelProg", 50), ("ProgVersion", 50), ("ProgDate", 50),
+)
+
+# Field names are Bareos's (DeviceBlock, DeviceRecord, Volume_Label);
+# BlockCheckSum is the CRC computed here, as in Bareos's unSerBlockHeader.
+_BLOCK_HEADER_FIELDS = "Id CheckSum block_len BlockNumber VolSessionId VolSessionTime BlockCheckSum"
+_RECORD_HEADER_FIELDS = "VolSessionId VolSessionTime FileIndex Stream data_len"
+_VOLUME_LABEL_FIELDS = ("LabelType LabelSize Id VerNum label_btime write_btime "
+                        "label_date label_time write_date write_time "
+                        + " ".join(name for name, _ in _LABEL_STRINGS) + " block record")
+
+_RECORD_TYPES = {}
+
+
+def _record_type(name, fields):
+    """A namedtuple class made on first use: making one costs about a
+    millisecond on Python 3.6, and most runs never need these."""
+    cls = _RECORD_TYPES.get(name)
+    if cls is None:
+        from collections import namedtuple
+        cls = _RECORD_TYPES[name] = namedtuple(name, fields)
+    return cls
+
+
+class _LabelReader(object):
+    """Bounds-checked reads over the label data (Bareos's unserialisers do
+    not check bounds; a damaged block must not read past its record)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+
+    def unpack(self, fmt, what):
+        import struct
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise BscryptoError("label record ends inside %s (record is %d bytes)"
+                                % (what, len(self.data)), EXIT_LABEL)
+        value = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self, name, size):
+        end = self.data.find(b"\0", self.pos)
+        if end < 0:
+            raise BscryptoError("label record ends inside %s (no terminating NUL)" % name,
+                                EXIT_LABEL)
+        raw = self.data[self.pos:end]
+        if len(raw) >= size:
+            raise BscryptoError("%s in the label is %d bytes; Bareos writes at most %d"
+                                % (name, len(raw), size - 1), EXIT_LABEL)
+        self.pos = end + 1
+        return raw
+
+
+def _label_text(raw):
+    # Bareos names are ASCII; anything else stays visible instead of failing.
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _hex_preview(data, count=16):
+    head = bytes(data[:count])
+    text = "".join(chr(b) if 32 <= b < 127 else "." for b in head)
+    return "%s |%s|" % (" ".join("%02x" % b for b in head), text)
+
+
+def describe_foreign_block(data):
+    """A short guess at what a block that is not a Bareos label holds."""
+    data = bytes(data)
+    if not data:
+        return "no data"
+    if data[:4] == b"VOL1" or data[:4] == b"\xe5\xd6\xd3\xf1":  # ASCII / EBCDIC
+        kind = "an ANSI" if data[:4] == b"VOL1" else "an IBM (EBCDIC)"
+        serial = data[4:10].decode("cp500" if data[0] == 0xE5 else "latin-1").strip()
+        if b"LTFS" in data[24:37]:
+            return "an LTFS volume label (VOL1 volume serial %r)" % serial
+        return ("%s tape label (VOL1, volume serial %r): Bareos puts its own label in the "
+                "next tape file; read it with `mt fsf 1` and `dd bs=256k count=1` into a file "
+                "and run `bscrypto label` on that file" % (kind, serial))
+    if len(data) >= 262 and data[257:262] == b"ustar":
+        return "a tar archive"
+    if not data.strip(b"\0"):
+        return "%d zero bytes" % len(data)
+    return "data starting %s" % _hex_preview(data)
+
+
+def _not_a_volume(detail, data):
+    return BscryptoError("not a Bareos volume: %s; found %s" % (detail, describe_foreign_block(data)),
+                         EXIT_LABEL)
+
+
+def parse_label_block(data, check_crc=True):
+    """Parse the first block of a Bareos volume into a VolumeLabel.
+
+    data may be longer than the block (a tape block padded to the drive's
+    minimum, or a chunk read from a file): only block_len bytes count.
+    Anything else raises BscryptoError(EXIT_LABEL) saying what was found.
+    """
+    import struct
+    import zlib
+    data = bytes(data)
+    if len(data) < BLKHDR1_LENGTH:
+        raise BscryptoError("block too short: %d bytes, a Bareos block header is at least %d "
+                            "(found %s)" % (len(data), BLKHDR1_LENGTH, describe_foreign_block(data)),
+                            EXIT_LABEL)
+    block_id = data[12:16]
+    if block_id not in (b"BB01", b"BB02"):
+        raise _not_a_volume("no BB01/BB02 block header", data)
+    bb01 = block_id == b"BB01"
+    header_length = BLKHDR1_LENGTH if bb01 else BLKHDR2_LENGTH
+    record_length = RECHDR1_LENGTH if bb01 else RECHDR2_LENGTH
+    if len(data) < header_length + record_length:
+        raise BscryptoError("label block truncated: %d bytes, the headers alone are %d"
+                            % (len(data), header_length + record_length), EXIT_LABEL)
+    checksum, block_len, block_number = struct.unpack_from(">III", data, 0)
+    session_id = session_time = 0
+    if not bb01:
+        session_id, session_time = struct.unpack_from(">II", data, 16)
+    if block_len < header_length + record_length or block_len > MAX_BLOCK_LENGTH:
+        raise _not_a_volume("%s header with an impossible block length %d"
+                            % (block_id.decode(), block_len), data)
+    if block_len > len(data):
+        raise BscryptoError("label block truncated: its header says %d bytes, only %d were read"
+                            % (block_len, len(data)), EXIT_LABEL)
+    block = data[:block_len]
+    computed = zlib.crc32(block[4:]) & 0xFFFFFFFF
+    block_header = _record_type("BlockHeader", _BLOCK_HEADER_FIELDS)(
+        block_id.decode(), checksum, block_len, block_number, session_id, session_time, computed)
+    # A stored 0 is what a device with "Block Checksum = no" writes; such a
+    # reader does not check, so neither does this.
+    if check_crc and checksum not in (0, computed):
+        hint = ""
+        try:
+            hint = "; the damaged label names volume %r" % parse_label_block(data, False).VolumeName
+        except BscryptoError:
+            pass
+        raise BscryptoError("label block CRC-32 mismatch (stored %08x, computed %08x): the "
+                            "block is damaged%s" % (checksum, computed, hint), EXIT_LABEL)
+    if bb01:
+        rec = struct.unpack_from(">IIiiI", block, header_length)
+    else:
+        rec = (session_id, session_time) + struct.unpack_from(">iiI", block, header_length)
+    record = _record_type("RecordHeader", _RECORD_HEADER_FIELDS)(*rec)
+    if record.FileIndex not in (PRE_LABEL, VOL_LABEL):
+        what = LABEL_TYPE_NAMES.get(record.FileIndex, "a data record")
+        raise _not_a_volume("the first record is FileIndex %d (%s), not a volume label"
+                            % (record.FileIndex, what), data)
+    start = header_length + record_length
+    if start + record.data_len > block_len:
+        raise BscryptoError("label record of %d bytes does not fit in its %d-byte block"
+                            % (record.data_len, block_len), EXIT_LABEL)
+    reader = _LabelReader(block[start:start + record.data_len])
+    label_id = reader.string("Id", _LABEL_ID_SIZE)
+    if label_id not in LABEL_IDS:
+        raise _not_a_volume("label Id is %r" % _label_text(label_id), data)
+    (ver_num,) = reader.unpack(">I", "VerNum")
+    label_btime = write_btime = label_date = label_time = None
+    if ver_num >= 11:
+        label_btime, write_btime = reader.unpack(">qq", "the label times")
+    else:
+        label_date, label_time = reader.unpack(">dd", "the label date")
+    write_date, write_time = reader.unpack(">dd", "the write date")
+    strings = [_label_text(reader.string(name, size)) for name, size in _LABEL_STRINGS]
+    if ver_num not in LABEL_VERSIONS:
+        raise BscryptoError("volume %r has label version %d; Bareos reads versions %s"
+                            % (strings[0], ver_num, ", ".join(str(v) for v in LABEL_VERSIONS)),
+                            EXIT_LABEL)
+    return _record_type("VolumeLabel", _VOLUME_LABEL_FIELDS)(
+        record.FileIndex, record.data_len, _label_text(label_id), ver_num,
+        label_btime, write_btime, label_date, label_time, write_date, write_time,
+        *(strings + [block_header, record]))
+
+
+def _btime_text(btime, iso=False):
+    """A btime (microseconds since 1970) as local time, or why it cannot be."""
+    import time
+    try:
+        t = time.localtime(btime // 1000000)
+    except (OverflowError, ValueError, OSError):
+        t = None
+    if t is None or not 1 <= t.tm_year <= 9999:
+        return "(out of range)"
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z" if iso else "%Y-%m-%d %H:%M:%S %Z", t)
+
+
+def _label_type_text(label_type):
+    name = LABEL_TYPE_NAMES.get(label_type, str(label_type))
+    return name + {PRE_LABEL: " (labelled, no data written yet)",
+                   VOL_LABEL: " (in use: data written after the label)"}.get(label_type, "")
+
+
+def format_volume_label(label, source=None):
+    """The text `label` prints: one 'Name : value' line per field."""
+    block, record = label.block, label.record
+    rows = [(name, getattr(label, name)) for name, _ in _LABEL_STRINGS]
+    rows[1:1] = [("LabelType", _label_type_text(label.LabelType))]
+    rows += [("Id", label.Id.rstrip("\n")), ("VerNum", label.VerNum)]
+    if label.label_btime is not None:
+        rows += [("label_btime", "%s (%d us)" % (_btime_text(label.label_btime), label.label_btime)),
+                 ("write_btime", "%s (%d us)" % (_btime_text(label.write_btime), label.write_btime))]
+    else:
+        rows += [("label_date", "%r (Julian day)" % label.label_date),
+                 ("label_time", "%r (fraction of day)" % label.label_time)]
+    if block.CheckSum == 0 and block.BlockCheckSum != 0:
+        crc = "not written (Block Checksum = no)"
+    elif block.CheckSum == block.BlockCheckSum:
+        crc = "%08x, correct" % block.CheckSum
+    else:
+        crc = "%08x, DAMAGED (computed %08x)" % (block.CheckSum, block.BlockCheckSum)
+    rows += [("Block", "%s number %d, %d bytes, VolSessionId %d, VolSessionTime %d"
+              % (block.Id, block.BlockNumber, block.block_len, block.VolSessionId,
+                 block.VolSessionTime)),
+             ("CRC-32", crc),
+             ("Record", "FileIndex %d, Stream %d, %d bytes"
+              % (record.FileIndex, record.Stream, record.data_len))]
+    lines = ["Volume label" + (" of %s:" % source if source else ":")]
+    lines += ["   %-15s: %s" % (name, value) for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def volume_label_dict(label):
+    """The label as plain JSON-ready values (bytes-free, finite numbers)."""
+    import math
+
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return repr(value)
+        return value
+
+    result = {}
+    for name in label._fields:
+        value = getattr(label, name)
+        if name in ("block", "record"):
+            value = dict(zip(value._fields, value))
+        result[name] = plain(value)
+    result["LabelTypeName"] = LABEL_TYPE_NAMES.get(label.LabelType)
+    for name in ("label_btime", "write_btime"):
+        if getattr(label, name) is not None:
+            result[name + "_local"] = _btime_text(getattr(label, name), iso=True)
+    result["block"]["crc_ok"] = label.block.CheckSum == label.block.BlockCheckSum
+    return result
+
+
+# -- reading the first block of a file or a tape --
+#
+# Tapes are read through the Linux st driver: open read-only (never
+# written), MTREW, one read() of a variable-length block, MTREW again.  The
+# drive's block mode is NOT changed (MTSETBLK is drive state other programs
+# rely on; Bareos already runs its drives in variable mode).  If a read fails
+# in a way fixed-block mode explains, MTIOCGET (read-only) says so.
+
+# Linux <linux/mtio.h> operation numbers; BSD and Solaris number these
+# differently (their 5 is rewind, Linux's 5 writes a filemark), so the
+# ioctls are only ever sent on Linux.
+MTREW = 6
+# Linux major device numbers of the st driver and of SCSI generic nodes.
+ST_MAJOR = 9
+SG_MAJOR = 21
+# Bits of struct mtget: mt_dsreg low 24 bits = block size; mt_gstat door open.
+MT_ST_BLKSIZE_MASK = 0xFFFFFF
+GMT_DR_OPEN = 0x00040000
+
+
+def _linux_ioc(direction, group, number, size, machine=None):
+    """Linux _IOR/_IOW: direction 'r' or 'w'.  powerpc, mips, sparc and alpha
+    use 3 direction bits (write = 4) and 13 size bits; the rest 2 and 14."""
+    machine = machine if machine is not None else os.uname()[4]
+    if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
+        bits = {"r": 2, "w": 4}[direction] << 29
+    else:
+        bits = {"r": 2, "w": 1}[direction] << 30
+    return bits | size << 16 | ord(group) << 8 | number
+
+
+def mtioctop_request(machine=None):
+    """MTIOCTOP = _IOW('m', 1, struct mtop{short mt_op; int mt_count;}), 8 bytes:
+    0x40086d01 on x86, arm, riscv and s390."""
+    return _linux_ioc("w", "m", 1, 8, machine)
+
+
+def mtiocget_request(machine=None):
+    """MTIOCGET = _IOR('m', 2, struct mtget): five longs, two ints
+    (0x80306d02 on 64-bit x86)."""
+    import struct
+    return _linux_ioc("r", "m", 2, struct.calcsize("@5l2i"), machine)
+
+
+class TapeIO(object):
+    """The system calls `label` makes; tests pass a fake that records them."""
+
+    platform = sys.platform
+
+    def stat(self, path):
+        return os.stat(path)
+
+    def open(self, path, flags):
+        return os.open(path, flags)
+
+    def ioctl(self, fd, request, arg):
+        import fcntl
+        return fcntl.ioctl(fd, request, arg)
+
+    def read(self, fd, size):
+        return os.read(fd, size)
+
+    def close(self, fd):
+        os.close(fd)
+
+
+def _read_up_to(read, size):
+    """Read size bytes or to end of file (files and pipes return short reads)."""
+    chunks = []
+    got = 0
+    while got < size:
+        chunk = read(size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_file_block(read):
+    """The first block of a File volume: the header says how long it is."""
+    import struct
+    data = _read_up_to(read, 65536)
+    if len(data) >= 16 and data[12:16] in (b"BB01", b"BB02"):
+        (block_len,) = struct.unpack_from(">I", data, 4)
+        if len(data) < block_len <= MAX_BLOCK_LENGTH:
+            data += _read_up_to(read, block_len - len(data))
+    return data
+
+
+def _mt_rewind(ops, fd, path):
+    import errno
+    import struct
+    try:
+        ops.ioctl(fd, mtioctop_request(), struct.pack("@hi", MTREW, 1))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            raise BscryptoError("%s is not a tape device (it refused the rewind request)" % path,
+                                EXIT_DEVICE)
+        if e.errno == getattr(errno, "ENOMEDIUM", -1):
+            raise BscryptoError("no tape in %s" % path, EXIT_NOT_READY)
+        raise BscryptoError("cannot rewind %s: %s (no tape loaded, or the drive is not ready)"
+                            % (path, e.strerror or e), EXIT_NOT_READY)
+
+
+def _tape_block_size(ops, fd):
+    """The st driver's block size (0 = variable), or None if it cannot say."""
+    import struct
+    try:
+        raw = ops.ioctl(fd, mtiocget_request(), bytes(struct.calcsize("@5l2i")))
+        return struct.unpack("@5l2i", raw)[2] & MT_ST_BLKSIZE_MASK
+    except (OSError, struct.error):
+        return None
+
+
+def _tape_read_error(ops, fd, path, e):
+    import errno
+    block_size = _tape_block_size(ops, fd)
+    fixed = ""
+    if block_size:
+        fixed = ("; the drive is in fixed-block mode (%d bytes) and Bareos writes variable-"
+                 "length blocks: `mt -f %s setblk 0`, then retry" % (block_size, path))
+    if e.errno == errno.EIO:
+        return BscryptoError(
+            "I/O error reading the first block of %s%s. The label is never encrypted, but a "
+            "drive holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear "
+            "the drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape "
+            "fails the same way" % (path, fixed, path), EXIT_LABEL)
+    # st: ENOMEM = block longer than the read (variable mode), EINVAL = read
+    # size not a multiple of the fixed block size.
+    if e.errno in (errno.EINVAL, errno.ENOMEM):
+        return BscryptoError("cannot read the first block of %s: %s%s"
+                             % (path, e.strerror or e, fixed or " (the block is larger than %d "
+                                "bytes, so it is not a Bareos label)" % LABEL_READ_SIZE),
+                             EXIT_LABEL)
+    return BscryptoError("cannot read the first block of %s: %s" % (path, e.strerror or e),
+                         EXIT_LABEL)
+
+
+def _open_error(path, e):
+    import errno
+    if e.errno == getattr(errno, "ENOMEDIUM", -1):
+        return BscryptoError("no tape in %s" % path, EXIT_NOT_READY)
+    if e.errno == errno.EBUSY:
+        return BscryptoError("%s is busy: is bareos-sd using it? Release the drive (bconsole "
+                             "'release') or stop the storage daemon" % path, EXIT_DEVICE)
+    if e.errno == errno.EIO:
+        return BscryptoError("cannot open %s: I/O error (drive not ready: load a tape and "
+                             "retry)" % path, EXIT_NOT_READY)
+    return BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+
+
+def _read_tape_block(ops, path, st):
+    import errno
+    if not ops.platform.startswith("linux"):
+        raise BscryptoError(
+            "reading a tape device is done through the Linux st driver only; here, rewind the "
+            "tape and copy its first block into a file (`mt -f %s rewind; dd if=%s of=label.block "
+            "bs=256k count=1`), then run `bscrypto label label.block`" % (path, path), EXIT_DEVICE)
+    if os.major(st.st_rdev) == SG_MAJOR:
+        raise BscryptoError("%s is a SCSI generic node; give the tape node of the same drive "
+                            "(/dev/nstN)" % path, EXIT_DEVICE)
+    try:
+        fd = ops.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise _open_error(path, e)
+    try:
+        _mt_rewind(ops, fd, path)
+        try:
+            data = ops.read(fd, LABEL_READ_SIZE)
+        except OSError as e:
+            error = _tape_read_error(ops, fd, path, e)
+            data = None
+        try:
+            _mt_rewind(ops, fd, path)
+        except BscryptoError as e:
+            if data is not None:
+                sys.stderr.write("bscrypto: warning: label read, but rewinding afterwards "
+                                 "failed: %s\n" % e)
+        if data is None:
+            raise error
+    finally:
+        try:
+            ops.close(fd)
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                debug(1, "closing %s: %s" % (path, e))
+    if not data:
+        raise BscryptoError("%s: the tape is blank or starts with a filemark (the first read "
+                            "returned no data)" % path, EXIT_LABEL)
+    debug(1, "read a %d-byte block from %s" % (len(data), path))
+    return data
+
+
+def read_first_block(path, ops=None):
+    """The first block of a Bareos volume: a File volume, stdin ('-'), or a
+    Linux tape device (rewound before and after, never written)."""
+    import stat
+    ops = ops or TapeIO()
+    if path == "-":
+        data = _read_file_block(getattr(sys.stdin, "buffer", sys.stdin).read)
+        if not data:
+            raise BscryptoError("no data on stdin", EXIT_LABEL)
+        return data
+    try:
+        st = ops.stat(path)
+    except OSError as e:
+        raise BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+    if stat.S_ISCHR(st.st_mode):
+        return _read_tape_block(ops, path, st)
+    if not stat.S_ISREG(st.st_mode):
+        raise BscryptoError("%s is neither a regular file nor a tape device" % path, EXIT_DEVICE)
+    try:
+        fd = ops.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+    try:
+        data = _read_file_block(lambda size: ops.read(fd, size))
+    except OSError as e:
+        raise BscryptoError("cannot read %s: %s" % (path, e.strerror or e), EXIT_LABEL)
+    finally:
+        ops.close(fd)
+    if not data:
+        raise BscryptoError("%s is empty" % path, EXIT_LABEL)
+    return data
+
+
+def read_volume_label(path, ops=None):
+    """VolumeLabel of the volume in path (file, '-' or tape device)."""
+    data = read_first_block(path, ops)
+    try:
+        return parse_label_block(data)
+    except BscryptoError as e:
+        raise BscryptoError("%s: %s" % ("stdin" if path == "-" else path, e), e.exit_code)
 
 
 # ---------------------------------------------------------------------------
@@ -676,6 +1195,21 @@ def op_selftest(out=None):
 
 
 # -- recovery operations --
+
+
+def op_label(source, as_json=False, name_only=False, ops=None, out=None):
+    """label: print the Bareos volume label of a tape device or volume file."""
+    label = read_volume_label(source, ops)
+    out = out or sys.stdout
+    if name_only:
+        out.write(label.VolumeName + "\n")
+    elif as_json:
+        import json
+        out.write(json.dumps(volume_label_dict(label), indent=2, sort_keys=True) + "\n")
+    else:
+        out.write(format_volume_label(label, "stdin" if source == "-" else source))
+    out.flush()
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -835,6 +1369,19 @@ def _legacy_drive_ops(ns):
 
 def _add_recovery_commands(sub, common):
     """Disaster-recovery subcommands."""
+    p = sub.add_parser(
+        "label", parents=[common], help="show the Bareos volume label of a tape or volume file",
+        description="Read the first block of a Bareos volume and print its label (volume "
+                    "name, pool, media type, label times). A tape device is rewound, one "
+                    "block is read and it is rewound again; nothing is written and the "
+                    "drive's block mode is not changed. The label is never encrypted: if the "
+                    "read fails with an I/O error while a key is loaded, clear it first. A "
+                    "file is read as a Bareos File volume; '-' reads a block from stdin.")
+    p.add_argument("source", metavar="DEVICE|FILE", help="tape device (/dev/nst0) or volume file")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the label as JSON")
+    fmt.add_argument("--name", action="store_true", help="print only the volume name")
+    p.set_defaults(run=lambda ns: op_label(ns.source, ns.json, ns.name))
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
