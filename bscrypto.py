@@ -1053,6 +1053,341 @@ def read_volume_label(path, ops=None):
         raise BscryptoError("%s: %s" % ("stdin" if path == "-" else path, e), e.exit_code)
 
 
+# -- Key Encryption Keys from Bareos configuration files --
+#
+# `Key Encryption Key = "..."` sits in a Director resource: the director's
+# own one (bareos-dir.conf or bareos-dir.d/director/*.conf) and, in the
+# storage daemon, the one describing that director (bareos-sd.conf or
+# bareos-sd.d/director/*.conf).  The scanner follows Bareos's lexer
+# (lib/lex.cc) where it matters for these values:
+#   - `#` starts a comment to the end of the line (outside quotes); there
+#     are no other comment forms;  `;` ends a directive like a newline
+#   - a keyword is a run of letters in which spaces are dropped, matched
+#     without regard to case: "Key Encryption Key" == "KeyEncryptionKey"
+#   - quoted strings: `\` takes the next character literally; a newline
+#     inside quotes is skipped; "a" "b" (same or next line) concatenate
+#   - unquoted values end at whitespace, `=`, `{`, `}`, `;`, `,` or `#`;
+#     one that starts with a letter drops inner spaces while still letters
+#   - `@file` / `@"file"` / `@|command` include other files: not followed
+#     here (never run a command), but reported with file and line
+
+_CONFIG_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_CONFIG_SPACE = frozenset(" \t\r\f\v")
+_CONFIG_WORDS = ("word", "quoted")
+_CONFIG_KEK_FIELDS = "director kek path line"
+
+
+def _config_error(path, line, message):
+    return KeyFileError("%s line %d: %s" % (path, line, message))
+
+
+def _scan_quoted(text, i, line, path, join=True):
+    """A quoted string starting after its opening quote: (value, next index, line)."""
+    n = len(text)
+    start_line = line
+    out = []
+    while True:
+        while True:
+            if i >= n:
+                raise _config_error(path, start_line, "quoted string is never closed")
+            c = text[i]
+            i += 1
+            if c == "\n":
+                line += 1
+            elif c == "\\":
+                if i < n and text[i] != "\n":
+                    out.append(text[i])
+                    i += 1
+            elif c == '"':
+                break
+            else:
+                out.append(c)
+        # Bareos joins "a" "b", also when the next line starts with a quote.
+        if not join:
+            return "".join(out), i, line
+        j = i
+        while j < n and text[j] in " \t":
+            j += 1
+        if j < n and text[j] == '"':
+            i = j + 1
+            continue
+        if j < n and text[j] == "\r":
+            j += 1
+        if j < n and text[j] == "\n":
+            k = j + 1
+            while k < n and text[k] in " \t":
+                k += 1
+            if k < n and text[k] == '"':
+                line += 1
+                i = k + 1
+                continue
+        return "".join(out), i, line
+
+
+def scan_config(text, path="config"):
+    """Bareos configuration text as tokens (kind, value, line).
+
+    kinds: 'word' (keyword or unquoted value), 'quoted', 'include', '{',
+    '}', '=', ',', 'eol' (newline or ';').
+    """
+    tokens = []
+    n = len(text)
+    i = 0
+    line = 1
+    if text.startswith("\ufeff"):
+        i = 1                      # UTF-8 byte order mark, skipped as Bareos does
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            tokens.append(("eol", None, line))
+            line += 1
+            i += 1
+        elif c in _CONFIG_SPACE:
+            i += 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c in "{}=,":
+            tokens.append((c, c, line))
+            i += 1
+        elif c == ";":
+            tokens.append(("eol", None, line))
+            i += 1
+        elif c == '"':
+            value, i, end_line = _scan_quoted(text, i + 1, line, path)
+            tokens.append(("quoted", value, line))
+            line = end_line
+        elif c == "@":
+            i += 1
+            if i < n and text[i] == '"':
+                target, i, end_line = _scan_quoted(text, i + 1, line, path, False)
+            else:
+                j = i
+                while j < n and text[j] not in _CONFIG_SPACE and text[j] not in '\n{};,"#':
+                    j += 1
+                target, i, end_line = text[i:j], j, line
+                if i < n and text[i] == '"':          # @|"command with spaces"
+                    rest, i, end_line = _scan_quoted(text, i + 1, line, path, False)
+                    target += rest
+            tokens.append(("include", target, line))
+            line = end_line
+        else:
+            # Letters: an identifier whose spaces are dropped, until a
+            # non-letter turns it into an unquoted string ending at space.
+            out = []
+            letters = c in _CONFIG_LETTERS
+            while i < n:
+                c = text[i]
+                if c in '\n={};,#' or (c == '"' and letters):
+                    break
+                if c in _CONFIG_SPACE:
+                    if not letters:
+                        break
+                elif letters and c not in _CONFIG_LETTERS:
+                    letters = False
+                    out.append(c)
+                else:
+                    out.append(c)
+                i += 1
+            tokens.append(("word", "".join(out), line))
+    return tokens
+
+
+def _config_statement(tokens):
+    """(keyword in lower case, value token) of `keyword = value`, else None."""
+    if (len(tokens) >= 3 and tokens[0][0] == "word" and tokens[1][0] == "="
+            and tokens[2][0] in _CONFIG_WORDS):
+        return tokens[0][1].lower(), tokens[2]
+    return None
+
+
+def parse_config_keks(text, path="config"):
+    """Director resources with a Key Encryption Key in one configuration
+    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
+    of each @include])."""
+    ConfigKek = _record_type("ConfigKek", _CONFIG_KEK_FIELDS)
+    keks = []
+    includes = []
+    depth = 0
+    resource = None
+    resource_type = ""
+    opened = 0
+    fields = {}
+    statement = []
+
+    def finish_statement():
+        if depth == 1 and resource == "director":
+            found = _config_statement(statement)
+            if found and found[0] == "name":
+                fields["name"] = found[1][1]
+            elif found and found[0] == "keyencryptionkey":
+                fields["kek"] = found[1]
+        del statement[:]
+
+    for kind, value, line in scan_config(text, path):
+        if kind == "include":
+            includes.append((path, line, value))
+        elif kind == "{":
+            if depth == 0:
+                resource, resource_type = resource_type, ""
+                opened = line
+                fields = {}
+            del statement[:]
+            depth += 1
+        elif kind == "}":
+            finish_statement()
+            if depth == 0:
+                raise _config_error(path, line, "'}' without a matching '{'")
+            depth -= 1
+            if depth == 0 and resource == "director" and "kek" in fields:
+                name = fields.get("name")
+                if name is None:
+                    raise _config_error(path, opened, "Director resource with a Key Encryption "
+                                        "Key but no Name")
+                kek_token = fields["kek"]
+                keks.append(ConfigKek(name, kek_token[1].encode("latin-1"), path, kek_token[2]))
+        elif kind == "eol":
+            finish_statement()
+        elif depth == 0:
+            # A resource type may stand on its own line before its '{'.
+            resource_type = value.lower() if kind == "word" else ""
+        else:
+            statement.append((kind, value, line))
+    if depth:
+        raise _config_error(path, opened, "resource opened here is never closed (missing '}')")
+    return keks, includes
+
+
+def config_files(path):
+    """The files Bareos would read for a config path: the file itself; in a
+    config root (/etc/bareos) bareos-sd.conf and bareos-dir.conf, or, where
+    one is absent, its bareos-*.d/*/*.conf tree; in a *.d directory or one
+    of its resource directories, the *.conf files below it."""
+    import glob
+    if not os.path.isdir(path):
+        return [path]
+    files = []
+    roots = (("bareos-sd.conf", "bareos-sd.d"), ("bareos-dir.conf", "bareos-dir.d"))
+    if any(os.path.exists(os.path.join(path, f)) or os.path.isdir(os.path.join(path, d))
+           for f, d in roots):
+        for conf, tree in roots:
+            if os.path.exists(os.path.join(path, conf)):
+                files.append(os.path.join(path, conf))
+            else:
+                files.extend(sorted(glob.glob(os.path.join(path, tree, "*", "*.conf"))))
+    else:
+        files = (sorted(glob.glob(os.path.join(path, "*", "*.conf")))
+                 + sorted(glob.glob(os.path.join(path, "*.conf"))))
+    if not files:
+        raise KeyFileError("no Bareos configuration files (*.conf) in %s" % path)
+    return files
+
+
+def read_config_keks(path):
+    """parse_config_keks over every file config_files(path) names."""
+    keks = []
+    includes = []
+    for name in config_files(path):
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
+        # latin-1 maps every byte to one character, so the KEK's bytes survive.
+        found, inc = parse_config_keks(data.decode("latin-1"), name)
+        keks.extend(found)
+        includes.extend(inc)
+    return keks, includes
+
+
+def _warn(message):
+    sys.stderr.write("bscrypto: warning: %s\n" % message)
+
+
+def find_config_kek(path, director=None, warn=_warn):
+    """The ConfigKek to use from a Bareos config file or directory.
+
+    Several directors with different KEKs and no director given is an
+    error listing them; so is one director with different KEKs in
+    different files.  @include lines are not followed: a warning names
+    them, or, when no KEK is found, the error does.
+    """
+    keks, includes = read_config_keks(path)
+    unfollowed = "; ".join("%s line %d: @%s" % inc for inc in includes)
+    if director is not None:
+        matches = [k for k in keks if k.director == director]
+        matches = matches or [k for k in keks if k.director.lower() == director.lower()]
+    else:
+        matches = keks
+    if not matches:
+        if director is not None and keks:
+            message = ("no Director %r with a Key Encryption Key in %s (directors with one: %s)"
+                       % (director, path, ", ".join(sorted({k.director for k in keks}))))
+        else:
+            message = "no Key Encryption Key in %s%s" % (
+                path, "" if director is None else " for Director %r" % director)
+        if includes:
+            message += ("; these includes were not followed, give the included file instead: "
+                        + unfollowed)
+        raise KeyFileError(message)
+    distinct = {}
+    for k in matches:
+        distinct.setdefault(k.kek, k)
+    if len(distinct) > 1:
+        names = sorted({k.director for k in matches})
+        if len(names) > 1:
+            raise UsageError("several directors have a Key Encryption Key: %s; choose one with "
+                             "--director" % ", ".join(names))
+        raise KeyFileError("Director %r has different Key Encryption Keys in %s; fix the "
+                           "configuration or give one file" % (names[0], ", ".join(
+                               "%s line %d" % (k.path, k.line) for k in distinct.values())))
+    chosen = matches[0]
+    if not chosen.kek:
+        raise KeyFileError("the Key Encryption Key of Director %r is empty (%s line %d)"
+                           % (chosen.director, chosen.path, chosen.line))
+    if includes and warn:
+        warn("using the Key Encryption Key of Director %r from %s line %d; not followed: %s"
+             % (chosen.director, chosen.path, chosen.line, unfollowed))
+    debug(1, "Key Encryption Key of Director %r from %s line %d"
+          % (chosen.director, chosen.path, chosen.line))
+    return chosen
+
+
+def kek_from_config(path, director=None):
+    """The KEK text (bytes) of a director in a Bareos config file or
+    directory; kek_from_text() turns it into the AES key."""
+    return find_config_kek(path, director).kek
+
+
+def add_kek_from_arguments(parser):
+    """--kek-from and --director, for every command that needs a KEK."""
+    parser.add_argument("--kek-from", metavar="CONFIG",
+                        help="read the Key Encryption Key from a Bareos config file or "
+                             "directory (bareos-sd.conf, bareos-dir.d, /etc/bareos, ...)")
+    parser.add_argument("--director", metavar="NAME",
+                        help="with --kek-from: the Director resource to use when several "
+                             "have a Key Encryption Key")
+
+
+def kek_from_arguments(ns, kek_option="kek"):
+    """KEK text from --kek FILE (if the command has it) or --kek-from, else None."""
+    kek_file = getattr(ns, kek_option, None) if kek_option else None
+    if kek_file and ns.kek_from:
+        raise UsageError("give the KEK either as a file (--%s) or with --kek-from, not both"
+                         % kek_option.replace("_", "-"))
+    if ns.director and not ns.kek_from:
+        raise UsageError("--director only applies with --kek-from")
+    if kek_file:
+        return read_key_file(kek_file, "KEK file")
+    if ns.kek_from:
+        return kek_from_config(ns.kek_from, ns.director)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Operations
 # ---------------------------------------------------------------------------
@@ -1209,6 +1544,27 @@ def op_label(source, as_json=False, name_only=False, ops=None, out=None):
     else:
         out.write(format_volume_label(label, "stdin" if source == "-" else source))
     out.flush()
+    return EXIT_OK
+
+
+def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None):
+    """kek-from-config: copy a director's KEK out of a Bareos config into a
+    0600 key file usable with -w/--kek; printed only when asked to."""
+    found = find_config_kek(path, director)
+    where = "Director %r (%s line %d)" % (found.director, found.path, found.line)
+    if print_kek:
+        out = out or _stdout_bytes()
+        out.write(found.kek + b"\n")
+        out.flush()
+        return EXIT_OK
+    # A key file loses trailing spaces and all after 64 bytes (Bareos's
+    # rule); refuse if that would change the AES key Bareos derives.
+    if kek_from_text(strip_key_text(found.kek)) != kek_from_text(found.kek):
+        raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
+                           "bytes, which a key file cannot keep; use --kek-from %s instead of "
+                           "a file" % (where, KEK_LENGTH, path))
+    write_private_file(dest, found.kek, force=force)
+    sys.stdout.write("wrote the Key Encryption Key of %s to %s (mode 0600)\n" % (where, dest))
     return EXIT_OK
 
 
@@ -1382,6 +1738,25 @@ def _add_recovery_commands(sub, common):
     fmt.add_argument("--json", action="store_true", help="print the label as JSON")
     fmt.add_argument("--name", action="store_true", help="print only the volume name")
     p.set_defaults(run=lambda ns: op_label(ns.source, ns.json, ns.name))
+
+    p = sub.add_parser(
+        "kek-from-config", parents=[common],
+        help="copy the Key Encryption Key from a Bareos config into a key file",
+        description="Find 'Key Encryption Key' in the Director resources of a Bareos "
+                    "configuration (bareos-sd.conf, bareos-dir.conf, a bareos-sd.d or "
+                    "bareos-dir.d directory, or /etc/bareos) and write it to a new key file, "
+                    "mode 0600, for use with -w/--kek. The key is printed only with --print. "
+                    "@include lines are not followed; they are reported.")
+    p.add_argument("config", metavar="CONFIG", help="configuration file or directory")
+    p.add_argument("--director", metavar="NAME",
+                   help="the Director resource to use when several have a Key Encryption Key")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", metavar="FILE", help="key file to create (mode 0600)")
+    dest.add_argument("--print", action="store_true", dest="print_kek",
+                      help="print the key on stdout instead")
+    p.add_argument("--force", action="store_true", help="replace a non-empty existing --out file")
+    p.set_defaults(run=lambda ns: op_kek_from_config(ns.config, ns.director, ns.out,
+                                                     ns.print_kek, ns.force))
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,

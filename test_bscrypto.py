@@ -920,6 +920,283 @@ class TestLabelFromTape(unittest.TestCase):
         self.assertEqual((rc, out.getvalue()), (0, "Vol0001\n"))
 
 
+SD_CONF = r'''
+# bareos-sd.conf as the packages ship it, plus a KEK
+Storage {
+  Name = bareos-sd
+  Maximum Concurrent Jobs = 20
+}
+
+Director {
+  Name = bareos-dir
+  Password = "s3cr3t"
+  Key Encryption Key = "%s"   # 32-character generated passphrase
+}
+
+Director {
+  Name = bareos-mon
+  Password = "m0n"
+  Monitor = yes
+}
+
+Device {
+  Name = tapedrive-0
+  Media Type = LTO
+  Archive Device = /dev/nst0
+  Maximum Block Size = 1048576
+}
+
+Messages {
+  Name = Standard
+  Director = bareos-dir = all
+}
+'''
+# A generated-looking KEK using the awkward characters of Bareos's alphabet.
+KEK = "x#9;Q{a}=,b@c|d[e]~f/g?h<i>j!k%l"
+
+
+class TestKekFromConfig(TempDirTestCase):
+    def conf(self, name, text):
+        p = self.path(name)
+        d = os.path.dirname(p)
+        if not os.path.isdir(d):
+            os.makedirs(d)
+        with open(p, "w") as f:
+            f.write(text)
+        return p
+
+    def kek(self, text, director=None):
+        return bscrypto.kek_from_config(self.conf("bareos-sd.conf", text), director)
+
+    def test_packaged_sd_conf(self):
+        self.assertEqual(self.kek(SD_CONF % KEK), KEK.encode())
+
+    def test_dir_conf_with_nested_blocks(self):
+        text = r'''
+Director {                            # the director's own resource
+  Name = "backup-dir"
+  QueryFile = "/usr/lib/bareos/scripts/query.sql"
+  DirAddresses = {
+    ip = { addr = 192.0.2.1; port = 9101 }
+  }
+  Password = "pw"
+  KeyEncryptionKey = "%s"
+}
+FileSet {
+  Name = "LinuxAll"
+  Include {
+    Options { Signature = MD5; One FS = No }
+    File = "/"
+  }
+}
+Job { Name = x; Client = y }
+''' % KEK
+        self.assertEqual(self.kek(text), KEK.encode())
+
+    def test_keyword_spellings(self):
+        for keyword in ("Key Encryption Key", "KeyEncryptionKey", "key encryption key",
+                        "KEY  ENCRYPTION\tKEY", "keyencryptionKEY"):
+            text = "Director {\n Name = d\n %s = \"k1\"\n}\n" % keyword
+            self.assertEqual(self.kek(text), b"k1", keyword)
+        text = "Director {\n Name = d\n Key-Encryption-Key = \"k1\"\n}\n"
+        self.assertRaises(bscrypto.KeyFileError, self.kek, text)
+
+    def test_quoting_escapes_and_comments(self):
+        cases = [
+            (r'"a\"b\\c"', b'a"b\\c'),
+            (r'"with # and ; inside"', b"with # and ; inside"),
+            ('"abc" "def"', b"abcdef"),
+            ('"abc"\n   "def"', b"abcdef"),
+            ("plainvalue # comment", b"plainvalue"),
+            ("x9-y_z.w # comment", b"x9-y_z.w"),
+            ("abc def-1", b"abcdef-1"),         # Bareos drops spaces inside a leading run of letters
+            ('"sp ace "', b"sp ace "),
+            ('"\\q"', b"q"),
+        ]
+        for value, expected in cases:
+            text = "Director {\n  Name = d\n  Key Encryption Key = %s\n}\n" % value
+            self.assertEqual(self.kek(text), expected, value)
+
+    def test_comments_and_semicolons(self):
+        text = ('# Director { Name = old; Key Encryption Key = "wrong" }\n'
+                'Director { Name = d; Password = "p#q"; Key Encryption Key = "right" } # done\n')
+        self.assertEqual(self.kek(text), b"right")
+        text = 'Director\n{\n  Name = d\n  Key Encryption Key = "own-line-brace"\n}\n'
+        self.assertEqual(self.kek(text), b"own-line-brace")
+
+    def test_kek_outside_a_director_is_ignored(self):
+        text = ('Storage { Name = s; Key Encryption Key = "not-here" }\n'
+                'Director { Name = d; Password = x }\n')
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            self.kek(text)
+        self.assertIn("no Key Encryption Key in", str(cm.exception))
+
+    def test_directory_layouts(self):
+        root = self.path("etc-bareos")
+        self.conf("etc-bareos/bareos-sd.d/director/bareos-dir.conf",
+                  'Director {\n  Name = bareos-dir\n  Key Encryption Key = "%s"\n}\n' % KEK)
+        self.conf("etc-bareos/bareos-sd.d/director/bareos-mon.conf",
+                  "Director { Name = bareos-mon; Password = x; Monitor = yes }\n")
+        self.conf("etc-bareos/bareos-sd.d/storage/bareos-sd.conf", "Storage { Name = bareos-sd }\n")
+        self.conf("etc-bareos/bareos-dir.d/director/bareos-dir.conf",
+                  'Director {\n  Name = bareos-dir\n  KeyEncryptionKey = "%s"\n}\n' % KEK)
+        for path in (root, os.path.join(root, "bareos-sd.d"),
+                     os.path.join(root, "bareos-sd.d", "director"),
+                     os.path.join(root, "bareos-dir.d"),
+                     os.path.join(root, "bareos-sd.d", "director", "bareos-dir.conf")):
+            self.assertEqual(bscrypto.kek_from_config(path), KEK.encode(), path)
+        files = bscrypto.config_files(root)
+        self.assertEqual([os.path.relpath(f, root) for f in files],
+                         ["bareos-sd.d/director/bareos-dir.conf",
+                          "bareos-sd.d/director/bareos-mon.conf",
+                          "bareos-sd.d/storage/bareos-sd.conf",
+                          "bareos-dir.d/director/bareos-dir.conf"])
+
+    def test_single_file_wins_over_its_directory(self):
+        # Bareos reads bareos-sd.conf when it exists and ignores bareos-sd.d then.
+        root = self.path("etc")
+        self.conf("etc/bareos-sd.conf", 'Director { Name = d; Key Encryption Key = "file" }\n')
+        self.conf("etc/bareos-sd.d/director/d.conf",
+                  'Director { Name = d; Key Encryption Key = "stale" }\n')
+        self.assertEqual(bscrypto.kek_from_config(root), b"file")
+
+    def test_several_directors(self):
+        text = ('Director { Name = alpha; Key Encryption Key = "kek-a" }\n'
+                'Director { Name = beta; Key Encryption Key = "kek-b" }\n'
+                'Director { Name = gamma; Password = x }\n')
+        with self.assertRaises(bscrypto.UsageError) as cm:
+            self.kek(text)
+        self.assertEqual(str(cm.exception), "several directors have a Key Encryption Key: alpha, "
+                                            "beta; choose one with --director")
+        self.assertEqual(self.kek(text, "beta"), b"kek-b")
+        self.assertEqual(self.kek(text, "ALPHA"), b"kek-a")     # exact name first, then any case
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            self.kek(text, "gamma")
+        self.assertIn("directors with one: alpha, beta", str(cm.exception))
+        same = text.replace("kek-b", "kek-a")
+        self.assertEqual(self.kek(same), b"kek-a")              # one key: nothing to choose
+
+    def test_one_director_two_different_keks(self):
+        root = self.path("etc")
+        self.conf("etc/bareos-sd.conf", 'Director { Name = d; Key Encryption Key = "one" }\n')
+        self.conf("etc/bareos-dir.conf", 'Director { Name = d; Key Encryption Key = "two" }\n')
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            bscrypto.kek_from_config(root)
+        self.assertIn("different Key Encryption Keys", str(cm.exception))
+        self.assertIn("bareos-sd.conf line 1", str(cm.exception))
+
+    def test_missing_kek_and_missing_files(self):
+        self.assertRaises(bscrypto.KeyFileError, self.kek, "Director { Name = d; Password = p }\n")
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            bscrypto.kek_from_config(self.path("nope.conf"))
+        self.assertIn("cannot read", str(cm.exception))
+        os.mkdir(self.path("emptydir"))
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            bscrypto.kek_from_config(self.path("emptydir"))
+        self.assertIn("no Bareos configuration files", str(cm.exception))
+        self.assertRaises(bscrypto.KeyFileError, self.kek,
+                          'Director { Name = d; Key Encryption Key = "" }\n')
+
+    def test_includes_are_reported_not_followed(self):
+        text = ('@/etc/bareos/extra.conf\n'
+                'Director {\n  Name = d\n  @"/etc/bareos/dir kek.conf"\n}\n'
+                '@|"sh -c \'cat /etc/bareos/*.conf\'"\n')
+        with self.assertRaises(bscrypto.KeyFileError) as cm:
+            self.kek(text)
+        msg = str(cm.exception)
+        self.assertIn("bareos-sd.conf line 1: @/etc/bareos/extra.conf", msg)
+        self.assertIn("line 4: @/etc/bareos/dir kek.conf", msg)
+        self.assertIn("line 6: @|sh -c 'cat /etc/bareos/*.conf'", msg)
+        warnings = []
+        p = self.conf("with-kek.conf", text + 'Director { Name = e; Key Encryption Key = "k" }\n')
+        found = bscrypto.find_config_kek(p, warn=warnings.append)
+        self.assertEqual(found.kek, b"k")
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("not followed: %s line 1: @/etc/bareos/extra.conf" % p, warnings[0])
+
+    def test_syntax_errors_name_the_line(self):
+        for text, line, what in (('Director { Name = d\n Key Encryption Key = "open\n', 2, "never closed"),
+                                 ("Director { Name = d\n", 1, "never closed"),
+                                 ("Name = d }\n", 1, "without a matching")):
+            with self.assertRaises(bscrypto.KeyFileError) as cm:
+                self.kek(text)
+            self.assertIn("bareos-sd.conf line %d: " % line, str(cm.exception))
+            self.assertIn(what, str(cm.exception))
+
+    def test_bytes_kept_bom_and_crlf(self):
+        p = self.path("bareos-sd.conf")
+        with open(p, "wb") as f:
+            f.write(b'\xef\xbb\xbfDirector {\r\n Name = d\r\n Key Encryption Key = "k\xc3\xa9y"\r\n}\r\n')
+        self.assertEqual(bscrypto.kek_from_config(p), b"k\xc3\xa9y")
+        with open(p, "wb") as f:
+            f.write("Director { }".encode("utf-16"))
+        self.assertRaises(bscrypto.KeyFileError, bscrypto.kek_from_config, p)
+
+    def test_config_kek_unwraps_what_bareos_wrapped(self):
+        # The KEK read from the config equals the one a KEK file gives Bareos.
+        p = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        wrapped = bscrypto.wrap_passphrase(KEK.encode(), b"P" * 32)
+        self.assertEqual(bscrypto.unwrap_passphrase(bscrypto.kek_from_config(p), wrapped), b"P" * 32)
+        need_fixtures(self)
+        kek_text = read_bytes(fixture("keys", "kek.key"))
+        p = self.conf("fixture.conf", 'Director { Name = d; Key Encryption Key = "%s" }\n'
+                      % kek_text.decode().replace("\\", "\\\\").replace('"', '\\"'))
+        self.assertEqual(bscrypto.kek_from_config(p), kek_text)
+
+    def test_kek_from_arguments(self):
+        import argparse
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--kek")
+        bscrypto.add_kek_from_arguments(parser)
+        conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        keyfile = self.write("kek.key", b"file-kek\n")
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek-from", conf])),
+                         KEK.encode())
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek", keyfile])), b"file-kek")
+        self.assertIsNone(bscrypto.kek_from_arguments(parser.parse_args([])))
+        for args in (["--kek", keyfile, "--kek-from", conf], ["--director", "x"]):
+            self.assertRaises(bscrypto.UsageError, bscrypto.kek_from_arguments, parser.parse_args(args))
+
+    def test_command_writes_private_file(self):
+        conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        out = self.path("kek.key")
+        rc, stdout, err = cli("kek-from-config", conf, "--out", out)
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(read_bytes(out), KEK.encode())
+        self.assertEqual(stat.S_IMODE(os.stat(out).st_mode), 0o600)
+        self.assertNotIn(KEK.encode(), stdout)
+        self.assertIn(b"Director 'bareos-dir'", stdout)
+        rc, _, err = cli("kek-from-config", conf, "--out", out)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("--force", err)
+        self.assertEqual(cli("kek-from-config", conf, "--out", out, "--force")[0], 0)
+        # The file works as a KEK file: wrap with it, unwrap with the config.
+        wrapped = self.path("w.key")
+        self.assertEqual(cli("-g", wrapped, "-w", out)[0], 0)
+        plain = bscrypto.unwrap_passphrase(bscrypto.kek_from_config(conf), read_bytes(wrapped))
+        self.assertEqual(cli("-k", wrapped, "-w", out)[1], plain + b"\n")
+
+    def test_command_print_and_arguments(self):
+        conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        self.assertEqual(cli("kek-from-config", conf, "--print"), (0, KEK.encode() + b"\n", ""))
+        rc, out, err = cli("kek-from-config", conf)
+        self.assertNotEqual(rc, 0)
+        self.assertEqual(out, b"")
+        self.assertIn("--out", err)
+        rc, out, err = cli("kek-from-config", self.conf("two.conf",
+                           'Director { Name = a; Key Encryption Key = "1" }\n'
+                           'Director { Name = b; Key Encryption Key = "2" }\n'), "--print")
+        self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""))
+        self.assertIn("choose one with --director", err)
+
+    def test_command_refuses_a_kek_a_file_cannot_hold(self):
+        conf = self.conf("bareos-sd.conf", 'Director { Name = d; Key Encryption Key = "short " }\n')
+        rc, _, err = cli("kek-from-config", conf, "--out", self.path("k"))
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("ends in spaces", err)
+        self.assertFalse(os.path.exists(self.path("k")))
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
