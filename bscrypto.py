@@ -1388,6 +1388,161 @@ def kek_from_arguments(ns, kek_option="kek"):
     return None
 
 
+# -- catalog exports --
+#
+# What an admin can get out of the catalog on a rescue host (Bareos's
+# Media table: VolumeName, EncryptionKey; the key is base64 of the
+# passphrase, or of the passphrase wrapped with the KEK):
+#   psql -A -t -F '|'     VolumeName|EncryptionKey, no header or footer
+#   psql (aligned)        ` volumename | encryptionkey `, `---+---`, `(N rows)`
+#   \copy ... CSV HEADER  CSV with a header row, columns in any order
+#   mysql -B -N           tab-separated
+# The separator is told from the first line (volume names and base64 keys
+# never contain `|`, TAB or `,`).  A header row (VolumeName and
+# EncryptionKey, any case and order, extra columns ignored) maps columns;
+# without one the first two columns are VolumeName, EncryptionKey.
+
+CATALOG_EXPORT_SQL = ("SELECT VolumeName, EncryptionKey FROM Media "
+                      "WHERE EncryptionKey IS NOT NULL AND EncryptionKey <> ''")
+_CATALOG_EXPORT_FIELDS = "entries read skipped bad format"
+# How exports spell "no key": empty (psql, CSV), NULL (mysql -B), \N (COPY text).
+_CATALOG_NULLS = ("", "NULL", "\\N")
+
+
+def _catalog_rows(text, delimiter):
+    """(line number, [cells]) of each non-blank line."""
+    if delimiter == ",":
+        import csv
+        import io
+        reader = csv.reader(io.StringIO(text, newline=""))
+        start = 1
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+        return
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line.split(delimiter)
+
+
+def _catalog_key_problem(key):
+    try:
+        size = len(b64decode(key))
+    except ValueError as e:
+        return "EncryptionKey is %s" % e
+    if size not in (PASSPHRASE_LENGTH, WRAPPED_LENGTH):
+        return ("EncryptionKey decodes to %d bytes; a Bareos key is %d (plain) or %d (wrapped)"
+                % (size, PASSPHRASE_LENGTH, WRAPPED_LENGTH))
+    return None
+
+
+def parse_catalog_export(text, source="catalog export"):
+    """CatalogExport(entries [(volume, key)], read, skipped, bad [(line, why)],
+    format) from export text; see the comment above for the formats."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    first = next((line for line in text.split("\n") if line.strip()), None)
+    if first is None:
+        raise KeyFileError("%s is empty" % source)
+    delimiter = next((d for d in "|\t," if d in first), None)
+    if delimiter is None:
+        raise KeyFileError("%s: cannot tell the columns of its first line; expected "
+                           "VolumeName|EncryptionKey (psql -A), tab-separated or CSV" % source)
+    volume_col, key_col, width = 0, 1, 2
+    entries = []
+    seen = {}
+    read = skipped = 0
+    bad = []
+    header_done = False
+    for number, cells in _catalog_rows(text, delimiter):
+        cells = [c.strip() for c in cells]
+        if not any(cells):
+            continue
+        names = [c.lower() for c in cells]
+        if not header_done:
+            header_done = True
+            if "volumename" in names or "encryptionkey" in names:
+                if "volumename" not in names or "encryptionkey" not in names:
+                    raise KeyFileError("%s line %d: the header must name both VolumeName and "
+                                       "EncryptionKey" % (source, number))
+                volume_col, key_col = names.index("volumename"), names.index("encryptionkey")
+                width = None
+                continue
+        if delimiter == "|" and (set("".join(cells)) <= set("-+") or (
+                len(cells) == 1 and cells[0].startswith("(") and cells[0].endswith(")"))):
+            continue               # psql's aligned-output rule line and "(N rows)" footer
+        read += 1
+        if width is not None and len(cells) != width:
+            bad.append((number, "expected 2 fields (VolumeName, EncryptionKey), found %d"
+                        % len(cells)))
+            continue
+        if len(cells) <= max(volume_col, key_col):
+            bad.append((number, "expected at least %d fields, found %d"
+                        % (max(volume_col, key_col) + 1, len(cells))))
+            continue
+        volume, key = cells[volume_col], cells[key_col]
+        if not volume:
+            bad.append((number, "empty VolumeName"))
+            continue
+        if key in _CATALOG_NULLS:
+            skipped += 1
+            continue
+        problem = _catalog_key_problem(key)
+        if problem:
+            bad.append((number, "volume %s: %s" % (volume, problem)))
+            continue
+        if volume in seen:
+            if seen[volume][1] != key:
+                bad.append((number, "volume %s is also on line %d, with a different key"
+                            % (volume, seen[volume][0])))
+            continue
+        seen[volume] = (number, key)
+        entries.append((volume, key))
+    fmt = {"|": "psql", "\t": "tab-separated", ",": "csv"}[delimiter]
+    return _record_type("CatalogExport", _CATALOG_EXPORT_FIELDS)(entries, read, skipped, bad, fmt)
+
+
+def read_catalog_export(path):
+    """parse_catalog_export of a file ('-' for stdin)."""
+    if path == "-":
+        data = getattr(sys.stdin, "buffer", sys.stdin).read()
+        source = "stdin"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise KeyFileError("cannot read catalog export %s: %s" % (path, e.strerror or e))
+        source = path
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise KeyFileError("%s is not UTF-8 text (byte %d); export it again with psql or "
+                               "\\copy" % (source, e.start))
+    return parse_catalog_export(data, source)
+
+
+def sql_quote(value):
+    """A standard SQL string literal ('' doubles a quote).  NUL cannot be
+    stored, and a backslash means different things to PostgreSQL (with
+    standard_conforming_strings off) and MySQL, so both are refused;
+    volume names and base64 keys never contain them."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if "\0" in value or "\\" in value:
+        raise ValueError("refusing to quote a string holding %s for SQL"
+                         % ("a NUL" if "\0" in value else "a backslash"))
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_update_key(volume, key):
+    """The catalog statement that stores a (re-wrapped) key for a volume."""
+    return ("UPDATE Media SET EncryptionKey = %s WHERE VolumeName = %s;"
+            % (sql_quote(key), sql_quote(volume)))
+
+
 # ---------------------------------------------------------------------------
 # Operations
 # ---------------------------------------------------------------------------

@@ -1197,6 +1197,125 @@ Job { Name = x; Client = y }
         self.assertFalse(os.path.exists(self.path("k")))
 
 
+B64_PLAIN = bscrypto.b64encode(b"p" * 32)                 # 43 characters
+B64_WRAPPED = bscrypto.b64encode(b"w" * 40)               # 54 characters
+
+
+class TestCatalogExport(TempDirTestCase):
+    def parse(self, text):
+        return bscrypto.parse_catalog_export(text, "export")
+
+    def test_psql_unaligned_tuples_only(self):
+        text = "Vol-0001|%s\nVol-0002|\nVol-0003|%s\n" % (B64_PLAIN, B64_WRAPPED)
+        r = self.parse(text)
+        self.assertEqual(r.entries, [("Vol-0001", B64_PLAIN), ("Vol-0003", B64_WRAPPED)])
+        self.assertEqual((r.read, r.skipped, r.bad, r.format), (3, 1, [], "psql"))
+
+    def test_psql_with_header_and_footer(self):
+        text = "volumename|encryptionkey\nA|%s\nB|\n(2 rows)\n" % B64_PLAIN
+        r = self.parse(text)
+        self.assertEqual((r.entries, r.read, r.skipped), ([("A", B64_PLAIN)], 2, 1))
+
+    def test_psql_aligned_output(self):
+        text = (" volumename |                     encryptionkey\n"
+                "------------+-----------------------------------------------------\n"
+                " Full-0001  | %s\n"
+                " Full-0002  | \n"
+                "(2 rows)\n\n") % B64_WRAPPED
+        r = self.parse(text)
+        self.assertEqual((r.entries, r.read, r.skipped, r.bad), ([("Full-0001", B64_WRAPPED)], 2, 1, []))
+
+    def test_csv_header_any_order_extra_columns(self):
+        text = ('MediaId,"EncryptionKey",PoolId,VOLUMENAME\r\n'
+                '1,%s,3,"Tape:01"\r\n'
+                '2,,3,Tape02\r\n'
+                '3,"%s",3,Tape03\r\n') % (B64_PLAIN, B64_WRAPPED)
+        r = self.parse(text)
+        self.assertEqual(r.entries, [("Tape:01", B64_PLAIN), ("Tape03", B64_WRAPPED)])
+        self.assertEqual((r.read, r.skipped, r.bad, r.format), (3, 1, [], "csv"))
+
+    def test_copy_csv_header_with_bom_from_file(self):
+        p = self.write("media.csv", ("\ufeffvolumename,encryptionkey\nV1,%s\n" % B64_PLAIN)
+                       .encode("utf-8"))
+        r = bscrypto.read_catalog_export(p)
+        self.assertEqual((r.entries, r.format), ([("V1", B64_PLAIN)], "csv"))
+
+    def test_csv_without_header_and_tab_separated(self):
+        self.assertEqual(self.parse("V1,%s\n" % B64_PLAIN).entries, [("V1", B64_PLAIN)])
+        # mysql -B prints NULL, psql's \copy text format \N: both mean no key.
+        r = self.parse("V1\t%s\nV2\tNULL\nV3\t\\N\nV4\tjunk*\n" % B64_PLAIN)
+        self.assertEqual((r.entries, r.format), ([("V1", B64_PLAIN)], "tab-separated"))
+        self.assertEqual((r.read, r.skipped, [n for n, _ in r.bad]), (4, 2, [4]))
+
+    def test_bad_lines_carry_line_numbers(self):
+        text = ("V1|%s\n"           # 1 good
+                "V2|%s|extra\n"     # 2 three fields
+                "|%s\n"             # 3 no volume
+                "V4|not*base64\n"   # 4 bad characters
+                "V5|%s\n"           # 5 wrong length
+                "V1|%s\n"           # 6 repeats V1 with another key
+                "V1|%s\n"           # 7 identical repeat: ignored
+                ) % (B64_PLAIN, B64_PLAIN, B64_PLAIN, bscrypto.b64encode(b"x" * 16), B64_WRAPPED,
+                     B64_PLAIN)
+        r = self.parse(text)
+        self.assertEqual(r.entries, [("V1", B64_PLAIN)])
+        self.assertEqual([n for n, _ in r.bad], [2, 3, 4, 5, 6])
+        self.assertIn("found 3", r.bad[0][1])
+        self.assertIn("empty VolumeName", r.bad[1][1])
+        self.assertIn("not base64", r.bad[2][1])
+        self.assertIn("decodes to 16 bytes", r.bad[3][1])
+        self.assertIn("also on line 1", r.bad[4][1])
+        self.assertEqual(r.read, 7)
+
+    def test_unusable_files(self):
+        for text, message in (("", "is empty"), ("\n  \n", "is empty"),
+                              ("justonecolumn\n", "cannot tell the columns"),
+                              ("VolumeName,Key\nV,x\n", "must name both")):
+            with self.assertRaises(bscrypto.KeyFileError) as cm:
+                self.parse(text)
+            self.assertIn(message, str(cm.exception))
+        p = self.write("latin1", b"V\xe9|abc\n")
+        self.assertRaises(bscrypto.KeyFileError, bscrypto.read_catalog_export, p)
+        self.assertRaises(bscrypto.KeyFileError, bscrypto.read_catalog_export, self.path("none"))
+
+    def test_stdin(self):
+        saved = sys.stdin
+        sys.stdin = io.TextIOWrapper(io.BytesIO(("V|%s\n" % B64_PLAIN).encode()))
+        try:
+            r = bscrypto.read_catalog_export("-")
+        finally:
+            sys.stdin = saved
+        self.assertEqual(r.entries, [("V", B64_PLAIN)])
+
+    def test_sql_quoting(self):
+        self.assertEqual(bscrypto.sql_quote("O'Brien"), "'O''Brien'")
+        self.assertEqual(bscrypto.sql_quote(b"abc"), "'abc'")
+        self.assertEqual(bscrypto.sql_update_key("Vol'1", B64_WRAPPED),
+                         "UPDATE Media SET EncryptionKey = '%s' WHERE VolumeName = 'Vol''1';"
+                         % B64_WRAPPED)
+        for bad in ("a\0b", "a\\b"):
+            self.assertRaises(ValueError, bscrypto.sql_quote, bad)
+
+    def test_sql_against_sqlite(self):
+        try:
+            import sqlite3
+        except ImportError:
+            self.skipTest("sqlite3 not available")
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE TABLE Media (VolumeName TEXT, EncryptionKey TEXT)")
+            names = ["plain", "it's", "''", "x'); DROP TABLE Media; --", "semi;colon"]
+            for name in names:
+                db.execute("INSERT INTO Media VALUES (?, 'old')", (name,))
+            for name in names:
+                db.executescript(bscrypto.sql_update_key(name, "new-" + name))
+            rows = sorted(db.execute("SELECT VolumeName, EncryptionKey FROM Media"))
+        finally:
+            db.close()
+        self.assertEqual(rows, sorted((n, "new-" + n) for n in names))
+        self.assertTrue(bscrypto.CATALOG_EXPORT_SQL.startswith("SELECT VolumeName, EncryptionKey FROM Media"))
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
