@@ -935,23 +935,23 @@ def _tape_block_size(ops, fd):
 def _tape_read_error(ops, fd, path, e):
     import errno
     block_size = _tape_block_size(ops, fd)
-    fixed = ""
     if block_size:
-        fixed = ("; the drive is in fixed-block mode (%d bytes) and Bareos writes variable-"
-                 "length blocks: `mt -f %s setblk 0`, then retry" % (block_size, path))
+        return BscryptoError("cannot read the first block of %s (%s): the drive is in fixed-block "
+                             "mode (%d bytes) and Bareos writes variable-length blocks; set "
+                             "variable mode with `mt -f %s setblk 0` and retry"
+                             % (path, e.strerror or e, block_size, path), EXIT_LABEL)
     if e.errno == errno.EIO:
         return BscryptoError(
-            "I/O error reading the first block of %s%s. The label is never encrypted, but a "
-            "drive holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear "
-            "the drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape "
-            "fails the same way" % (path, fixed, path), EXIT_LABEL)
+            "I/O error reading the first block of %s. The label is never encrypted, but a drive "
+            "holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear the "
+            "drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape fails "
+            "the same way" % (path, path), EXIT_LABEL)
     # st: ENOMEM = block longer than the read (variable mode), EINVAL = read
     # size not a multiple of the fixed block size.
     if e.errno in (errno.EINVAL, errno.ENOMEM):
-        return BscryptoError("cannot read the first block of %s: %s%s"
-                             % (path, e.strerror or e, fixed or " (the block is larger than %d "
-                                "bytes, so it is not a Bareos label)" % LABEL_READ_SIZE),
-                             EXIT_LABEL)
+        return BscryptoError("cannot read the first block of %s: %s (a block larger than %d "
+                             "bytes is not a Bareos label)" % (path, e.strerror or e,
+                                                               LABEL_READ_SIZE), EXIT_LABEL)
     return BscryptoError("cannot read the first block of %s: %s" % (path, e.strerror or e),
                          EXIT_LABEL)
 
