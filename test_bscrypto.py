@@ -1027,6 +1027,11 @@ Job { Name = x; Client = y }
         self.assertEqual(self.kek(text), b"right")
         text = 'Director\n{\n  Name = d\n  Key Encryption Key = "own-line-brace"\n}\n'
         self.assertEqual(self.kek(text), b"own-line-brace")
+        # Bareos's lexer knows only '#': a // or /* */ line is not a directive
+        # (Bareos rejects it), so it cannot supply a KEK either.
+        text = ('Director {\n  Name = d\n  // Key Encryption Key = "slashes"\n'
+                '  /* Key Encryption Key = "c-style" */\n  Key Encryption Key = "real"\n}\n')
+        self.assertEqual(self.kek(text), b"real")
 
     def test_kek_outside_a_director_is_ignored(self):
         text = ('Storage { Name = s; Key Encryption Key = "not-here" }\n'
