@@ -531,7 +531,1016 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 # Bareos volume label
 # ---------------------------------------------------------------------------
 
-# (label: BB02 block, record header, label fields)
+# The first block of every Bareos volume, tape or File, is never encrypted
+# (FORMATS.md section 7).  Facts from Bareos stored/block.h, block.cc,
+# record.h, label.cc and lib/serial.cc; all integers are big-endian:
+#   block header  BB02: CheckSum, block_len, BlockNumber, "BB02",
+#                 VolSessionId, VolSessionTime (24 bytes; what Bareos writes)
+#                 BB01: CheckSum, block_len, BlockNumber, "BB01" (16 bytes;
+#                 Bacula before 1.27, still read by Bareos and here)
+#   CheckSum      CRC-32 (zlib's) of bytes 4..block_len; 0 when the device
+#                 had "Block Checksum = no" (then Bareos does not check it)
+#   record header BB02: FileIndex, Stream, data_len (12 bytes); BB01 adds
+#                 VolSessionId, VolSessionTime in front (20 bytes)
+#   label data    Id, VerNum, two times, two float64, nine strings; strings
+#                 are NUL-terminated and fit Bareos's Volume_Label arrays
+
+BLKHDR1_LENGTH = 16
+BLKHDR2_LENGTH = 24
+RECHDR1_LENGTH = 20
+RECHDR2_LENGTH = 12
+# Bareos's sanity limit for block_len (block.h MAX_BLOCK_LENGTH).
+MAX_BLOCK_LENGTH = 20000000
+# Bareos writes labels in a block of at most 64,512 bytes (DEFAULT_BLOCK_SIZE);
+# the tape read buffer is larger so a padded or odd block still fits.
+LABEL_READ_SIZE = 256 * 1024
+
+# Negative FileIndex values mark label records (record.h).
+PRE_LABEL = -1             # labelled, never written
+VOL_LABEL = -2             # labelled and written to
+LABEL_TYPE_NAMES = {
+    -1: "PRE_LABEL", -2: "VOL_LABEL", -3: "EOM_LABEL", -4: "SOS_LABEL",
+    -5: "EOS_LABEL", -6: "EOT_LABEL", -7: "SOB_LABEL", -8: "EOB_LABEL",
+}
+# Label Ids Bareos accepts (block.h BareosId, OldBaculaId, OlderBaculaId).
+LABEL_IDS = (b"Bareos 2.0 immortal\n", b"Bacula 1.0 immortal\n", b"Bacula 0.9 mortal\n")
+# Label versions Bareos accepts: BareosTapeVersion and the three old ones.
+# VerNum >= 11 stores the times as int64 microseconds (btime), older ones as
+# a Julian day number and fraction.
+LABEL_VERSIONS = (20, 11, 10, 9)
+# Sizes of the Volume_Label char arrays (MAX_NAME_LENGTH = 128 includes the
+# NUL): a longer string is one Bareos never writes and cannot read back.
+_LABEL_ID_SIZE = 32
+_LABEL_STRINGS = (
+    ("VolumeName", 128), ("PrevVolumeName", 128), ("PoolName", 128),
+    ("PoolType", 128), ("MediaType", 128), ("HostName", 128),
+    ("LabelProg", 50), ("ProgVersion", 50), ("ProgDate", 50),
+)
+
+# Field names are Bareos's (DeviceBlock, DeviceRecord, Volume_Label);
+# BlockCheckSum is the CRC computed here, as in Bareos's unSerBlockHeader.
+_BLOCK_HEADER_FIELDS = "Id CheckSum block_len BlockNumber VolSessionId VolSessionTime BlockCheckSum"
+_RECORD_HEADER_FIELDS = "VolSessionId VolSessionTime FileIndex Stream data_len"
+_VOLUME_LABEL_FIELDS = ("LabelType LabelSize Id VerNum label_btime write_btime "
+                        "label_date label_time write_date write_time "
+                        + " ".join(name for name, _ in _LABEL_STRINGS) + " block record")
+
+_RECORD_TYPES = {}
+
+
+def _record_type(name, fields):
+    """A namedtuple class made on first use: making one costs about a
+    millisecond on Python 3.6, and most runs never need these."""
+    cls = _RECORD_TYPES.get(name)
+    if cls is None:
+        from collections import namedtuple
+        cls = _RECORD_TYPES[name] = namedtuple(name, fields)
+    return cls
+
+
+class _LabelReader(object):
+    """Bounds-checked reads over the label data (Bareos's unserialisers do
+    not check bounds; a damaged block must not read past its record)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+
+    def unpack(self, fmt, what):
+        import struct
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise BscryptoError("label record ends inside %s (record is %d bytes)"
+                                % (what, len(self.data)), EXIT_LABEL)
+        value = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self, name, size):
+        end = self.data.find(b"\0", self.pos)
+        if end < 0:
+            raise BscryptoError("label record ends inside %s (no terminating NUL)" % name,
+                                EXIT_LABEL)
+        raw = self.data[self.pos:end]
+        if len(raw) >= size:
+            raise BscryptoError("%s in the label is %d bytes; Bareos writes at most %d"
+                                % (name, len(raw), size - 1), EXIT_LABEL)
+        self.pos = end + 1
+        return raw
+
+
+def _label_text(raw):
+    # Bareos names are ASCII; anything else stays visible instead of failing.
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _hex_preview(data, count=16):
+    head = bytes(data[:count])
+    text = "".join(chr(b) if 32 <= b < 127 else "." for b in head)
+    return "%s |%s|" % (" ".join("%02x" % b for b in head), text)
+
+
+def describe_foreign_block(data):
+    """A short guess at what a block that is not a Bareos label holds."""
+    data = bytes(data)
+    if not data:
+        return "no data"
+    if data[:4] == b"VOL1" or data[:4] == b"\xe5\xd6\xd3\xf1":  # ASCII / EBCDIC
+        kind = "an ANSI" if data[:4] == b"VOL1" else "an IBM (EBCDIC)"
+        serial = data[4:10].decode("cp500" if data[0] == 0xE5 else "latin-1").strip()
+        if b"LTFS" in data[24:37]:
+            return "an LTFS volume label (VOL1 volume serial %r)" % serial
+        return ("%s tape label (VOL1, volume serial %r): Bareos puts its own label in the "
+                "next tape file; read it with `mt fsf 1` and `dd bs=256k count=1` into a file "
+                "and run `bscrypto label` on that file" % (kind, serial))
+    if len(data) >= 262 and data[257:262] == b"ustar":
+        return "a tar archive"
+    if not data.strip(b"\0"):
+        return "%d zero bytes" % len(data)
+    return "data starting %s" % _hex_preview(data)
+
+
+def _not_a_volume(detail, data):
+    return BscryptoError("not a Bareos volume: %s; found %s" % (detail, describe_foreign_block(data)),
+                         EXIT_LABEL)
+
+
+def parse_label_block(data, check_crc=True):
+    """Parse the first block of a Bareos volume into a VolumeLabel.
+
+    data may be longer than the block (a tape block padded to the drive's
+    minimum, or a chunk read from a file): only block_len bytes count.
+    Anything else raises BscryptoError(EXIT_LABEL) saying what was found.
+    """
+    import struct
+    import zlib
+    data = bytes(data)
+    if len(data) < BLKHDR1_LENGTH:
+        raise BscryptoError("block too short: %d bytes, a Bareos block header is at least %d "
+                            "(found %s)" % (len(data), BLKHDR1_LENGTH, describe_foreign_block(data)),
+                            EXIT_LABEL)
+    block_id = data[12:16]
+    if block_id not in (b"BB01", b"BB02"):
+        raise _not_a_volume("no BB01/BB02 block header", data)
+    bb01 = block_id == b"BB01"
+    header_length = BLKHDR1_LENGTH if bb01 else BLKHDR2_LENGTH
+    record_length = RECHDR1_LENGTH if bb01 else RECHDR2_LENGTH
+    if len(data) < header_length + record_length:
+        raise BscryptoError("label block truncated: %d bytes, the headers alone are %d"
+                            % (len(data), header_length + record_length), EXIT_LABEL)
+    checksum, block_len, block_number = struct.unpack_from(">III", data, 0)
+    session_id = session_time = 0
+    if not bb01:
+        session_id, session_time = struct.unpack_from(">II", data, 16)
+    if block_len < header_length + record_length or block_len > MAX_BLOCK_LENGTH:
+        raise _not_a_volume("%s header with an impossible block length %d"
+                            % (block_id.decode(), block_len), data)
+    if block_len > len(data):
+        raise BscryptoError("label block truncated: its header says %d bytes, only %d were read"
+                            % (block_len, len(data)), EXIT_LABEL)
+    block = data[:block_len]
+    computed = zlib.crc32(block[4:]) & 0xFFFFFFFF
+    block_header = _record_type("BlockHeader", _BLOCK_HEADER_FIELDS)(
+        block_id.decode(), checksum, block_len, block_number, session_id, session_time, computed)
+    # A stored 0 is what a device with "Block Checksum = no" writes; such a
+    # reader does not check, so neither does this.
+    if check_crc and checksum not in (0, computed):
+        hint = ""
+        try:
+            hint = "; the damaged label names volume %r" % parse_label_block(data, False).VolumeName
+        except BscryptoError:
+            pass
+        raise BscryptoError("label block CRC-32 mismatch (stored %08x, computed %08x): the "
+                            "block is damaged%s" % (checksum, computed, hint), EXIT_LABEL)
+    if bb01:
+        rec = struct.unpack_from(">IIiiI", block, header_length)
+    else:
+        rec = (session_id, session_time) + struct.unpack_from(">iiI", block, header_length)
+    record = _record_type("RecordHeader", _RECORD_HEADER_FIELDS)(*rec)
+    if record.FileIndex not in (PRE_LABEL, VOL_LABEL):
+        what = LABEL_TYPE_NAMES.get(record.FileIndex, "a data record")
+        raise _not_a_volume("the first record is FileIndex %d (%s), not a volume label"
+                            % (record.FileIndex, what), data)
+    start = header_length + record_length
+    if start + record.data_len > block_len:
+        raise BscryptoError("label record of %d bytes does not fit in its %d-byte block"
+                            % (record.data_len, block_len), EXIT_LABEL)
+    reader = _LabelReader(block[start:start + record.data_len])
+    label_id = reader.string("Id", _LABEL_ID_SIZE)
+    if label_id not in LABEL_IDS:
+        raise _not_a_volume("label Id is %r" % _label_text(label_id), data)
+    (ver_num,) = reader.unpack(">I", "VerNum")
+    label_btime = write_btime = label_date = label_time = None
+    if ver_num >= 11:
+        label_btime, write_btime = reader.unpack(">qq", "the label times")
+    else:
+        label_date, label_time = reader.unpack(">dd", "the label date")
+    write_date, write_time = reader.unpack(">dd", "the write date")
+    strings = [_label_text(reader.string(name, size)) for name, size in _LABEL_STRINGS]
+    if ver_num not in LABEL_VERSIONS:
+        raise BscryptoError("volume %r has label version %d; Bareos reads versions %s"
+                            % (strings[0], ver_num, ", ".join(str(v) for v in LABEL_VERSIONS)),
+                            EXIT_LABEL)
+    return _record_type("VolumeLabel", _VOLUME_LABEL_FIELDS)(
+        record.FileIndex, record.data_len, _label_text(label_id), ver_num,
+        label_btime, write_btime, label_date, label_time, write_date, write_time,
+        *(strings + [block_header, record]))
+
+
+def _btime_text(btime, iso=False):
+    """A btime (microseconds since 1970) as local time, or why it cannot be."""
+    import time
+    try:
+        t = time.localtime(btime // 1000000)
+    except (OverflowError, ValueError, OSError):
+        t = None
+    if t is None or not 1 <= t.tm_year <= 9999:
+        return "(out of range)"
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z" if iso else "%Y-%m-%d %H:%M:%S %Z", t)
+
+
+def _label_type_text(label_type):
+    name = LABEL_TYPE_NAMES.get(label_type, str(label_type))
+    return name + {PRE_LABEL: " (labelled, no data written yet)",
+                   VOL_LABEL: " (in use: data written after the label)"}.get(label_type, "")
+
+
+def format_volume_label(label, source=None):
+    """The text `label` prints: one 'Name : value' line per field."""
+    block, record = label.block, label.record
+    rows = [(name, getattr(label, name)) for name, _ in _LABEL_STRINGS]
+    rows[1:1] = [("LabelType", _label_type_text(label.LabelType))]
+    rows += [("Id", label.Id.rstrip("\n")), ("VerNum", label.VerNum)]
+    if label.label_btime is not None:
+        rows += [("label_btime", "%s (%d us)" % (_btime_text(label.label_btime), label.label_btime)),
+                 ("write_btime", "%s (%d us)" % (_btime_text(label.write_btime), label.write_btime))]
+    else:
+        rows += [("label_date", "%r (Julian day)" % label.label_date),
+                 ("label_time", "%r (fraction of day)" % label.label_time)]
+    if block.CheckSum == 0 and block.BlockCheckSum != 0:
+        crc = "not written (Block Checksum = no)"
+    elif block.CheckSum == block.BlockCheckSum:
+        crc = "%08x, correct" % block.CheckSum
+    else:
+        crc = "%08x, DAMAGED (computed %08x)" % (block.CheckSum, block.BlockCheckSum)
+    rows += [("Block", "%s number %d, %d bytes, VolSessionId %d, VolSessionTime %d"
+              % (block.Id, block.BlockNumber, block.block_len, block.VolSessionId,
+                 block.VolSessionTime)),
+             ("CRC-32", crc),
+             ("Record", "FileIndex %d, Stream %d, %d bytes"
+              % (record.FileIndex, record.Stream, record.data_len))]
+    lines = ["Volume label" + (" of %s:" % source if source else ":")]
+    lines += ["   %-15s: %s" % (name, value) for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def volume_label_dict(label):
+    """The label as plain JSON-ready values (bytes-free, finite numbers)."""
+    import math
+
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return repr(value)
+        return value
+
+    result = {}
+    for name in label._fields:
+        value = getattr(label, name)
+        if name in ("block", "record"):
+            value = dict(zip(value._fields, value))
+        result[name] = plain(value)
+    result["LabelTypeName"] = LABEL_TYPE_NAMES.get(label.LabelType)
+    for name in ("label_btime", "write_btime"):
+        if getattr(label, name) is not None:
+            result[name + "_local"] = _btime_text(getattr(label, name), iso=True)
+    result["block"]["crc_ok"] = label.block.CheckSum == label.block.BlockCheckSum
+    return result
+
+
+# -- reading the first block of a file or a tape --
+#
+# Tapes are read through the Linux st driver: open read-only (never
+# written), MTREW, one read() of a variable-length block, MTREW again.  The
+# drive's block mode is NOT changed (MTSETBLK is drive state other programs
+# rely on; Bareos already runs its drives in variable mode).  If a read fails
+# in a way fixed-block mode explains, MTIOCGET (read-only) says so.
+
+# Linux <linux/mtio.h> operation numbers; BSD and Solaris number these
+# differently (their 5 is rewind, Linux's 5 writes a filemark), so the
+# ioctls are only ever sent on Linux.
+MTREW = 6
+# Linux major device numbers of the st driver and of SCSI generic nodes.
+ST_MAJOR = 9
+SG_MAJOR = 21
+# Bits of struct mtget: mt_dsreg low 24 bits = block size; mt_gstat door open.
+MT_ST_BLKSIZE_MASK = 0xFFFFFF
+GMT_DR_OPEN = 0x00040000
+
+
+def _linux_ioc(direction, group, number, size, machine=None):
+    """Linux _IOR/_IOW: direction 'r' or 'w'.  powerpc, mips, sparc and alpha
+    use 3 direction bits (write = 4) and 13 size bits; the rest 2 and 14."""
+    machine = machine if machine is not None else os.uname()[4]
+    if machine.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
+        bits = {"r": 2, "w": 4}[direction] << 29
+    else:
+        bits = {"r": 2, "w": 1}[direction] << 30
+    return bits | size << 16 | ord(group) << 8 | number
+
+
+def mtioctop_request(machine=None):
+    """MTIOCTOP = _IOW('m', 1, struct mtop{short mt_op; int mt_count;}), 8 bytes:
+    0x40086d01 on x86, arm, riscv and s390."""
+    return _linux_ioc("w", "m", 1, 8, machine)
+
+
+def mtiocget_request(machine=None):
+    """MTIOCGET = _IOR('m', 2, struct mtget): five longs, two ints
+    (0x80306d02 on 64-bit x86)."""
+    import struct
+    return _linux_ioc("r", "m", 2, struct.calcsize("@5l2i"), machine)
+
+
+class TapeIO(object):
+    """The system calls `label` makes; tests pass a fake that records them."""
+
+    platform = sys.platform
+
+    def stat(self, path):
+        return os.stat(path)
+
+    def open(self, path, flags):
+        return os.open(path, flags)
+
+    def ioctl(self, fd, request, arg):
+        import fcntl
+        return fcntl.ioctl(fd, request, arg)
+
+    def read(self, fd, size):
+        return os.read(fd, size)
+
+    def close(self, fd):
+        os.close(fd)
+
+
+def _read_up_to(read, size):
+    """Read size bytes or to end of file (files and pipes return short reads)."""
+    chunks = []
+    got = 0
+    while got < size:
+        chunk = read(size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_file_block(read):
+    """The first block of a File volume: the header says how long it is."""
+    import struct
+    data = _read_up_to(read, 65536)
+    if len(data) >= 16 and data[12:16] in (b"BB01", b"BB02"):
+        (block_len,) = struct.unpack_from(">I", data, 4)
+        if len(data) < block_len <= MAX_BLOCK_LENGTH:
+            data += _read_up_to(read, block_len - len(data))
+    return data
+
+
+def _mt_rewind(ops, fd, path):
+    import errno
+    import struct
+    try:
+        ops.ioctl(fd, mtioctop_request(), struct.pack("@hi", MTREW, 1))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EINVAL):
+            raise BscryptoError("%s is not a tape device (it refused the rewind request)" % path,
+                                EXIT_DEVICE)
+        if e.errno == getattr(errno, "ENOMEDIUM", -1):
+            raise BscryptoError("no tape in %s" % path, EXIT_NOT_READY)
+        raise BscryptoError("cannot rewind %s: %s (no tape loaded, or the drive is not ready)"
+                            % (path, e.strerror or e), EXIT_NOT_READY)
+
+
+def _tape_block_size(ops, fd):
+    """The st driver's block size (0 = variable), or None if it cannot say."""
+    import struct
+    try:
+        raw = ops.ioctl(fd, mtiocget_request(), bytes(struct.calcsize("@5l2i")))
+        return struct.unpack("@5l2i", raw)[2] & MT_ST_BLKSIZE_MASK
+    except (OSError, struct.error):
+        return None
+
+
+def _tape_read_error(ops, fd, path, e):
+    import errno
+    block_size = _tape_block_size(ops, fd)
+    if block_size:
+        return BscryptoError("cannot read the first block of %s (%s): the drive is in fixed-block "
+                             "mode (%d bytes) and Bareos writes variable-length blocks; set "
+                             "variable mode with `mt -f %s setblk 0` and retry"
+                             % (path, e.strerror or e, block_size, path), EXIT_LABEL)
+    if e.errno == errno.EIO:
+        return BscryptoError(
+            "I/O error reading the first block of %s. The label is never encrypted, but a drive "
+            "holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear the "
+            "drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape fails "
+            "the same way" % (path, path), EXIT_LABEL)
+    # st: ENOMEM = block longer than the read (variable mode), EINVAL = read
+    # size not a multiple of the fixed block size.
+    if e.errno in (errno.EINVAL, errno.ENOMEM):
+        return BscryptoError("cannot read the first block of %s: %s (a block larger than %d "
+                             "bytes is not a Bareos label)" % (path, e.strerror or e,
+                                                               LABEL_READ_SIZE), EXIT_LABEL)
+    return BscryptoError("cannot read the first block of %s: %s" % (path, e.strerror or e),
+                         EXIT_LABEL)
+
+
+def _open_error(path, e):
+    import errno
+    if e.errno == getattr(errno, "ENOMEDIUM", -1):
+        return BscryptoError("no tape in %s" % path, EXIT_NOT_READY)
+    if e.errno == errno.EBUSY:
+        return BscryptoError("%s is busy: is bareos-sd using it? Release the drive (bconsole "
+                             "'release') or stop the storage daemon" % path, EXIT_DEVICE)
+    if e.errno == errno.EIO:
+        return BscryptoError("cannot open %s: I/O error (drive not ready: load a tape and "
+                             "retry)" % path, EXIT_NOT_READY)
+    return BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+
+
+def _read_tape_block(ops, path, st):
+    import errno
+    if not ops.platform.startswith("linux"):
+        raise BscryptoError(
+            "reading a tape device is done through the Linux st driver only; here, rewind the "
+            "tape and copy its first block into a file (`mt -f %s rewind; dd if=%s of=label.block "
+            "bs=256k count=1`), then run `bscrypto label label.block`" % (path, path), EXIT_DEVICE)
+    if os.major(st.st_rdev) == SG_MAJOR:
+        raise BscryptoError("%s is a SCSI generic node; give the tape node of the same drive "
+                            "(/dev/nstN)" % path, EXIT_DEVICE)
+    try:
+        fd = ops.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise _open_error(path, e)
+    try:
+        _mt_rewind(ops, fd, path)
+        try:
+            data = ops.read(fd, LABEL_READ_SIZE)
+        except OSError as e:
+            error = _tape_read_error(ops, fd, path, e)
+            data = None
+        try:
+            _mt_rewind(ops, fd, path)
+        except BscryptoError as e:
+            if data is not None:
+                sys.stderr.write("bscrypto: warning: label read, but rewinding afterwards "
+                                 "failed: %s\n" % e)
+        if data is None:
+            raise error
+    finally:
+        try:
+            ops.close(fd)
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                debug(1, "closing %s: %s" % (path, e))
+    if not data:
+        raise BscryptoError("%s: the tape is blank or starts with a filemark (the first read "
+                            "returned no data)" % path, EXIT_LABEL)
+    debug(1, "read a %d-byte block from %s" % (len(data), path))
+    return data
+
+
+def read_first_block(path, ops=None):
+    """The first block of a Bareos volume: a File volume, stdin ('-'), or a
+    Linux tape device (rewound before and after, never written)."""
+    import stat
+    ops = ops or TapeIO()
+    if path == "-":
+        data = _read_file_block(getattr(sys.stdin, "buffer", sys.stdin).read)
+        if not data:
+            raise BscryptoError("no data on stdin", EXIT_LABEL)
+        return data
+    try:
+        st = ops.stat(path)
+    except OSError as e:
+        raise BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+    if stat.S_ISCHR(st.st_mode):
+        return _read_tape_block(ops, path, st)
+    if not stat.S_ISREG(st.st_mode):
+        raise BscryptoError("%s is neither a regular file nor a tape device" % path, EXIT_DEVICE)
+    try:
+        fd = ops.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise BscryptoError("cannot open %s: %s" % (path, e.strerror or e), EXIT_DEVICE)
+    try:
+        data = _read_file_block(lambda size: ops.read(fd, size))
+    except OSError as e:
+        raise BscryptoError("cannot read %s: %s" % (path, e.strerror or e), EXIT_LABEL)
+    finally:
+        ops.close(fd)
+    if not data:
+        raise BscryptoError("%s is empty" % path, EXIT_LABEL)
+    return data
+
+
+def read_volume_label(path, ops=None):
+    """VolumeLabel of the volume in path (file, '-' or tape device)."""
+    data = read_first_block(path, ops)
+    try:
+        return parse_label_block(data)
+    except BscryptoError as e:
+        raise BscryptoError("%s: %s" % ("stdin" if path == "-" else path, e), e.exit_code)
+
+
+# -- Key Encryption Keys from Bareos configuration files --
+#
+# `Key Encryption Key = "..."` sits in a Director resource: the director's
+# own one (bareos-dir.conf or bareos-dir.d/director/*.conf) and, in the
+# storage daemon, the one describing that director (bareos-sd.conf or
+# bareos-sd.d/director/*.conf).  The scanner follows Bareos's lexer
+# (lib/lex.cc) where it matters for these values:
+#   - `#` starts a comment to the end of the line (outside quotes); there
+#     are no other comment forms;  `;` ends a directive like a newline
+#   - a keyword is a run of letters in which spaces are dropped, matched
+#     without regard to case: "Key Encryption Key" == "KeyEncryptionKey"
+#   - quoted strings: `\` takes the next character literally; a newline
+#     inside quotes is skipped; "a" "b" (same or next line) concatenate
+#   - unquoted values end at whitespace, `=`, `{`, `}`, `;`, `,` or `#`;
+#     one that starts with a letter drops inner spaces while still letters
+#   - `@file` / `@"file"` / `@|command` include other files: not followed
+#     here (never run a command), but reported with file and line
+
+_CONFIG_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_CONFIG_SPACE = frozenset(" \t\r\f\v")
+_CONFIG_WORDS = ("word", "quoted")
+_CONFIG_KEK_FIELDS = "director kek path line"
+
+
+def _config_error(path, line, message):
+    return KeyFileError("%s line %d: %s" % (path, line, message))
+
+
+def _scan_quoted(text, i, line, path, join=True):
+    """A quoted string starting after its opening quote: (value, next index, line)."""
+    n = len(text)
+    start_line = line
+    out = []
+    while True:
+        while True:
+            if i >= n:
+                raise _config_error(path, start_line, "quoted string is never closed")
+            c = text[i]
+            i += 1
+            if c == "\n":
+                line += 1
+            elif c == "\\":
+                if i < n and text[i] != "\n":
+                    out.append(text[i])
+                    i += 1
+            elif c == '"':
+                break
+            else:
+                out.append(c)
+        # Bareos joins "a" "b", also when the next line starts with a quote.
+        if not join:
+            return "".join(out), i, line
+        j = i
+        while j < n and text[j] in " \t":
+            j += 1
+        if j < n and text[j] == '"':
+            i = j + 1
+            continue
+        if j < n and text[j] == "\r":
+            j += 1
+        if j < n and text[j] == "\n":
+            k = j + 1
+            while k < n and text[k] in " \t":
+                k += 1
+            if k < n and text[k] == '"':
+                line += 1
+                i = k + 1
+                continue
+        return "".join(out), i, line
+
+
+def scan_config(text, path="config"):
+    """Bareos configuration text as tokens (kind, value, line).
+
+    kinds: 'word' (keyword or unquoted value), 'quoted', 'include', '{',
+    '}', '=', ',', 'eol' (newline or ';').
+    """
+    tokens = []
+    n = len(text)
+    i = 0
+    line = 1
+    if text.startswith("\ufeff"):
+        i = 1                      # UTF-8 byte order mark, skipped as Bareos does
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            tokens.append(("eol", None, line))
+            line += 1
+            i += 1
+        elif c in _CONFIG_SPACE:
+            i += 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c in "{}=,":
+            tokens.append((c, c, line))
+            i += 1
+        elif c == ";":
+            tokens.append(("eol", None, line))
+            i += 1
+        elif c == '"':
+            value, i, end_line = _scan_quoted(text, i + 1, line, path)
+            tokens.append(("quoted", value, line))
+            line = end_line
+        elif c == "@":
+            i += 1
+            if i < n and text[i] == '"':
+                target, i, end_line = _scan_quoted(text, i + 1, line, path, False)
+            else:
+                j = i
+                while j < n and text[j] not in _CONFIG_SPACE and text[j] not in '\n{};,"#':
+                    j += 1
+                target, i, end_line = text[i:j], j, line
+                if i < n and text[i] == '"':          # @|"command with spaces"
+                    rest, i, end_line = _scan_quoted(text, i + 1, line, path, False)
+                    target += rest
+            tokens.append(("include", target, line))
+            line = end_line
+        else:
+            # Letters: an identifier whose spaces are dropped, until a
+            # non-letter turns it into an unquoted string ending at space.
+            out = []
+            letters = c in _CONFIG_LETTERS
+            while i < n:
+                c = text[i]
+                if c in '\n={};,#' or (c == '"' and letters):
+                    break
+                if c in _CONFIG_SPACE:
+                    if not letters:
+                        break
+                elif letters and c not in _CONFIG_LETTERS:
+                    letters = False
+                    out.append(c)
+                else:
+                    out.append(c)
+                i += 1
+            tokens.append(("word", "".join(out), line))
+    return tokens
+
+
+def _config_statement(tokens):
+    """(keyword in lower case, value token) of `keyword = value`, else None."""
+    if (len(tokens) >= 3 and tokens[0][0] == "word" and tokens[1][0] == "="
+            and tokens[2][0] in _CONFIG_WORDS):
+        return tokens[0][1].lower(), tokens[2]
+    return None
+
+
+def parse_config_keks(text, path="config"):
+    """Director resources with a Key Encryption Key in one configuration
+    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
+    of each @include])."""
+    ConfigKek = _record_type("ConfigKek", _CONFIG_KEK_FIELDS)
+    keks = []
+    includes = []
+    depth = 0
+    resource = None
+    resource_type = ""
+    opened = 0
+    fields = {}
+    statement = []
+
+    def finish_statement():
+        if depth == 1 and resource == "director":
+            found = _config_statement(statement)
+            if found and found[0] == "name":
+                fields["name"] = found[1][1]
+            elif found and found[0] == "keyencryptionkey":
+                fields["kek"] = found[1]
+        del statement[:]
+
+    for kind, value, line in scan_config(text, path):
+        if kind == "include":
+            includes.append((path, line, value))
+        elif kind == "{":
+            if depth == 0:
+                resource, resource_type = resource_type, ""
+                opened = line
+                fields = {}
+            del statement[:]
+            depth += 1
+        elif kind == "}":
+            finish_statement()
+            if depth == 0:
+                raise _config_error(path, line, "'}' without a matching '{'")
+            depth -= 1
+            if depth == 0 and resource == "director" and "kek" in fields:
+                name = fields.get("name")
+                if name is None:
+                    raise _config_error(path, opened, "Director resource with a Key Encryption "
+                                        "Key but no Name")
+                kek_token = fields["kek"]
+                keks.append(ConfigKek(name, kek_token[1].encode("latin-1"), path, kek_token[2]))
+        elif kind == "eol":
+            finish_statement()
+        elif depth == 0:
+            # A resource type may stand on its own line before its '{'.
+            resource_type = value.lower() if kind == "word" else ""
+        else:
+            statement.append((kind, value, line))
+    if depth:
+        raise _config_error(path, opened, "resource opened here is never closed (missing '}')")
+    return keks, includes
+
+
+def config_files(path):
+    """The files Bareos would read for a config path: the file itself; in a
+    config root (/etc/bareos) bareos-sd.conf and bareos-dir.conf, or, where
+    one is absent, its bareos-*.d/*/*.conf tree; in a *.d directory or one
+    of its resource directories, the *.conf files below it."""
+    import glob
+    if not os.path.isdir(path):
+        return [path]
+    files = []
+    roots = (("bareos-sd.conf", "bareos-sd.d"), ("bareos-dir.conf", "bareos-dir.d"))
+    if any(os.path.exists(os.path.join(path, f)) or os.path.isdir(os.path.join(path, d))
+           for f, d in roots):
+        for conf, tree in roots:
+            if os.path.exists(os.path.join(path, conf)):
+                files.append(os.path.join(path, conf))
+            else:
+                files.extend(sorted(glob.glob(os.path.join(path, tree, "*", "*.conf"))))
+    else:
+        files = (sorted(glob.glob(os.path.join(path, "*", "*.conf")))
+                 + sorted(glob.glob(os.path.join(path, "*.conf"))))
+    if not files:
+        raise KeyFileError("no Bareos configuration files (*.conf) in %s" % path)
+    return files
+
+
+def read_config_keks(path):
+    """parse_config_keks over every file config_files(path) names."""
+    keks = []
+    includes = []
+    for name in config_files(path):
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
+        # latin-1 maps every byte to one character, so the KEK's bytes survive.
+        found, inc = parse_config_keks(data.decode("latin-1"), name)
+        keks.extend(found)
+        includes.extend(inc)
+    return keks, includes
+
+
+def _warn(message):
+    sys.stderr.write("bscrypto: warning: %s\n" % message)
+
+
+def find_config_kek(path, director=None, warn=_warn):
+    """The ConfigKek to use from a Bareos config file or directory.
+
+    Several directors with different KEKs and no director given is an
+    error listing them; so is one director with different KEKs in
+    different files.  @include lines are not followed: a warning names
+    them, or, when no KEK is found, the error does.
+    """
+    keks, includes = read_config_keks(path)
+    unfollowed = "; ".join("%s line %d: @%s" % inc for inc in includes)
+    if director is not None:
+        matches = [k for k in keks if k.director == director]
+        matches = matches or [k for k in keks if k.director.lower() == director.lower()]
+    else:
+        matches = keks
+    if not matches:
+        if director is not None and keks:
+            message = ("no Director %r with a Key Encryption Key in %s (directors with one: %s)"
+                       % (director, path, ", ".join(sorted({k.director for k in keks}))))
+        else:
+            message = "no Key Encryption Key in %s%s" % (
+                path, "" if director is None else " for Director %r" % director)
+        if includes:
+            message += ("; these includes were not followed, give the included file instead: "
+                        + unfollowed)
+        raise KeyFileError(message)
+    distinct = {}
+    for k in matches:
+        distinct.setdefault(k.kek, k)
+    if len(distinct) > 1:
+        names = sorted({k.director for k in matches})
+        if len(names) > 1:
+            raise UsageError("several directors have a Key Encryption Key: %s; choose one with "
+                             "--director" % ", ".join(names))
+        raise KeyFileError("Director %r has different Key Encryption Keys in %s; fix the "
+                           "configuration or give one file" % (names[0], ", ".join(
+                               "%s line %d" % (k.path, k.line) for k in distinct.values())))
+    chosen = matches[0]
+    if not chosen.kek:
+        raise KeyFileError("the Key Encryption Key of Director %r is empty (%s line %d)"
+                           % (chosen.director, chosen.path, chosen.line))
+    if includes and warn:
+        warn("using the Key Encryption Key of Director %r from %s line %d; not followed: %s"
+             % (chosen.director, chosen.path, chosen.line, unfollowed))
+    debug(1, "Key Encryption Key of Director %r from %s line %d"
+          % (chosen.director, chosen.path, chosen.line))
+    return chosen
+
+
+def kek_from_config(path, director=None):
+    """The KEK text (bytes) of a director in a Bareos config file or
+    directory; kek_from_text() turns it into the AES key."""
+    return find_config_kek(path, director).kek
+
+
+def add_kek_from_arguments(parser):
+    """--kek-from and --director, for every command that needs a KEK."""
+    parser.add_argument("--kek-from", metavar="CONFIG",
+                        help="read the Key Encryption Key from a Bareos config file or "
+                             "directory (bareos-sd.conf, bareos-dir.d, /etc/bareos, ...)")
+    parser.add_argument("--director", metavar="NAME",
+                        help="with --kek-from: the Director resource to use when several "
+                             "have a Key Encryption Key")
+
+
+def kek_from_arguments(ns, kek_option="kek"):
+    """KEK text from --kek FILE (if the command has it) or --kek-from, else None."""
+    kek_file = getattr(ns, kek_option, None) if kek_option else None
+    if kek_file and ns.kek_from:
+        raise UsageError("give the KEK either as a file (--%s) or with --kek-from, not both"
+                         % kek_option.replace("_", "-"))
+    if ns.director and not ns.kek_from:
+        raise UsageError("--director only applies with --kek-from")
+    if kek_file:
+        return read_key_file(kek_file, "KEK file")
+    if ns.kek_from:
+        return kek_from_config(ns.kek_from, ns.director)
+    return None
+
+
+# -- catalog exports --
+#
+# What an admin can get out of the catalog on a rescue host (Bareos's
+# Media table: VolumeName, EncryptionKey; the key is base64 of the
+# passphrase, or of the passphrase wrapped with the KEK):
+#   psql -A -t -F '|'     VolumeName|EncryptionKey, no header or footer
+#   psql (aligned)        ` volumename | encryptionkey `, `---+---`, `(N rows)`
+#   \copy ... CSV HEADER  CSV with a header row, columns in any order
+#   mysql -B -N           tab-separated
+# The separator is told from the first line (volume names and base64 keys
+# never contain `|`, TAB or `,`).  A header row (VolumeName and
+# EncryptionKey, any case and order, extra columns ignored) maps columns;
+# without one the first two columns are VolumeName, EncryptionKey.
+
+CATALOG_EXPORT_SQL = ("SELECT VolumeName, EncryptionKey FROM Media "
+                      "WHERE EncryptionKey IS NOT NULL AND EncryptionKey <> ''")
+_CATALOG_EXPORT_FIELDS = "entries read skipped bad format"
+# How exports spell "no key": empty (psql, CSV), NULL (mysql -B), \N (COPY text).
+_CATALOG_NULLS = ("", "NULL", "\\N")
+
+
+def _catalog_rows(text, delimiter):
+    """(line number, [cells]) of each non-blank line."""
+    if delimiter == ",":
+        import csv
+        import io
+        reader = csv.reader(io.StringIO(text, newline=""))
+        start = 1
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+        return
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line.split(delimiter)
+
+
+def _catalog_key_problem(key):
+    try:
+        size = len(b64decode(key))
+    except ValueError as e:
+        return "EncryptionKey is %s" % e
+    if size not in (PASSPHRASE_LENGTH, WRAPPED_LENGTH):
+        return ("EncryptionKey decodes to %d bytes; a Bareos key is %d (plain) or %d (wrapped)"
+                % (size, PASSPHRASE_LENGTH, WRAPPED_LENGTH))
+    return None
+
+
+def parse_catalog_export(text, source="catalog export"):
+    """CatalogExport(entries [(volume, key)], read, skipped, bad [(line, why)],
+    format) from export text; see the comment above for the formats."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    first = next((line for line in text.split("\n") if line.strip()), None)
+    if first is None:
+        raise KeyFileError("%s is empty" % source)
+    delimiter = next((d for d in "|\t," if d in first), None)
+    if delimiter is None:
+        raise KeyFileError("%s: cannot tell the columns of its first line; expected "
+                           "VolumeName|EncryptionKey (psql -A), tab-separated or CSV" % source)
+    volume_col, key_col, width = 0, 1, 2
+    entries = []
+    seen = {}
+    read = skipped = 0
+    bad = []
+    header_done = False
+    for number, cells in _catalog_rows(text, delimiter):
+        cells = [c.strip() for c in cells]
+        if not any(cells):
+            continue
+        names = [c.lower() for c in cells]
+        if not header_done:
+            header_done = True
+            if "volumename" in names or "encryptionkey" in names:
+                if "volumename" not in names or "encryptionkey" not in names:
+                    raise KeyFileError("%s line %d: the header must name both VolumeName and "
+                                       "EncryptionKey" % (source, number))
+                volume_col, key_col = names.index("volumename"), names.index("encryptionkey")
+                width = None
+                continue
+        if delimiter == "|" and (set("".join(cells)) <= set("-+") or (
+                len(cells) == 1 and cells[0].startswith("(") and cells[0].endswith(")"))):
+            continue               # psql's aligned-output rule line and "(N rows)" footer
+        read += 1
+        if width is not None and len(cells) != width:
+            bad.append((number, "expected 2 fields (VolumeName, EncryptionKey), found %d"
+                        % len(cells)))
+            continue
+        if len(cells) <= max(volume_col, key_col):
+            bad.append((number, "expected at least %d fields, found %d"
+                        % (max(volume_col, key_col) + 1, len(cells))))
+            continue
+        volume, key = cells[volume_col], cells[key_col]
+        if not volume:
+            bad.append((number, "empty VolumeName"))
+            continue
+        if key in _CATALOG_NULLS:
+            skipped += 1
+            continue
+        problem = _catalog_key_problem(key)
+        if problem:
+            bad.append((number, "volume %s: %s" % (volume, problem)))
+            continue
+        if volume in seen:
+            if seen[volume][1] != key:
+                bad.append((number, "volume %s is also on line %d, with a different key"
+                            % (volume, seen[volume][0])))
+            continue
+        seen[volume] = (number, key)
+        entries.append((volume, key))
+    fmt = {"|": "psql", "\t": "tab-separated", ",": "csv"}[delimiter]
+    return _record_type("CatalogExport", _CATALOG_EXPORT_FIELDS)(entries, read, skipped, bad, fmt)
+
+
+def read_catalog_export(path):
+    """parse_catalog_export of a file ('-' for stdin)."""
+    if path == "-":
+        data = getattr(sys.stdin, "buffer", sys.stdin).read()
+        source = "stdin"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise KeyFileError("cannot read catalog export %s: %s" % (path, e.strerror or e))
+        source = path
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise KeyFileError("%s is not UTF-8 text (byte %d); export it again with psql or "
+                               "\\copy" % (source, e.start))
+    return parse_catalog_export(data, source)
+
+
+def sql_quote(value):
+    """A standard SQL string literal ('' doubles a quote).  NUL cannot be
+    stored, and a backslash means different things to PostgreSQL (with
+    standard_conforming_strings off) and MySQL, so both are refused;
+    volume names and base64 keys never contain them."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if "\0" in value or "\\" in value:
+        raise ValueError("refusing to quote a string holding %s for SQL"
+                         % ("a NUL" if "\0" in value else "a backslash"))
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_update_key(volume, key):
+    """The catalog statement that stores a (re-wrapped) key for a volume."""
+    return ("UPDATE Media SET EncryptionKey = %s WHERE VolumeName = %s;"
+            % (sql_quote(key), sql_quote(volume)))
 
 
 # ---------------------------------------------------------------------------
@@ -676,6 +1685,42 @@ def op_selftest(out=None):
 
 
 # -- recovery operations --
+
+
+def op_label(source, as_json=False, name_only=False, ops=None, out=None):
+    """label: print the Bareos volume label of a tape device or volume file."""
+    label = read_volume_label(source, ops)
+    out = out or sys.stdout
+    if name_only:
+        out.write(label.VolumeName + "\n")
+    elif as_json:
+        import json
+        out.write(json.dumps(volume_label_dict(label), indent=2, sort_keys=True) + "\n")
+    else:
+        out.write(format_volume_label(label, "stdin" if source == "-" else source))
+    out.flush()
+    return EXIT_OK
+
+
+def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None):
+    """kek-from-config: copy a director's KEK out of a Bareos config into a
+    0600 key file usable with -w/--kek; printed only when asked to."""
+    found = find_config_kek(path, director)
+    where = "Director %r (%s line %d)" % (found.director, found.path, found.line)
+    if print_kek:
+        out = out or _stdout_bytes()
+        out.write(found.kek + b"\n")
+        out.flush()
+        return EXIT_OK
+    # A key file loses trailing spaces and all after 64 bytes (Bareos's
+    # rule); refuse if that would change the AES key Bareos derives.
+    if kek_from_text(strip_key_text(found.kek)) != kek_from_text(found.kek):
+        raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
+                           "bytes, which a key file cannot keep; use --kek-from %s instead of "
+                           "a file" % (where, KEK_LENGTH, path))
+    write_private_file(dest, found.kek, force=force)
+    sys.stdout.write("wrote the Key Encryption Key of %s to %s (mode 0600)\n" % (where, dest))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -835,6 +1880,38 @@ def _legacy_drive_ops(ns):
 
 def _add_recovery_commands(sub, common):
     """Disaster-recovery subcommands."""
+    p = sub.add_parser(
+        "label", parents=[common], help="show the Bareos volume label of a tape or volume file",
+        description="Read the first block of a Bareos volume and print its label (volume "
+                    "name, pool, media type, label times). A tape device is rewound, one "
+                    "block is read and it is rewound again; nothing is written and the "
+                    "drive's block mode is not changed. The label is never encrypted: if the "
+                    "read fails with an I/O error while a key is loaded, clear it first. A "
+                    "file is read as a Bareos File volume; '-' reads a block from stdin.")
+    p.add_argument("source", metavar="DEVICE|FILE", help="tape device (/dev/nst0) or volume file")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the label as JSON")
+    fmt.add_argument("--name", action="store_true", help="print only the volume name")
+    p.set_defaults(run=lambda ns: op_label(ns.source, ns.json, ns.name))
+
+    p = sub.add_parser(
+        "kek-from-config", parents=[common],
+        help="copy the Key Encryption Key from a Bareos config into a key file",
+        description="Find 'Key Encryption Key' in the Director resources of a Bareos "
+                    "configuration (bareos-sd.conf, bareos-dir.conf, a bareos-sd.d or "
+                    "bareos-dir.d directory, or /etc/bareos) and write it to a new key file, "
+                    "mode 0600, for use with -w/--kek. The key is printed only with --print. "
+                    "@include lines are not followed; they are reported.")
+    p.add_argument("config", metavar="CONFIG", help="configuration file or directory")
+    p.add_argument("--director", metavar="NAME",
+                   help="the Director resource to use when several have a Key Encryption Key")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", metavar="FILE", help="key file to create (mode 0600)")
+    dest.add_argument("--print", action="store_true", dest="print_kek",
+                      help="print the key on stdout instead")
+    p.add_argument("--force", action="store_true", help="replace a non-empty existing --out file")
+    p.set_defaults(run=lambda ns: op_kek_from_config(ns.config, ns.director, ns.out,
+                                                     ns.print_kek, ns.force))
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
