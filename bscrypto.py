@@ -735,11 +735,8 @@ def _device_error(device, e, during="open"):
                                  % device, EXIT_NOT_READY)
         return BscryptoError("cannot open %s: %s" % (device, why), EXIT_DEVICE)
     if code in (errno.EPERM, errno.EACCES):
-        return BscryptoError(
-            "%s: SCSI pass-through refused (%s): run as root, or grant CAP_SYS_RAWIO: "
-            "`setcap cap_sys_rawio=ep` on the Python binary, or in a systemd unit "
-            "`CapabilityBoundingSet=CAP_SYS_RAWIO` with `AmbientCapabilities=CAP_SYS_RAWIO`"
-            % (device, errno.errorcode.get(code, code)), EXIT_PERMISSION)
+        return BscryptoError("%s: SCSI pass-through refused (%s): %s" % (
+            device, errno.errorcode.get(code, code), _permission_hint()), EXIT_PERMISSION)
     if code in (errno.ENOTTY, errno.EINVAL, errno.ENOSYS,
                 getattr(errno, "EOPNOTSUPP", -1)):
         return BscryptoError(
@@ -757,6 +754,21 @@ def _device_error(device, e, during="open"):
         return BscryptoError("%s: no tape loaded: load a tape and retry" % device,
                              EXIT_NOT_READY)
     return BscryptoError("%s: SCSI pass-through failed: %s" % (device, why), EXIT_SCSI)
+
+
+def _permission_hint():
+    """What grants SCSI pass-through on this system."""
+    if sys.platform.startswith("sunos"):
+        return ("run as root, or give the user the sys_devices privilege "
+                "(`usermod -K defaultpriv=basic,sys_devices USER`)")
+    if sys.platform.startswith("openbsd"):
+        return ("run as root; OpenBSD allows SECURITY PROTOCOL IN/OUT only on a node "
+                "opened read-write, so a write-protected tape must be made writable")
+    if not sys.platform.startswith("linux"):
+        return "run as root"
+    return ("run as root, or grant CAP_SYS_RAWIO: `setcap cap_sys_rawio=ep` on the Python "
+            "binary, or in a systemd unit `CapabilityBoundingSet=CAP_SYS_RAWIO` with "
+            "`AmbientCapabilities=CAP_SYS_RAWIO`")
 
 
 def _open_device(device):
@@ -2181,12 +2193,13 @@ def _scsi_failure(device, what, result, context=""):
                          EXIT_NO_ENCRYPTION, sense, status)
     if context == "spout" and ((key == SENSE_ILLEGAL_REQUEST and asc == 0x26)
                                or (key == SENSE_DATA_PROTECT and asc == 0x74)):
-        return ScsiError("%s: the drive refused the key page (%s): either the algorithm "
-                         "index is wrong for this drive (`bscrypto drive-status --detail %s` "
-                         "lists its algorithms; choose one with --algorithm-index) or the "
-                         "drive or its library is not set to Application Managed Encryption "
-                         "(set the drive's encryption method to Application Managed in the "
-                         "library)" % (where, text, device), EXIT_KEY_REFUSED, sense, status)
+        return ScsiError("%s: the drive refused the Set Data Encryption page (%s): either "
+                         "the algorithm index is wrong for this drive (`bscrypto drive-status "
+                         "--detail %s` lists its algorithms; choose one with --algorithm-index) "
+                         "or the drive or its library is not set to Application Managed "
+                         "Encryption (set the drive's encryption method to Application Managed "
+                         "in the library)" % (where, text, device), EXIT_KEY_REFUSED, sense,
+                         status)
     if context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24:
         return ScsiError("%s: the drive does not offer tape data encryption (%s): encryption "
                          "may be disabled or unlicensed on this drive" % (where, text),
@@ -2348,13 +2361,13 @@ def _key_descriptor(text, algorithm, device):
     """The U-KAD (type, bytes) for --key-desc within the drive's limits, and its KAD format."""
     data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
     if not data or any(b < 32 or b > 126 for b in bytearray(data)):
-        raise UsageError("--key-desc must be printable ASCII text")
+        raise UsageError("the key descriptor must be printable ASCII text")
     limit = algorithm.maximum_ukad_length if algorithm is not None else DEFAULT_UKAD_LIMIT
     if algorithm is not None and not limit:
         raise UsageError("%s: algorithm index %d takes no key descriptor (U-KAD)"
                          % (device, algorithm.algorithm_index))
     if len(data) > limit:
-        raise UsageError("--key-desc is %d bytes; the drive takes at most %d"
+        raise UsageError("the key descriptor is %d bytes; the drive takes at most %d"
                          % (len(data), limit))
     if algorithm is not None and algorithm.ukadf:
         data = data.ljust(limit)        # the drive wants exactly its maximum length
@@ -2428,10 +2441,21 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
             kads=kads)
     debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
         device, "clear" if clear else "load key", index, len(page)))
-    scsi_command(transport, "SECURITY PROTOCOL OUT (set data encryption)",
-                 cdb_security_protocol_out(SECURITY_PROTOCOL_TAPE, SET_DATA_ENCRYPTION_PAGE,
-                                           len(page)),
-                 data_out=page, context="spout")
+    what = "SECURITY PROTOCOL OUT (set data encryption)"
+    try:
+        scsi_command(transport, what, cdb_security_protocol_out(
+            SECURITY_PROTOCOL_TAPE, SET_DATA_ENCRYPTION_PAGE, len(page)),
+            data_out=page, context="spout")
+    except ScsiError as e:
+        if (e.exit_code == EXIT_KEY_REFUSED and status.parameters_control
+                in (PARAMETERS_CONTROL_DRIVE, PARAMETERS_CONTROL_LIBRARY)):
+            raise ScsiError("%s: %s: the drive refused the page (%s) because its encryption "
+                            "is %s: set the drive's encryption method to Application Managed "
+                            "(AME) in the library and retry" % (
+                                device, what, sense_text(e.sense),
+                                _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
+                            EXIT_KEY_REFUSED, e.sense, e.status)
+        raise
     return read_drive_status(transport), algorithm
 
 

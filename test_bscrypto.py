@@ -2401,11 +2401,26 @@ class TestDriveCommandsLibrary(DriveTestCase):
         self.assertIn("warning", warning)
         self.assertIn("parameters control 3", warning)
         self.assertIn("Application Managed (AME)", warning)
-        self.assertIn("refused the key page", error)
+        self.assertIn("refused the page (ILLEGAL REQUEST, Invalid field in parameter list "
+                      "(05/26/00)) because its encryption is Library/Key Management Appliance "
+                      "Managed", error)
         self.assertIsNone(self.drive.key)
         self.run_fail(bscrypto.EXIT_KEY_REFUSED, "-c", self.dev)
         self.assertEqual(json.loads(self.run_ok("drive-status", "--json", self.dev)[0])
                          ["drive_status"]["parameters_control"], "library or key manager")
+        self.assertIn("   Parameters control: library or key manager\n",
+                      self.run_ok("drive-status", "--detail", self.dev)[0])
+        self.assertIn("Encryption Status: Unavailable", self.run_ok("-v", self.dev)[0])
+        rc, _, err = cli("set-key", self.dev, "--hex-key", self.write("hex", b"ab" * 32))
+        self.assertEqual((rc, err.count("\n")), (bscrypto.EXIT_KEY_REFUSED, 2))
+
+    def test_permission_hints_per_system(self):
+        for platform, words in (("sunos5", "sys_devices"), ("openbsd7", "read-write"),
+                                ("netbsd10", "root"), ("linux", "CAP_SYS_RAWIO")):
+            with mock.patch.object(sys, "platform", platform):
+                e = bscrypto._device_error("/dev/x", OSError(errno.EPERM, "denied"), "ioctl")
+            self.assertEqual(e.exit_code, bscrypto.EXIT_PERMISSION)
+            self.assertIn(words, str(e))
 
 
 class TestDriveCommandsNoEncryption(DriveTestCase):
