@@ -516,15 +516,1479 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 # ---------------------------------------------------------------------------
 # SCSI transport
 # ---------------------------------------------------------------------------
+#
+# One interface: ScsiTransport.execute(cdb, data_out, data_in_len, timeout)
+# returns a ScsiResult; one implementation per OS.  Device nodes are never
+# judged by name or major number (drives come through st, sg, lin_tape,
+# IBMtape, sa, pass ...): the command is sent and the errno or the SCSI status
+# is explained.  The request structures are laid out from their C field lists
+# for a given pointer size, so a test can check the 32-bit layout on a 64-bit
+# host and compare the native one with the C compiler.
 
-# (transport: Linux SG_IO, Solaris USCSI, NetBSD/OpenBSD SCIOCCOMMAND, FreeBSD camcontrol)
+DEFAULT_SCSI_TIMEOUT = 60      # seconds: loading and threading a tape takes tens of seconds
+SENSE_BUFFER_LENGTH = 96       # as much as Linux and TCMU carry; fixed format needs 18+
+UNIT_ATTENTION_RETRIES = 3     # a load or reset is reported once per initiator, then clears
+
+SCSI_STATUS_GOOD = 0x00
+SCSI_STATUS_CHECK_CONDITION = 0x02
+SCSI_STATUS_CONDITION_MET = 0x04
+SCSI_STATUS_BUSY = 0x08
+SCSI_STATUS_RESERVATION_CONFLICT = 0x18
+SCSI_STATUS_NAMES = {0x00: "GOOD", 0x02: "CHECK CONDITION", 0x04: "CONDITION MET",
+                     0x08: "BUSY", 0x18: "RESERVATION CONFLICT", 0x28: "TASK SET FULL",
+                     0x30: "ACA ACTIVE", 0x40: "TASK ABORTED"}
+
+# Records: namedtuple classes made on first use (each costs ~0.1 ms to build,
+# and `bscrypto.py -k` never needs them).  Field names follow SPC-4/SSC-4.
+_RECORD_FIELDS = {
+    "ScsiResult": "status data_in sense resid host_status driver_status info duration",
+    "CStructLayout": "name pointer_size struct fields offsets size arrays",
+    "SupportedSecurityProtocols": "protocols",
+    "SecurityProtocolPages": "page_code page_codes",
+    "AlgorithmDescriptor": (
+        "algorithm_index avfmv sdk_c mac_c delb_c decrypt_c encrypt_c avfcp nonce_c kadf_c "
+        "vcelb_c ukadf akadf maximum_ukad_length maximum_akad_length key_length dkad_c "
+        "eemc_c rdmc_c earem maximum_eedk_count msdk_count maximum_eedk_size "
+        "security_algorithm_code"),
+    "DataEncryptionCapabilities": "extdecc cfg_p algorithms",
+    "KeyAssociatedData": "descriptor_type authenticated descriptor",
+    "DataEncryptionStatus": (
+        "i_t_nexus_scope key_scope encryption_mode decryption_mode algorithm_index "
+        "key_instance_counter parameters_control vcelb ceems rdmd kad_format asdk_count kads"),
+    "NextBlockEncryptionStatus": (
+        "logical_object_number compression_status encryption_status algorithm_index "
+        "emes rdmds kad_format kads"),
+    "InquiryData": ("peripheral_qualifier peripheral_device_type rmb version "
+                    "response_data_format vendor product revision"),
+    "SenseData": ("response_code current valid sense_key asc ascq information "
+                  "command_specific filemark eom ili field_pointer fru raw"),
+    "FieldPointer": "command_data bit_pointer_valid bit_pointer field",
+}
+_RECORDS = {}
+
+
+def _record(name):
+    """The namedtuple class `name` (see _RECORD_FIELDS), built once on first use."""
+    cls = _RECORDS.get(name)
+    if cls is None:
+        from collections import namedtuple
+        cls = _RECORDS[name] = namedtuple(name, _RECORD_FIELDS[name])
+    return cls
+
+
+# C request structures as (field, C type).  "ptr", "ulong" and "size_t" take
+# the pointer size; everything is naturally aligned, as the C compilers of
+# these systems lay these structs out.
+
+# Linux <scsi/sg.h> struct sg_io_hdr.
+SG_IO_HDR_FIELDS = (
+    ("interface_id", "int"), ("dxfer_direction", "int"), ("cmd_len", "uchar"),
+    ("mx_sb_len", "uchar"), ("iovec_count", "ushort"), ("dxfer_len", "uint"),
+    ("dxferp", "ptr"), ("cmdp", "ptr"), ("sbp", "ptr"), ("timeout", "uint"),
+    ("flags", "uint"), ("pack_id", "int"), ("usr_ptr", "ptr"), ("status", "uchar"),
+    ("masked_status", "uchar"), ("msg_status", "uchar"), ("sb_len_wr", "uchar"),
+    ("host_status", "ushort"), ("driver_status", "ushort"), ("resid", "int"),
+    ("duration", "uint"), ("info", "uint"),
+)
+SG_IO = 0x2285                  # a legacy request number: no size encoded, same everywhere
+SG_DXFER_NONE = -1
+SG_DXFER_TO_DEV = -2
+SG_DXFER_FROM_DEV = -3
+SG_INFO_OK_MASK = 0x1
+# driver_status: DRIVER_SENSE (0x08) only says sense data is there.
+SG_DRIVER_STATUS_NAMES = {1: "DRIVER_BUSY", 2: "DRIVER_SOFT", 3: "DRIVER_MEDIA",
+                          4: "DRIVER_ERROR", 5: "DRIVER_INVALID", 6: "DRIVER_TIMEOUT",
+                          7: "DRIVER_HARD"}
+SG_HOST_STATUS_NAMES = {1: "DID_NO_CONNECT", 2: "DID_BUS_BUSY", 3: "DID_TIME_OUT",
+                        4: "DID_BAD_TARGET", 5: "DID_ABORT", 6: "DID_PARITY",
+                        7: "DID_ERROR", 8: "DID_RESET", 9: "DID_BAD_INTR",
+                        10: "DID_PASSTHROUGH", 11: "DID_SOFT_ERROR", 12: "DID_IMM_RETRY",
+                        13: "DID_REQUEUE", 14: "DID_TRANSPORT_DISRUPTED",
+                        15: "DID_TRANSPORT_FAILFAST"}
+
+# Solaris/illumos <sys/scsi/impl/uscsi.h> struct uscsi_cmd.
+USCSI_CMD_FIELDS = (
+    ("uscsi_flags", "int"), ("uscsi_status", "short"), ("uscsi_timeout", "short"),
+    ("uscsi_cdb", "ptr"), ("uscsi_bufaddr", "ptr"), ("uscsi_buflen", "size_t"),
+    ("uscsi_resid", "size_t"), ("uscsi_cdblen", "uchar"), ("uscsi_rqlen", "uchar"),
+    ("uscsi_rqstatus", "uchar"), ("uscsi_rqresid", "uchar"), ("uscsi_rqbuf", "ptr"),
+    ("uscsi_path_instance", "ulong"),
+)
+USCSICMD = 0x4C9                # ('L' << 8) | 201; the kernel picks the layout by data model
+USCSI_WRITE = 0x0
+USCSI_SILENT = 0x1
+USCSI_READ = 0x8
+USCSI_RQENABLE = 0x10000
+
+# NetBSD/OpenBSD <sys/scsiio.h> scsireq_t.
+SCSIREQ_FIELDS = (
+    ("flags", "ulong"), ("timeout", "ulong"), ("cmd", "uchar[16]"), ("cmdlen", "uchar"),
+    ("databuf", "ptr"), ("datalen", "ulong"), ("datalen_used", "ulong"),
+    ("sense", "uchar[48]"), ("senselen", "uchar"), ("senselen_used", "uchar"),
+    ("status", "uchar"), ("retsts", "uchar"), ("error", "int"),
+)
+SCCMD_READ = 0x1
+SCCMD_WRITE = 0x2
+SCCMD_RETSTS_NAMES = {0: "OK", 1: "timeout", 2: "busy", 3: "sense", 4: "unknown error"}
+
+_C_SCALARS = {"int": ("i", 4), "uint": ("I", 4), "short": ("h", 2), "ushort": ("H", 2),
+              "uchar": ("B", 1)}
+
+
+def c_struct_layout(name, fields, pointer_size=None):
+    """Lay a C struct out for a pointer size (default: this interpreter's).
+
+    Returns a CStructLayout whose `struct` uses native byte order with every
+    padding byte explicit, including the trailing padding the kernel copies
+    (without it sg_io_hdr packs to 84 bytes instead of 88).
+    """
+    import struct
+    psize = pointer_size or struct.calcsize("P")
+    fmt, offsets, offset, max_align, arrays = ["="], {}, 0, 1, []
+    for field, ctype in fields:
+        if ctype.startswith("uchar["):
+            size = int(ctype[6:-1])
+            code, align = "%ds" % size, 1
+            arrays.append(field)
+        elif ctype in ("ptr", "ulong", "size_t"):
+            code, size = ("Q" if psize == 8 else "I"), psize
+            align = size
+        else:
+            code, size = _C_SCALARS[ctype]
+            align = size
+        pad = -offset % align
+        if pad:
+            fmt.append("%dx" % pad)
+            offset += pad
+        offsets[field] = offset
+        fmt.append(code)
+        offset += size
+        max_align = max(max_align, align)
+    pad = -offset % max_align
+    if pad:
+        fmt.append("%dx" % pad)
+        offset += pad
+    return _record("CStructLayout")(name, psize, struct.Struct("".join(fmt)),
+                                    tuple(f for f, _ in fields), offsets, offset,
+                                    tuple(arrays))
+
+
+def pack_c_struct(layout, values):
+    """Bytes of a struct from a {field: value} dict; missing fields are zero."""
+    return layout.struct.pack(*[values.get(f, b"" if f in layout.arrays else 0)
+                                for f in layout.fields])
+
+
+def unpack_c_struct(layout, data):
+    return dict(zip(layout.fields, layout.struct.unpack(bytes(data[:layout.size]))))
+
+
+def bsd_iowr(group, number, size):
+    """BSD _IOWR(g, n, t): in/out direction bits, parameter size, group, number."""
+    return 0xC0000000 | (size & 0x1FFF) << 16 | ord(group) << 8 | number
+
+
+class ScsiTransport(object):
+    """An open SCSI device.  execute() sends one CDB and returns a ScsiResult.
+
+    A result with status CHECK CONDITION is a normal return (the sense is in
+    it); errors of the operating system or the transport raise BscryptoError.
+    """
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT):
+        self.device = device
+        self.timeout = timeout
+
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _device_error(device, e, during="open"):
+    """One-line BscryptoError for an OSError from open() or the pass-through ioctl."""
+    import errno
+    code = e.errno
+    why = os.strerror(code) if code else str(e)
+    if during == "open":
+        if code in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return BscryptoError("cannot open %s: %s (list the tape drives and their "
+                                 "SCSI generic nodes with `lsscsi -g`)" % (device, why),
+                                 EXIT_DEVICE)
+        if code == errno.EBUSY:
+            return BscryptoError("cannot open %s: device busy: another program has it open "
+                                 "(bareos-sd? stop it or release the drive first)" % device,
+                                 EXIT_DEVICE)
+        if code in (errno.EACCES, errno.EPERM):
+            return BscryptoError("cannot open %s: %s: run as root or as a user that may "
+                                 "read and write the node (often group 'tape')"
+                                 % (device, why), EXIT_PERMISSION)
+        if code == getattr(errno, "ENOMEDIUM", -1):
+            return BscryptoError("cannot open %s: no tape loaded: load a tape and retry"
+                                 % device, EXIT_NOT_READY)
+        return BscryptoError("cannot open %s: %s" % (device, why), EXIT_DEVICE)
+    if code in (errno.EPERM, errno.EACCES):
+        return BscryptoError("%s: SCSI pass-through refused (%s): %s" % (
+            device, errno.errorcode.get(code, code), _permission_hint()), EXIT_PERMISSION)
+    if code in (errno.ENOTTY, errno.EINVAL, errno.ENOSYS,
+                getattr(errno, "EOPNOTSUPP", -1)):
+        return BscryptoError(
+            "%s does not take SCSI pass-through (%s): it is not an st/sg node (an IBM "
+            "lin_tape /dev/IBMtape node, for one): use the drive's SCSI generic node "
+            "/dev/sgN (`lsscsi -g` shows it)" % (device, errno.errorcode.get(code, code)),
+            EXIT_NOT_SCSI)
+    if code in (errno.EBUSY, errno.EAGAIN):
+        return BscryptoError("%s: device busy (%s): another program is using the drive; "
+                             "retry when it is idle" % (device, why), EXIT_DEVICE)
+    if code in (errno.ENXIO, errno.ENODEV, errno.ENOENT):
+        return BscryptoError("%s: device gone (%s): check cabling and `lsscsi -g`"
+                             % (device, why), EXIT_DEVICE)
+    if code == getattr(errno, "ENOMEDIUM", -1):
+        return BscryptoError("%s: no tape loaded: load a tape and retry" % device,
+                             EXIT_NOT_READY)
+    return BscryptoError("%s: SCSI pass-through failed: %s" % (device, why), EXIT_SCSI)
+
+
+def _permission_hint():
+    """What grants SCSI pass-through on this system."""
+    if sys.platform.startswith("sunos"):
+        return ("run as root, or give the user the sys_devices privilege "
+                "(`usermod -K defaultpriv=basic,sys_devices USER`)")
+    if sys.platform.startswith("openbsd"):
+        return ("run as root; OpenBSD allows SECURITY PROTOCOL IN/OUT only on a node "
+                "opened read-write, so a write-protected tape must be made writable")
+    if not sys.platform.startswith("linux"):
+        return "run as root"
+    return ("run as root, or grant CAP_SYS_RAWIO: `setcap cap_sys_rawio=ep` on the Python "
+            "binary, or in a systemd unit `CapabilityBoundingSet=CAP_SYS_RAWIO` with "
+            "`AmbientCapabilities=CAP_SYS_RAWIO`")
+
+
+def _open_device(device):
+    """Open read-write and non-blocking, as Bareos does (no wait for a tape)."""
+    import errno
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        return os.open(device, os.O_RDWR | nonblock)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise _device_error(device, e)
+    # st refuses read-write on a write-protected tape; status commands need no write.
+    debug(1, "%s: write-protected, opening read-only" % device)
+    try:
+        return os.open(device, os.O_RDONLY | nonblock)
+    except OSError as e:
+        raise _device_error(device, e)
+
+
+class _IoctlTransport(ScsiTransport):
+    """Common part of the ioctl transports: open, close, the ioctl call."""
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
+        ScsiTransport.__init__(self, device, timeout)
+        self._ioctl = ioctl
+        self.fd = _open_device(device)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _call(self, request, buf):
+        ioctl = self._ioctl
+        if ioctl is None:
+            import fcntl
+            ioctl = fcntl.ioctl
+        return ioctl(self.fd, request, buf, True)
+
+    @staticmethod
+    def _buffers(cdb, data_out, data_in_len):
+        """(CDB, data, sense) buffers whose addresses go into the request.
+
+        array.array rather than ctypes: it is in every Python build, and the
+        arrays stay alive (and unmoved) as long as the caller holds them.
+        """
+        import array
+        cdb_buf = array.array("B", bytes(cdb))
+        if data_out:
+            data_buf = array.array("B", bytes(data_out))
+        elif data_in_len:
+            data_buf = array.array("B", bytes(data_in_len))
+        else:
+            data_buf = None
+        sense_buf = array.array("B", bytes(SENSE_BUFFER_LENGTH))
+        return cdb_buf, data_buf, sense_buf
+
+
+def _address(buf):
+    return buf.buffer_info()[0] if buf is not None else 0
+
+
+class LinuxSgTransport(_IoctlTransport):
+    """Linux SG_IO: works on /dev/sgN and on the st nodes /dev/nstN."""
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
+        _IoctlTransport.__init__(self, device, timeout, ioctl)
+        self.layout = c_struct_layout("sg_io_hdr", SG_IO_HDR_FIELDS)
+
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
+        if data_out:
+            direction, length = SG_DXFER_TO_DEV, len(data_out)
+        elif data_in_len:
+            direction, length = SG_DXFER_FROM_DEV, data_in_len
+        else:
+            direction, length = SG_DXFER_NONE, 0
+        seconds = self.timeout if timeout is None else timeout
+        header = bytearray(pack_c_struct(self.layout, {
+            "interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
+            "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length, "dxferp": _address(data_buf),
+            "cmdp": _address(cdb_buf), "sbp": _address(sense_buf),
+            "timeout": int(seconds * 1000)}))
+        try:
+            self._call(SG_IO, header)
+        except OSError as e:
+            raise _device_error(self.device, e, "ioctl")
+        out = unpack_c_struct(self.layout, header)
+        data_in = b""
+        if direction == SG_DXFER_FROM_DEV:
+            data_in = data_buf.tobytes()[:max(0, length - max(0, out["resid"]))]
+        return _record("ScsiResult")(
+            out["status"], data_in, sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
+            out["host_status"], out["driver_status"], out["info"], out["duration"])
+
+
+class SolarisUscsiTransport(_IoctlTransport):
+    """Solaris/illumos USCSICMD; needs root or PRIV_SYS_DEVICES."""
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
+        _IoctlTransport.__init__(self, device, timeout, ioctl)
+        self.layout = c_struct_layout("uscsi_cmd", USCSI_CMD_FIELDS)
+
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        import errno
+        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
+        flags = USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if data_in_len and not data_out
+                                                 else USCSI_WRITE)
+        length = len(data_out) if data_out else data_in_len
+        seconds = self.timeout if timeout is None else timeout
+        request = bytearray(pack_c_struct(self.layout, {
+            "uscsi_flags": flags, "uscsi_timeout": min(int(seconds + 0.999), 32767),
+            "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
+            "uscsi_buflen": length, "uscsi_cdblen": len(cdb),
+            "uscsi_rqlen": SENSE_BUFFER_LENGTH, "uscsi_rqbuf": _address(sense_buf)}))
+        try:
+            self._call(USCSICMD, request)
+        except OSError as e:
+            out = unpack_c_struct(self.layout, request)
+            # CHECK CONDITION comes back as EIO with the status filled in.
+            if e.errno != errno.EIO or not out["uscsi_status"]:
+                raise _device_error(self.device, e, "ioctl")
+        out = unpack_c_struct(self.layout, request)
+        resid = out["uscsi_resid"]
+        data_in = data_buf.tobytes()[:length - resid] if data_in_len and not data_out else b""
+        sense = b""
+        if out["uscsi_status"] == SCSI_STATUS_CHECK_CONDITION and out["uscsi_rqstatus"] == 0:
+            sense = sense_buf.tobytes()[:SENSE_BUFFER_LENGTH - out["uscsi_rqresid"]]
+        return _record("ScsiResult")(out["uscsi_status"], data_in, sense, resid, 0, 0, 0, 0)
+
+
+class BsdScsireqTransport(_IoctlTransport):
+    """NetBSD and OpenBSD SCIOCCOMMAND (OpenBSD: at most 64 KiB, read-write open)."""
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
+        _IoctlTransport.__init__(self, device, timeout, ioctl)
+        self.layout = c_struct_layout("scsireq", SCSIREQ_FIELDS)
+        self.request = bsd_iowr("Q", 1, self.layout.size)
+
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        _, data_buf, _ = self._buffers(cdb, data_out, data_in_len)
+        length = len(data_out) if data_out else data_in_len
+        flags = SCCMD_WRITE if data_out else (SCCMD_READ if data_in_len else 0)
+        seconds = self.timeout if timeout is None else timeout
+        request = bytearray(pack_c_struct(self.layout, {
+            "flags": flags, "timeout": int(seconds * 1000), "cmd": bytes(cdb),
+            "cmdlen": len(cdb), "databuf": _address(data_buf), "datalen": length,
+            "senselen": 48}))
+        try:
+            self._call(self.request, request)
+        except OSError as e:
+            raise _device_error(self.device, e, "ioctl")
+        out = unpack_c_struct(self.layout, request)
+        retsts = out["retsts"]
+        if retsts in (1, 2, 4):
+            import errno
+            raise _device_error(self.device, OSError(
+                {1: errno.ETIMEDOUT, 2: errno.EBUSY}.get(retsts, errno.EIO),
+                "SCIOCCOMMAND: %s" % SCCMD_RETSTS_NAMES[retsts]), "ioctl")
+        used = out["datalen_used"]
+        data_in = data_buf.tobytes()[:used] if flags == SCCMD_READ else b""
+        sense = out["sense"][:out["senselen_used"]] if retsts == 3 else b""
+        status = out["status"] or (SCSI_STATUS_CHECK_CONDITION if retsts == 3 else 0)
+        return _record("ScsiResult")(status, data_in, sense, length - used, 0, 0, 0, 0)
+
+
+# FreeBSD's CAMIOCOMMAND number embeds sizeof(union ccb), which changes between
+# releases and architectures: the base system's camcontrol(8) sends the CDB.
+_CAM_SENSE_KEYS = {"NO SENSE": 0, "RECOVERED ERROR": 1, "NOT READY": 2, "MEDIUM ERROR": 3,
+                   "HARDWARE FAILURE": 4, "ILLEGAL REQUEST": 5, "UNIT ATTENTION": 6,
+                   "DATA PROTECT": 7, "BLANK CHECK": 8, "Vendor Specific": 9,
+                   "COPY ABORTED": 10, "ABORTED COMMAND": 11, "EQUAL": 12,
+                   "VOLUME OVERFLOW": 13, "MISCOMPARE": 14}
+
+
+def _run_process(argv, stdin_data):
+    import subprocess
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out, err = proc.communicate(stdin_data)
+    return proc.returncode, out, err.decode("utf-8", "replace")
+
+
+class CamcontrolTransport(ScsiTransport):
+    """FreeBSD: `camcontrol cmd DEV -c HEX -i LEN -` (data in) or `-o LEN -` (data out)."""
+
+    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, runner=None, camcontrol=None):
+        ScsiTransport.__init__(self, device, timeout)
+        self._run = runner or _run_process
+        if camcontrol is None:
+            import shutil
+            camcontrol = shutil.which("camcontrol") or (
+                "/sbin/camcontrol" if os.path.exists("/sbin/camcontrol") else None)
+        if camcontrol is None:
+            raise BscryptoError("camcontrol(8) not found: on FreeBSD it is part of the base "
+                                "system (/sbin/camcontrol) and is how this tool reaches CAM",
+                                EXIT_NOT_SCSI)
+        self.camcontrol = camcontrol
+
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        import re
+        seconds = self.timeout if timeout is None else timeout
+        argv = [self.camcontrol, "cmd", self.device, "-v", "-t", str(int(seconds + 0.999)),
+                "-c", " ".join("%02x" % b for b in bytearray(cdb))]
+        if data_out:
+            argv += ["-o", str(len(data_out)), "-"]
+        elif data_in_len:
+            argv += ["-i", str(data_in_len), "-"]
+        rc, out, err = self._run(argv, bytes(data_out))
+        if rc == 0:
+            data_in = out[:data_in_len] if data_in_len and not data_out else b""
+            return _record("ScsiResult")(0, data_in, b"", data_in_len - len(data_in),
+                                         0, 0, 0, 0)
+        m = re.search(r"SCSI sense: (.+?) asc:([0-9a-fA-F]+),([0-9a-fA-F]+)", err)
+        if m and m.group(1).strip() in _CAM_SENSE_KEYS:
+            key = _CAM_SENSE_KEYS[m.group(1).strip()]
+            sense = bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0,
+                           int(m.group(2), 16), int(m.group(3), 16), 0, 0, 0, 0])
+            return _record("ScsiResult")(SCSI_STATUS_CHECK_CONDITION, b"", sense,
+                                         data_in_len, 0, 0, 0, 0)
+        m = re.search(r"SCSI status: (.+)", err)
+        if m and "Busy" in m.group(1):
+            return _record("ScsiResult")(SCSI_STATUS_BUSY, b"", b"", data_in_len, 0, 0, 0, 0)
+        if "Reservation Conflict" in err:
+            return _record("ScsiResult")(SCSI_STATUS_RESERVATION_CONFLICT, b"", b"",
+                                         data_in_len, 0, 0, 0, 0)
+        import errno
+        lines = [line for line in err.splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else "exit status %d" % rc
+        if "Permission denied" in err or "Operation not permitted" in err:
+            raise _device_error(self.device, OSError(errno.EACCES, last), "open")
+        if "No such file" in err or "cam_lookup_pass" in err:
+            raise _device_error(self.device, OSError(errno.ENOENT, last), "open")
+        raise BscryptoError("%s: camcontrol failed: %s" % (self.device, last), EXIT_SCSI)
+
+
+def open_transport(device, timeout=DEFAULT_SCSI_TIMEOUT):
+    """The transport for this operating system, opened on `device`."""
+    platform = sys.platform
+    if platform.startswith("linux"):
+        return LinuxSgTransport(device, timeout)
+    if platform.startswith("sunos"):
+        return SolarisUscsiTransport(device, timeout)
+    if platform.startswith(("netbsd", "openbsd")):
+        return BsdScsireqTransport(device, timeout)
+    if platform.startswith(("freebsd", "dragonfly")):
+        return CamcontrolTransport(device, timeout)
+    raise BscryptoError("no SCSI pass-through for %s: supported are Linux, Solaris/illumos, "
+                        "NetBSD, OpenBSD and FreeBSD" % platform, EXIT_NOT_SCSI)
 
 
 # ---------------------------------------------------------------------------
 # SSC pages: build and parse
 # ---------------------------------------------------------------------------
+#
+# Pure functions from values to bytes and back.  Names and bit positions are
+# those of SPC-4 (SECURITY PROTOCOL IN/OUT, INQUIRY, sense data) and SSC-4
+# (tape data encryption pages), so each field can be checked against the
+# standard's tables.
 
-# (pages: CDBs, SPIN/SPOUT pages, INQUIRY, sense decoding)
+OP_TEST_UNIT_READY = 0x00
+OP_INQUIRY = 0x12
+OP_SECURITY_PROTOCOL_IN = 0xA2
+OP_SECURITY_PROTOCOL_OUT = 0xB5
+
+SECURITY_PROTOCOL_INFORMATION = 0x00     # SPC-4: supported security protocols
+SECURITY_PROTOCOL_TAPE = 0x20            # SSC-4: tape data encryption
+SPIN_SUPPORTED_PROTOCOLS = 0x0000        # protocol 00h page
+# SSC-4 tape data encryption pages (security protocol specific field).
+TDE_IN_SUPPORT_PAGE = 0x0000
+TDE_OUT_SUPPORT_PAGE = 0x0001
+DATA_ENCRYPTION_CAPABILITIES_PAGE = 0x0010
+SUPPORTED_KEY_FORMATS_PAGE = 0x0011
+DATA_ENCRYPTION_MANAGEMENT_CAPABILITIES_PAGE = 0x0012
+DATA_ENCRYPTION_STATUS_PAGE = 0x0020
+NEXT_BLOCK_ENCRYPTION_STATUS_PAGE = 0x0021
+SET_DATA_ENCRYPTION_PAGE = 0x0010        # SPOUT
+
+# Bareos's SPP_PAGE_BUFFER: 4-byte header + 8192; it asks SPIN for this much.
+SPIN_ALLOCATION_LENGTH = 8196
+INQUIRY_ALLOCATION_LENGTH = 96
+VPD_UNIT_SERIAL_NUMBER = 0x80
+
+SCOPE_PUBLIC = 0
+SCOPE_LOCAL = 1
+SCOPE_ALL_I_T_NEXUS = 2
+ENCRYPTION_MODE_DISABLE = 0
+ENCRYPTION_MODE_EXTERNAL = 1
+ENCRYPTION_MODE_ENCRYPT = 2
+DECRYPTION_MODE_DISABLE = 0
+DECRYPTION_MODE_RAW = 1
+DECRYPTION_MODE_DECRYPT = 2
+DECRYPTION_MODE_MIXED = 3
+RDMC_DEFAULT = 0                 # raw decryption marking per the algorithm's default
+RDMC_ENABLED = 2                 # blocks written may be read raw (--allow-raw-read)
+RDMC_DISABLED = 3                # blocks written may not be read raw (--no-raw-read)
+KEY_FORMAT_PLAIN = 0
+KAD_FORMAT_UNSPECIFIED = 0
+KAD_FORMAT_BINARY = 1
+KAD_FORMAT_ASCII = 2
+KAD_TYPE_UKAD = 0                # unauthenticated key-associated data (key description)
+KAD_TYPE_AKAD = 1
+KAD_TYPE_NONCE = 2
+KAD_TYPE_MKAD = 3
+KAD_TYPE_NAMES = {0: "U-KAD", 1: "A-KAD", 2: "nonce", 3: "M-KAD"}
+PARAMETERS_CONTROL_AME = 1
+PARAMETERS_CONTROL_DRIVE = 2
+PARAMETERS_CONTROL_LIBRARY = 3
+ENCRYPT_C_SPOUT = 2              # ENCRYPT_C/DECRYPT_C: capable, controlled by SPOUT
+
+# Security algorithm codes: 0001xxxxh with an IKEv2 transform id (SPC-4).
+ALGORITHM_AES_256_GCM = 0x00010014
+ALGORITHM_AES_256_CCM = 0x00010010
+_ALGORITHM_NAMES = {0x00010014: "AES-GCM", 0x00010010: "AES-CCM", 0x0001000C: "AES-CBC",
+                    0x0001000D: "AES-CTR", 0x00010013: "AES-GCM-12", 0x00010012: "AES-GCM-8",
+                    0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8"}
+# Bareos, and this tool by default, loads a 32-byte key (AES-256).
+DRIVE_KEY_LENGTH = 32
+# Bareos's and stenc's U-KAD length when the drive's limit cannot be read.
+DEFAULT_UKAD_LIMIT = 0x1E
+
+
+def algorithm_name(code, key_length=None):
+    """'AES-256-GCM' for 0x00010014 with a 32-byte key; the hex code if unknown."""
+    name = _ALGORITHM_NAMES.get(code)
+    if name is None:
+        return "algorithm 0x%08X" % code
+    if key_length:
+        name = name.replace("AES-", "AES-%d-" % (8 * key_length), 1)
+    return name
+
+
+# -- CDB builders --
+
+def cdb_security_protocol_in(protocol, specific, allocation_length, inc_512=False):
+    """SPC-4 SECURITY PROTOCOL IN (A2h), 12 bytes."""
+    return (bytes([OP_SECURITY_PROTOCOL_IN, protocol]) + specific.to_bytes(2, "big")
+            + bytes([0x80 if inc_512 else 0, 0]) + allocation_length.to_bytes(4, "big")
+            + b"\0\0")
+
+
+def cdb_security_protocol_out(protocol, specific, transfer_length, inc_512=False):
+    """SPC-4 SECURITY PROTOCOL OUT (B5h), 12 bytes."""
+    return (bytes([OP_SECURITY_PROTOCOL_OUT, protocol]) + specific.to_bytes(2, "big")
+            + bytes([0x80 if inc_512 else 0, 0]) + transfer_length.to_bytes(4, "big")
+            + b"\0\0")
+
+
+def cdb_inquiry(allocation_length=INQUIRY_ALLOCATION_LENGTH, vpd_page=None):
+    """SPC-4 INQUIRY (12h): standard data, or the VPD page given (EVPD=1)."""
+    evpd = 0 if vpd_page is None else 1
+    return (bytes([OP_INQUIRY, evpd, vpd_page or 0]) + allocation_length.to_bytes(2, "big")
+            + b"\0")
+
+
+def cdb_test_unit_ready():
+    return bytes(6)
+
+
+# -- Parsers: bytes from the drive to records --
+
+def _page_body(data, page_code, minimum, what):
+    """(data, end) of a SPIN page after checking its code and length."""
+    data = bytes(data)
+    if len(data) < 4:
+        raise ValueError("%s: %d bytes, too short for a page header" % (what, len(data)))
+    code = int.from_bytes(data[0:2], "big")
+    if page_code is not None and code != page_code:
+        raise ValueError("%s: page code %04Xh, expected %04Xh" % (what, code, page_code))
+    end = min(len(data), 4 + int.from_bytes(data[2:4], "big"))
+    if end < minimum:
+        raise ValueError("%s: %d bytes, needs at least %d" % (what, end, minimum))
+    return data, end
+
+
+def parse_supported_security_protocols(data):
+    """SPIN protocol 00h page 0000h: the list of supported security protocols."""
+    data = bytes(data)
+    if len(data) < 8:
+        raise ValueError("supported security protocols: %d bytes, needs 8" % len(data))
+    end = min(len(data), 8 + int.from_bytes(data[6:8], "big"))
+    return _record("SupportedSecurityProtocols")(tuple(bytearray(data[8:end])))
+
+
+def parse_security_protocol_pages(data):
+    """SSC-4 tape data encryption in/out support pages (0000h, 0001h): page codes."""
+    data, end = _page_body(data, None, 4, "support page")
+    codes = tuple(int.from_bytes(data[i:i + 2], "big") for i in range(4, end - 1, 2))
+    return _record("SecurityProtocolPages")(int.from_bytes(data[0:2], "big"), codes)
+
+
+def parse_kads(data, start, end):
+    """Key-associated data descriptors from start to end (type, flags, length, data)."""
+    kads = []
+    offset = start
+    while offset + 4 <= end:
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if offset + 4 + length > end:
+            raise ValueError("key-associated data descriptor at byte %d overruns the page"
+                             % offset)
+        kads.append(_record("KeyAssociatedData")(
+            data[offset], data[offset + 1] & 0x07, bytes(data[offset + 4:offset + 4 + length])))
+        offset += 4 + length
+    return tuple(kads)
+
+
+def parse_data_encryption_capabilities(data):
+    """SSC-4 Data Encryption Capabilities page (0010h) with every algorithm descriptor."""
+    data, end = _page_body(data, DATA_ENCRYPTION_CAPABILITIES_PAGE, 20, "capabilities page")
+    descriptor = _record("AlgorithmDescriptor")
+    algorithms = []
+    offset = 20
+    while offset + 4 <= end:
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        d = data[offset:offset + 4 + length]
+        if length < 20 or len(d) < 24:
+            raise ValueError("algorithm descriptor at byte %d: length %d, needs 20"
+                             % (offset, length))
+        f1, f2, f3 = d[4], d[5], d[12]
+        algorithms.append(descriptor(
+            algorithm_index=d[0], avfmv=f1 >> 7, sdk_c=f1 >> 6 & 1, mac_c=f1 >> 5 & 1,
+            delb_c=f1 >> 4 & 1, decrypt_c=f1 >> 2 & 3, encrypt_c=f1 & 3,
+            avfcp=f2 >> 6, nonce_c=f2 >> 4 & 3, kadf_c=f2 >> 3 & 1, vcelb_c=f2 >> 2 & 1,
+            ukadf=f2 >> 1 & 1, akadf=f2 & 1,
+            maximum_ukad_length=int.from_bytes(d[6:8], "big"),
+            maximum_akad_length=int.from_bytes(d[8:10], "big"),
+            key_length=int.from_bytes(d[10:12], "big"),
+            dkad_c=f3 >> 6, eemc_c=f3 >> 4 & 3, rdmc_c=f3 >> 1 & 7, earem=f3 & 1,
+            maximum_eedk_count=d[13] & 0x0F, msdk_count=int.from_bytes(d[14:16], "big"),
+            maximum_eedk_size=int.from_bytes(d[16:18], "big"),
+            security_algorithm_code=int.from_bytes(d[20:24], "big")))
+        offset += 4 + length
+    return _record("DataEncryptionCapabilities")(data[4] >> 2 & 3, data[4] & 3,
+                                                 tuple(algorithms))
+
+
+def parse_data_encryption_status(data):
+    """SSC-4 Data Encryption Status page (0020h), with its key-associated data."""
+    data, end = _page_body(data, DATA_ENCRYPTION_STATUS_PAGE, 16, "status page")
+    return _record("DataEncryptionStatus")(
+        i_t_nexus_scope=data[4] >> 5, key_scope=data[4] & 7, encryption_mode=data[5],
+        decryption_mode=data[6], algorithm_index=data[7],
+        key_instance_counter=int.from_bytes(data[8:12], "big"),
+        parameters_control=data[12] >> 4 & 7, vcelb=data[12] >> 3 & 1,
+        ceems=data[12] >> 1 & 3, rdmd=data[12] & 1, kad_format=data[13],
+        asdk_count=int.from_bytes(data[14:16], "big"), kads=parse_kads(data, 24, end))
+
+
+def parse_next_block_encryption_status(data):
+    """SSC-4 Next Block Encryption Status page (0021h), with its key-associated data."""
+    data, end = _page_body(data, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE, 16, "next block page")
+    return _record("NextBlockEncryptionStatus")(
+        logical_object_number=int.from_bytes(data[4:12], "big"),
+        compression_status=data[12] >> 4, encryption_status=data[12] & 0x0F,
+        algorithm_index=data[13], emes=data[14] >> 1 & 1, rdmds=data[14] & 1,
+        kad_format=data[15], kads=parse_kads(data, 16, end))
+
+
+def _ascii_field(raw):
+    return raw.decode("ascii", "replace").strip(" \0")
+
+
+def parse_inquiry(data):
+    """SPC-4 standard INQUIRY data: device type, vendor, product, revision."""
+    data = bytes(data)
+    if len(data) < 36:
+        raise ValueError("INQUIRY data: %d bytes, needs 36" % len(data))
+    return _record("InquiryData")(
+        peripheral_qualifier=data[0] >> 5, peripheral_device_type=data[0] & 0x1F,
+        rmb=data[1] >> 7, version=data[2], response_data_format=data[3] & 0x0F,
+        vendor=_ascii_field(data[8:16]), product=_ascii_field(data[16:32]),
+        revision=_ascii_field(data[32:36]))
+
+
+def parse_unit_serial_number(data):
+    """SPC-4 Unit Serial Number VPD page (80h): the serial number text."""
+    data = bytes(data)
+    if len(data) < 4 or data[1] != VPD_UNIT_SERIAL_NUMBER:
+        raise ValueError("not a unit serial number page")
+    return _ascii_field(data[4:4 + int.from_bytes(data[2:4], "big")])
+
+
+# -- The Set Data Encryption page (SPOUT 0010h) --
+
+def build_kad(descriptor_type, descriptor, authenticated=0):
+    """One key-associated data descriptor: type, flags, 2-byte length, data."""
+    descriptor = bytes(descriptor)
+    return (bytes([descriptor_type, authenticated & 7]) + len(descriptor).to_bytes(2, "big")
+            + descriptor)
+
+
+def build_set_data_encryption_page(key=b"", encryption_mode=ENCRYPTION_MODE_ENCRYPT,
+                                   decryption_mode=DECRYPTION_MODE_MIXED, algorithm_index=1,
+                                   scope=SCOPE_ALL_I_T_NEXUS, lock=False, ceem=0,
+                                   rdmc=RDMC_DEFAULT, sdk=False, ckod=False, ckorp=False,
+                                   ckorl=False, key_format=KEY_FORMAT_PLAIN,
+                                   kad_format=KAD_FORMAT_UNSPECIFIED, kads=()):
+    """SSC-4 Set Data Encryption page; kads is a sequence of (type, bytes)."""
+    key = bytes(key)
+    body = (bytes([scope << 5 | int(lock),
+                   ceem << 6 | rdmc << 4 | int(sdk) << 3 | int(ckod) << 2
+                   | int(ckorp) << 1 | int(ckorl),
+                   encryption_mode, decryption_mode, algorithm_index, key_format, kad_format])
+            + bytes(7) + len(key).to_bytes(2, "big") + key
+            + b"".join(build_kad(t, d) for t, d in kads))
+    return SET_DATA_ENCRYPTION_PAGE.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+
+def bareos_set_key_page(passphrase, algorithm_index=1):
+    """Exactly the page Bareos sends to load a key: scope all I_T nexus, CEEM 0,
+    encrypt, mixed decryption, Bareos's key bytes (passphrase[:31] + NUL)."""
+    return build_set_data_encryption_page(
+        drive_key_bytes(passphrase), ENCRYPTION_MODE_ENCRYPT, DECRYPTION_MODE_MIXED,
+        algorithm_index)
+
+
+def bareos_clear_key_page(algorithm_index=1):
+    """Exactly the page Bareos sends to clear: modes 0/0 and a zero 32-byte key."""
+    return build_set_data_encryption_page(
+        bytes(DRIVE_KEY_LENGTH), ENCRYPTION_MODE_DISABLE, DECRYPTION_MODE_DISABLE,
+        algorithm_index)
+
+
+def parse_hex_key_file(data, source="key file"):
+    """stenc's key file: 64 hex digits, then an optional description line.
+
+    Returns (32 key bytes, description text or None).
+    """
+    import binascii
+    text = bytes(data).decode("ascii", "replace")
+    lines = text.splitlines()
+    digits = lines[0].strip() if lines else ""
+    if len(digits) != 2 * DRIVE_KEY_LENGTH:
+        raise KeyFileError("%s: first line must be %d hex digits (a 256-bit key), found %d "
+                           "characters" % (source, 2 * DRIVE_KEY_LENGTH, len(digits)))
+    try:
+        key = binascii.unhexlify(digits)
+    except (binascii.Error, ValueError):
+        raise KeyFileError("%s: first line is not hexadecimal" % source)
+    description = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
+    return key, description
+
+
+# -- Bareos's status text (lib/scsi_crypto.cc), line for line --
+
+_BAREOS_ENCRYPTION_MODE = {0: "Disabled", 1: "External", 2: "Encrypt"}
+_BAREOS_DECRYPTION_MODE = {0: "Disabled", 1: "Raw", 2: "Decrypt", 3: "Mixed"}
+_BAREOS_CEEMS = {1: "No", 2: "External", 3: "Encrypt"}
+_BAREOS_PARAMETERS_CONTROL = {0: "No report", 1: "Application Managed", 2: "Drive Managed",
+                              3: "Library/Key Management Appliance Managed", 4: "Unsupported"}
+_BAREOS_KAD_FORMAT = {0: "Normal key", 1: "Vendor-specific reference",
+                      2: "Wrapped public key", 3: "Key using ESP-SCSI"}
+_BAREOS_COMPRESSION_STATUS = {0: "Unknown", 1: "Unavailable", 2: "Illegal logical block",
+                              3: "Compression Disabled", 4: "Compression Enabled"}
+_BAREOS_ENCRYPTION_STATUS = {
+    0: "Unknown", 1: "Unavailable", 2: "Illegal logical block", 3: "Encryption Disabled",
+    4: "Encryption Enabled but with non supported algorithm", 5: "Encryption Enabled",
+    6: "Encryption Enabled but no valid key available for decryption"}
+BAREOS_STATUS_INDENT = "   "
+
+
+def _enabled(bit):
+    return "Enabled" if bit else "Disabled"
+
+
+def format_drive_status_bareos(status):
+    """The text of Bareos `bscrypto -e` for a DataEncryptionStatus (lines end in \\n).
+
+    A value Bareos has no text for prints no line, as in Bareos.
+    """
+    out = ["Drive encryption status:"]
+    i = BAREOS_STATUS_INDENT
+    if status.encryption_mode in _BAREOS_ENCRYPTION_MODE:
+        out.append(i + "Encryption Mode: " + _BAREOS_ENCRYPTION_MODE[status.encryption_mode])
+    if status.decryption_mode in _BAREOS_DECRYPTION_MODE:
+        out.append(i + "Decryption Mode: " + _BAREOS_DECRYPTION_MODE[status.decryption_mode])
+    out.append(i + "Raw Decryption Mode Disabled (RDMD): " + _enabled(status.rdmd))
+    if status.ceems in _BAREOS_CEEMS:
+        out.append(i + "Check External Encryption Mode Status (CEEMS) : "
+                   + _BAREOS_CEEMS[status.ceems])
+    out.append(i + "Volume Contains Encrypted Logical Blocks (VCELB): "
+               + _enabled(status.vcelb))
+    if status.parameters_control in _BAREOS_PARAMETERS_CONTROL:
+        out.append(i + "Logical Block encryption parameters: "
+                   + _BAREOS_PARAMETERS_CONTROL[status.parameters_control])
+    # Bareos's condition: both modes enabled (its comment says "either").
+    if (status.encryption_mode != ENCRYPTION_MODE_DISABLE
+            and status.decryption_mode != DECRYPTION_MODE_DISABLE
+            and status.kad_format in _BAREOS_KAD_FORMAT):
+        out.append(i + "Key Associated Data (KAD) Descriptor: "
+                   + _BAREOS_KAD_FORMAT[status.kad_format])
+    return "\n".join(out) + "\n"
+
+
+def format_volume_status_bareos(nbes):
+    """The text of Bareos `bscrypto -v` for a NextBlockEncryptionStatus."""
+    out = ["Volume encryption status:"]
+    i = BAREOS_STATUS_INDENT
+    if nbes.compression_status in _BAREOS_COMPRESSION_STATUS:
+        out.append(i + "Compression Status: "
+                   + _BAREOS_COMPRESSION_STATUS[nbes.compression_status])
+    if nbes.encryption_status in _BAREOS_ENCRYPTION_STATUS:
+        out.append(i + "Encryption Status: " + _BAREOS_ENCRYPTION_STATUS[nbes.encryption_status])
+    out.append(i + "Raw Decryption Mode Disabled Status (RDMDS): " + _enabled(nbes.rdmds))
+    out.append(i + "Encryption Mode External Status (EMES): " + _enabled(nbes.emes))
+    if nbes.encryption_status == 5 and nbes.kad_format in _BAREOS_KAD_FORMAT:
+        out.append(i + "Next Block Key Associated Data (KAD) Descriptor: "
+                   + _BAREOS_KAD_FORMAT[nbes.kad_format])
+    return "\n".join(out) + "\n"
+
+
+# -- Readable names for --detail and --json (SSC-4 terms) --
+
+SCOPE_NAMES = {0: "public", 1: "local", 2: "all I_T nexus"}
+ENCRYPTION_MODE_NAMES = {0: "disable", 1: "external", 2: "encrypt"}
+DECRYPTION_MODE_NAMES = {0: "disable", 1: "raw", 2: "decrypt", 3: "mixed"}
+PARAMETERS_CONTROL_NAMES = {0: "not reported", 1: "application", 2: "drive",
+                            3: "library or key manager", 4: "unsupported"}
+KAD_FORMAT_NAMES = {0: "unspecified", 1: "binary", 2: "ascii"}
+COMPRESSION_STATUS_NAMES = {0: "unknown", 1: "unavailable", 2: "not a logical block",
+                            3: "not compressed", 4: "compressed"}
+ENCRYPTION_STATUS_NAMES = {0: "unknown", 1: "unavailable", 2: "not a logical block",
+                           3: "not encrypted", 4: "encrypted, unsupported algorithm",
+                           5: "encrypted, decryptable", 6: "encrypted, no valid key"}
+CAPABILITY_NAMES = {0: "no", 1: "external only", 2: "yes", 3: "reserved"}
+
+
+def _name(names, value):
+    return names.get(value, "reserved (%d)" % value)
+
+
+def _kad_text(kad):
+    """A KAD descriptor as text: ASCII when printable, else hex."""
+    data = kad.descriptor
+    if data and all(32 <= b < 127 for b in bytearray(data.rstrip(b"\0"))):
+        return '"%s"' % data.rstrip(b"\0").decode("ascii")
+    return data.hex() or '""'
+
+
+def _kad_dict(kad):
+    d = {"type": _name(KAD_TYPE_NAMES, kad.descriptor_type),
+         "authenticated": kad.authenticated, "hex": kad.descriptor.hex()}
+    text = kad.descriptor.rstrip(b"\0")
+    if all(32 <= b < 127 for b in bytearray(text)):
+        d["text"] = text.decode("ascii")
+    return d
+
+
+def drive_status_dict(status):
+    """A DataEncryptionStatus for --json: SSC-4 field names, enumerations by name."""
+    return {
+        "i_t_nexus_scope": _name(SCOPE_NAMES, status.i_t_nexus_scope),
+        "key_scope": _name(SCOPE_NAMES, status.key_scope),
+        "encryption_mode": _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
+        "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode),
+        "algorithm_index": status.algorithm_index,
+        "key_instance_counter": status.key_instance_counter,
+        "parameters_control": _name(PARAMETERS_CONTROL_NAMES, status.parameters_control),
+        "vcelb": bool(status.vcelb), "ceems": status.ceems, "rdmd": bool(status.rdmd),
+        "kad_format": _name(KAD_FORMAT_NAMES, status.kad_format),
+        "asdk_count": status.asdk_count, "kads": [_kad_dict(k) for k in status.kads]}
+
+
+def next_block_status_dict(nbes):
+    return {
+        "logical_object_number": nbes.logical_object_number,
+        "compression_status": _name(COMPRESSION_STATUS_NAMES, nbes.compression_status),
+        "encryption_status": _name(ENCRYPTION_STATUS_NAMES, nbes.encryption_status),
+        "algorithm_index": nbes.algorithm_index, "emes": bool(nbes.emes),
+        "rdmds": bool(nbes.rdmds), "kad_format": _name(KAD_FORMAT_NAMES, nbes.kad_format),
+        "kads": [_kad_dict(k) for k in nbes.kads]}
+
+
+def algorithm_dict(a):
+    return {
+        "algorithm_index": a.algorithm_index,
+        "security_algorithm_code": "0x%08X" % a.security_algorithm_code,
+        "name": algorithm_name(a.security_algorithm_code, a.key_length),
+        "key_length": a.key_length,
+        "encrypt_c": _name(CAPABILITY_NAMES, a.encrypt_c),
+        "decrypt_c": _name(CAPABILITY_NAMES, a.decrypt_c),
+        "avfmv": bool(a.avfmv), "kadf_c": bool(a.kadf_c), "vcelb_c": bool(a.vcelb_c),
+        "maximum_ukad_length": a.maximum_ukad_length, "ukadf": bool(a.ukadf),
+        "maximum_akad_length": a.maximum_akad_length, "akadf": bool(a.akadf),
+        "rdmc_c": a.rdmc_c, "eemc_c": a.eemc_c}
+
+
+def format_algorithm(a):
+    """One line for --detail: what an algorithm descriptor allows."""
+    parts = ["%s (0x%08X)" % (algorithm_name(a.security_algorithm_code, a.key_length),
+                              a.security_algorithm_code),
+             "key %d bytes" % a.key_length,
+             "encrypt: %s" % _name(CAPABILITY_NAMES, a.encrypt_c),
+             "decrypt: %s" % _name(CAPABILITY_NAMES, a.decrypt_c)]
+    if a.kadf_c or a.maximum_ukad_length:
+        parts.append("key descriptor (U-KAD) %s %d bytes"
+                     % ("exactly" if a.ukadf else "up to", a.maximum_ukad_length))
+    if a.maximum_akad_length:
+        parts.append("A-KAD %s %d bytes" % ("exactly" if a.akadf else "up to",
+                                            a.maximum_akad_length))
+    if not a.avfmv:
+        parts.append("not valid for the mounted volume")
+    return "index %d: %s" % (a.algorithm_index, ", ".join(parts))
+
+
+# -- Sense data (SPC-4 4.5) --
+
+SENSE_KEY_NAMES = ("NO SENSE", "RECOVERED ERROR", "NOT READY", "MEDIUM ERROR",
+                   "HARDWARE ERROR", "ILLEGAL REQUEST", "UNIT ATTENTION", "DATA PROTECT",
+                   "BLANK CHECK", "VENDOR SPECIFIC", "COPY ABORTED", "ABORTED COMMAND",
+                   "EQUAL", "VOLUME OVERFLOW", "MISCOMPARE", "COMPLETED")
+SENSE_NO_SENSE = 0x0
+SENSE_NOT_READY = 0x2
+SENSE_ILLEGAL_REQUEST = 0x5
+SENSE_UNIT_ATTENTION = 0x6
+SENSE_DATA_PROTECT = 0x7
+
+
+def parse_sense(data):
+    """Decode fixed (70h/71h) or descriptor (72h/73h) sense data into a SenseData.
+
+    The field pointer (sense-key specific bytes, SKSV set, key ILLEGAL REQUEST)
+    says which CDB or parameter byte the device server rejected.
+    """
+    data = bytes(data)
+    if not data:
+        raise ValueError("no sense data")
+    response_code = data[0] & 0x7F
+    information = command_specific = None
+    filemark = eom = ili = False
+    sks = fru = None
+    if response_code in (0x70, 0x71):
+        data = data.ljust(18, b"\0")
+        valid = bool(data[0] & 0x80)
+        key, asc, ascq = data[2] & 0x0F, data[12], data[13]
+        filemark, eom, ili = bool(data[2] & 0x80), bool(data[2] & 0x40), bool(data[2] & 0x20)
+        if valid:
+            information = int.from_bytes(data[3:7], "big")
+        command_specific = int.from_bytes(data[8:12], "big")
+        fru = data[14]
+        if data[7] >= 10 and data[15] & 0x80:
+            sks = data[15:18]
+    elif response_code in (0x72, 0x73):
+        data = data.ljust(8, b"\0")
+        valid = False
+        key, asc, ascq = data[1] & 0x0F, data[2], data[3]
+        end = min(len(data), 8 + data[7])
+        offset = 8
+        while offset + 2 <= end:
+            dtype, dlen = data[offset], data[offset + 1]
+            d = data[offset + 2:offset + 2 + dlen]
+            if dtype == 0x00 and len(d) >= 10:          # information
+                valid = bool(d[0] & 0x80)
+                information = int.from_bytes(d[2:10], "big")
+            elif dtype == 0x01 and len(d) >= 10:        # command-specific information
+                command_specific = int.from_bytes(d[2:10], "big")
+            elif dtype == 0x02 and len(d) >= 5 and d[2] & 0x80:   # sense-key specific
+                sks = d[2:5]
+            elif dtype == 0x03 and len(d) >= 2:         # field replaceable unit
+                fru = d[1]
+            elif dtype == 0x04 and len(d) >= 2:         # stream commands
+                filemark, eom, ili = bool(d[1] & 0x80), bool(d[1] & 0x40), bool(d[1] & 0x20)
+            offset += 2 + dlen
+    else:
+        raise ValueError("sense response code %02Xh is neither fixed nor descriptor format"
+                         % response_code)
+    field_pointer = None
+    if sks is not None and key == SENSE_ILLEGAL_REQUEST:
+        field_pointer = _record("FieldPointer")(
+            command_data=bool(sks[0] & 0x40), bit_pointer_valid=bool(sks[0] & 0x08),
+            bit_pointer=sks[0] & 0x07, field=int.from_bytes(sks[1:3], "big"))
+    return _record("SenseData")(
+        response_code=response_code, current=response_code in (0x70, 0x72), valid=valid,
+        sense_key=key, asc=asc, ascq=ascq, information=information,
+        command_specific=command_specific, filemark=filemark, eom=eom, ili=ili,
+        field_pointer=field_pointer, fru=fru, raw=data)
+
+
+_ASC_TEXTS = None
+
+
+def asc_text(asc, ascq):
+    """The T10 text of an additional sense code and qualifier."""
+    global _ASC_TEXTS
+    if _ASC_TEXTS is None:
+        _ASC_TEXTS = {int(line[:4], 16): line[5:] for line in _ASC_TABLE.splitlines() if line}
+    text = _ASC_TEXTS.get(asc << 8 | ascq)
+    if text is not None:
+        return text
+    if asc == 0x40 and ascq >= 0x80:
+        return "Diagnostic failure on component [0x%02x]" % ascq
+    if asc == 0x4D:
+        return "Tagged overlapped commands [0x%x]" % ascq
+    if asc == 0x70:
+        return "Decompression exception short algorithm id of 0x%x" % ascq
+    if asc >= 0x80 or ascq >= 0x80:
+        return "Vendor specific ASC/ASCQ %02Xh/%02Xh" % (asc, ascq)
+    return "ASC/ASCQ %02Xh/%02Xh (not in this tool's table)" % (asc, ascq)
+
+
+def sense_text(sense):
+    """One line: key, ASC/ASCQ text and code, and the field pointer if valid."""
+    text = "%s, %s (%02X/%02X/%02X)" % (SENSE_KEY_NAMES[sense.sense_key],
+                                        asc_text(sense.asc, sense.ascq),
+                                        sense.sense_key, sense.asc, sense.ascq)
+    fp = sense.field_pointer
+    if fp is not None:
+        text += ", rejected %s byte %d" % ("CDB" if fp.command_data else "parameter",
+                                           fp.field)
+        if fp.bit_pointer_valid:
+            text += " bit %d" % fp.bit_pointer
+    return text
+
+
+# The additional sense codes every SSC-4 (tape) device may report (the T column
+# of T10's asc-num list) and the whole 74h security family, in T10's wording
+# as sg3_utils prints it.  Built into a dict on first use.
+_ASC_TABLE = """\
+0000 No additional sense information
+0001 Filemark detected
+0002 End-of-partition/medium detected
+0003 Setmark detected
+0004 Beginning-of-partition/medium detected
+0005 End-of-data detected
+0006 I/O process terminated
+0007 Programmable early warning detected
+0016 operation in progress
+0017 Cleaning requested
+0018 Erase operation in progress
+0019 Locate operation in progress
+001A Rewind operation in progress
+001B Set capacity operation in progress
+001C Verify operation in progress
+001D ATA pass through information available
+001E Conflicting SA creation request
+001F Logical unit transitioning to another power condition
+0020 Extended copy information available
+0300 Peripheral device write fault
+0301 No write current
+0302 Excessive write errors
+0400 Logical unit not ready, cause not reportable
+0401 Logical unit is in process of becoming ready
+0402 Logical unit not ready, initializing command required
+0403 Logical unit not ready, manual intervention required
+0404 Logical unit not ready, format in progress
+0405 Logical unit not ready, rebuild in progress
+0406 Logical unit not ready, recalculation in progress
+0407 Logical unit not ready, operation in progress
+0409 Logical unit not ready, self-test in progress
+040A Logical unit not accessible, asymmetric access state transition
+040B Logical unit not accessible, target port in standby state
+040C Logical unit not accessible, target port in unavailable state
+040E Logical unit not ready, security session in progress
+0410 Logical unit not ready, auxiliary memory not accessible
+0411 Logical unit not ready, notify (enable spinup) required
+0413 Logical unit not ready, SA creation in progress
+041C Logical unit not ready, additional power use not yet granted
+041F Logical unit not ready, microcode download required
+0420 Logical unit not ready, logical unit reset required
+0421 Logical unit not ready, hard reset required
+0422 Logical unit not ready, power cycle required
+0500 Logical unit does not respond to selection
+0700 Multiple peripheral devices selected
+0800 Logical unit communication failure
+0801 Logical unit communication time-out
+0802 Logical unit communication parity error
+0803 Logical unit communication CRC error (Ultra-DMA/32)
+0804 Unreachable copy target
+0900 Track following error
+0904 Head select fault
+0905 Vibration induced tracking error
+0A00 Error log overflow
+0B00 Warning
+0B01 Warning - specified temperature exceeded
+0B02 Warning - enclosure degraded
+0B03 Warning - background self-test failed
+0B04 Warning - background pre-scan detected medium error
+0B05 Warning - background medium scan detected medium error
+0B06 Warning - non-volatile cache now volatile
+0B07 Warning - degraded power to non-volatile cache
+0B08 Warning - power loss expected
+0B0A Warning - high critical temperature limit exceeded
+0B0B Warning - low critical temperature limit exceeded
+0B0C Warning - high operating temperature limit exceeded
+0B0D Warning - low operating temperature limit exceeded
+0B0E Warning - high critical humidity limit exceeded
+0B0F Warning - low critical humidity limit exceeded
+0B10 Warning - high operating humidity limit exceeded
+0B11 Warning - low operating humidity limit exceeded
+0B12 Warning - microcode security at risk
+0B13 Warning - microcode digital signature validation failure
+0C00 Write error
+0C04 Compression check miscompare error
+0C05 Data expansion occurred during compression
+0C06 Block not compressible
+0C0B Auxiliary memory write error
+0C0C Write error - unexpected unsolicited data
+0C0D Write error - not enough unsolicited data
+0C0E Multiple write errors
+0D00 Error detected by third party temporary initiator
+0D01 Third party device failure
+0D02 Copy target device not reachable
+0D03 Incorrect copy target device type
+0D04 Copy target device data underrun
+0D05 Copy target device data overrun
+0E00 Invalid information unit
+0E01 Information unit too short
+0E02 Information unit too long
+0E03 Invalid field in command information unit
+1001 Logical block guard check failed
+1002 Logical block application tag check failed
+1003 Logical block reference tag check failed
+1004 Logical block protection error on recover buffered data
+1005 Logical block protection method error
+1100 Unrecovered read error
+1101 Read retries exhausted
+1102 Error too long to correct
+1103 Multiple read errors
+1108 Incomplete block read
+1109 No gap found
+110A Miscorrected error
+110D De-compression CRC error
+110E Cannot decompress using declared algorithm
+1112 Auxiliary memory read error
+1113 Read error - failed retransmission request
+1400 Recorded entity not found
+1401 Record not found
+1402 Filemark or setmark not found
+1403 End-of-data not found
+1404 Block sequence error
+1405 Record not found - recommend reassignment
+1406 Record not found - data auto-reallocated
+1407 Locate operation failure
+1500 Random positioning error
+1501 Mechanical positioning error
+1502 Positioning error detected by read of medium
+1700 Recovered data with no error correction applied
+1701 Recovered data with retries
+1702 Recovered data with positive head offset
+1703 Recovered data with negative head offset
+1800 Recovered data with error correction applied
+1A00 Parameter list length error
+1B00 Synchronous data transfer error
+1D00 Miscompare during verify operation
+2000 Invalid command operation code
+2001 Access denied - initiator pending-enrolled
+2002 Access denied - no access rights
+2003 Access denied - invalid mgmt id key
+2004 Illegal command while in write capable state
+2006 Illegal command while in explicit address mode
+2007 Illegal command while in implicit address mode
+2008 Access denied - enrollment conflict
+2009 Access denied - invalid LU identifier
+200A Access denied - invalid proxy token
+200B Access denied - ACL LUN conflict
+200C Illegal command when not in append-only mode
+2100 Logical block address out of range
+2101 Invalid element address
+2300 Invalid token operation, cause not reportable
+2301 Invalid token operation, unsupported token type
+2302 Invalid token operation, remote token usage not supported
+2303 invalid token operation, remote rod token creation not supported
+2304 Invalid token operation, token unknown
+2305 Invalid token operation, token corrupt
+2306 Invalid token operation, token revoked
+2307 Invalid token operation, token expired
+2308 Invalid token operation, token cancelled
+2309 Invalid token operation, token deleted
+230A Invalid token operation, invalid token length
+2400 Invalid field in cdb
+2401 CDB decryption error
+2408 Invalid xcdb
+2500 Logical unit not supported
+2600 Invalid field in parameter list
+2601 Parameter not supported
+2602 Parameter value invalid
+2603 Threshold parameters not supported
+2604 Invalid release of persistent reservation
+2605 Data decryption error
+2606 Too many target descriptors
+2607 Unsupported target descriptor type code
+2608 Too many segment descriptors
+2609 Unsupported segment descriptor type code
+260A Unexpected inexact segment
+260B Inline data length exceeded
+260C Invalid operation for copy source or destination
+260D Copy segment granularity violation
+260E Invalid parameter while port is enabled
+2610 Data decryption key fail limit reached
+2611 Incomplete key-associated data set
+2612 Vendor specific key reference not found
+2614 Tape stream mirroring prevented
+2615 Copy source or copy destination not authorized
+2700 Write protected
+2701 Hardware write protected
+2702 Logical unit software write protected
+2703 Associated write protect
+2704 Persistent write protect
+2705 Permanent write protect
+2800 Not ready to ready change, medium may have changed
+2801 Import or export element accessed
+2900 Power on, reset, or bus device reset occurred
+2901 Power on occurred
+2902 SCSI bus reset occurred
+2903 Bus device reset function occurred
+2904 Device internal reset
+2905 Transceiver mode changed to single-ended
+2906 Transceiver mode changed to lvd
+2907 I_T nexus loss occurred
+2A00 Parameters changed
+2A01 Mode parameters changed
+2A02 Log parameters changed
+2A03 Reservations preempted
+2A04 Reservations released
+2A05 Registrations preempted
+2A06 Asymmetric access state changed
+2A07 Implicit asymmetric access state transition failed
+2A08 Priority changed
+2A0A Error history i_t nexus cleared
+2A0B Error history snapshot released
+2A0D Data encryption capabilities changed
+2A10 Timestamp changed
+2A11 Data encryption parameters changed by another i_t nexus
+2A12 Data encryption parameters changed by vendor specific event
+2A13 Data encryption key instance counter has changed
+2A14 SA creation capabilities data has changed
+2A15 Medium removal prevention preempted
+2B00 Copy cannot execute since host cannot disconnect
+2C00 Command sequence error
+2C07 Previous busy status
+2C08 Previous task set full status
+2C09 Previous reservation conflict status
+2C0B Not reserved
+2C13 Well known logical unit access required
+2D00 Overwrite error on update in place
+2F00 Commands cleared by another initiator
+2F02 Commands cleared by device server
+2F03 Some commands cleared by queuing layer event
+3000 Incompatible medium installed
+3001 Cannot read medium - unknown format
+3002 Cannot read medium - incompatible format
+3003 Cleaning cartridge installed
+3004 Cannot write medium - unknown format
+3005 Cannot write medium - incompatible format
+3006 Cannot format medium - incompatible medium
+3007 Cleaning failure
+300A Cleaning request rejected
+300C WORM medium - overwrite attempted
+300D WORM medium - integrity check
+3100 Medium format corrupted
+3300 Tape length error
+3400 Enclosure failure
+3500 Enclosure services failure
+3501 Unsupported enclosure function
+3502 Enclosure services unavailable
+3503 Enclosure services transfer failure
+3504 Enclosure services transfer refused
+3505 Enclosure services checksum error
+3700 Rounded parameter
+3900 Saving parameters not supported
+3A00 Medium not present
+3A01 Medium not present - tray closed
+3A02 Medium not present - tray open
+3A03 Medium not present - loadable
+3A04 Medium not present - medium auxiliary memory accessible
+3B00 Sequential positioning error
+3B01 Tape position error at beginning-of-medium
+3B02 Tape position error at end-of-medium
+3B08 Reposition error
+3B0C Position past beginning of medium
+3B0D Medium destination element full
+3B0E Medium source element empty
+3B11 Medium magazine not accessible
+3B12 Medium magazine removed
+3B13 Medium magazine inserted
+3B14 Medium magazine locked
+3B15 Medium magazine unlocked
+3B1C Too many logical objects on partition to support operation
+3D00 Invalid bits in identify message
+3E00 Logical unit has not self-configured yet
+3E01 Logical unit failure
+3E02 Timeout on logical unit
+3E03 Logical unit failed self-test
+3E04 Logical unit unable to update self-test log
+3F00 Target operating conditions have changed
+3F01 Microcode has been changed
+3F02 Changed operating definition
+3F03 Inquiry data has changed
+3F04 Component device attached
+3F05 Device identifier changed
+3F06 Redundancy group created or modified
+3F07 Redundancy group deleted
+3F08 Spare created or modified
+3F09 Spare deleted
+3F0A Volume set created or modified
+3F0B Volume set deleted
+3F0C Volume set deassigned
+3F0D Volume set reassigned
+3F0E Reported luns data has changed
+3F0F Echo buffer overwritten
+3F10 Medium loadable
+3F11 Medium auxiliary memory accessible
+3F12 iSCSI IP address added
+3F13 iSCSI IP address removed
+3F14 iSCSI IP address changed
+3F15 Inspect referrals sense descriptors
+3F16 Microcode has been changed without reset
+4300 Message error
+4400 Internal target failure
+4401 Persistent reservation information lost
+4471 ATA device failed Set Features
+4500 Select or reselect failure
+4600 Unsuccessful soft reset
+4700 SCSI parity error
+4701 Data phase CRC error detected
+4702 SCSI parity error detected during st data phase
+4703 Information unit iuCRC error detected
+4704 Asynchronous information protection error detected
+4705 Protocol service CRC error
+4706 Phy test function in progress
+477F Some commands cleared by iSCSI protocol event
+4800 Initiator detected error message received
+4900 Invalid message error
+4A00 Command phase error
+4B00 Data phase error
+4B01 Invalid target port transfer tag received
+4B02 Too much write data
+4B03 Ack/nak timeout
+4B04 Nak received
+4B05 Data offset error
+4B06 Initiator response timeout
+4B07 Connection lost
+4B08 Data-in buffer overflow - data buffer size
+4B09 Data-in buffer overflow - data buffer descriptor area
+4B0A Data-in buffer error
+4B0B Data-out buffer overflow - data buffer size
+4B0C Data-out buffer overflow - data buffer descriptor area
+4B0D Data-out buffer error
+4B0E PCIe fabric error
+4B0F PCIe completion timeout
+4B10 PCIe completer abort
+4B11 PCIe poisoned tlp received
+4B12 PCIe ecrc check failed
+4B13 PCIe unsupported request
+4B14 PCIe acs violation
+4B15 PCIe tlp prefix blocked
+4C00 Logical unit failed self-configuration
+4E00 Overlapped commands attempted
+5000 Write append error
+5001 Write append position error
+5002 Position error related to timing
+5100 Erase failure
+5200 Cartridge fault
+5300 Media load or eject failed
+5301 Unload tape failure
+5302 Medium removal prevented
+5304 Medium thread or unthread failure
+5502 Insufficient reservation resources
+5503 Insufficient resources
+5504 Insufficient registration resources
+5505 Insufficient access control resources
+5506 Auxiliary memory out of space
+5508 Maximum number of supplemental decryption keys exceeded
+550B Insufficient power for operation
+550C Insufficient resources to create rod
+550D Insufficient resources to create rod token
+5A00 Operator request or state change input
+5A01 Operator medium removal request
+5A02 Operator selected write protect
+5A03 Operator selected write permit
+5B00 Log exception
+5B01 Threshold condition met
+5B02 Log counter at maximum
+5B03 Log list codes exhausted
+5D00 Failure prediction threshold exceeded
+5DFF Failure prediction threshold exceeded (false)
+5E00 Low power condition on
+5E01 Idle condition activated by timer
+5E02 Standby condition activated by timer
+5E03 Idle condition activated by command
+5E04 Standby condition activated by command
+5E05 Idle_b condition activated by timer
+5E06 Idle_b condition activated by command
+5E07 Idle_c condition activated by timer
+5E08 Idle_c condition activated by command
+5E09 Standby_y condition activated by timer
+5E0A Standby_y condition activated by command
+6500 Voltage fault
+670A Set target port groups command failed
+670B ATA device feature not enabled
+7100 Decompression exception long algorithm id
+7400 Security error
+7401 Unable to decrypt data
+7402 Unencrypted data encountered while decrypting
+7403 Incorrect data encryption key
+7404 Cryptographic integrity validation failed
+7405 Error decrypting data
+7406 Unknown signature verification key
+7407 Encryption parameters not useable
+7408 Digital signature validation failure
+7409 Encryption mode mismatch on read
+740A Encrypted block not raw read enabled
+740B Incorrect Encryption parameters
+740C Unable to decrypt parameter list
+740D Encryption algorithm disabled
+7410 SA creation parameter value invalid
+7411 SA creation parameter value rejected
+7412 Invalid SA usage
+7421 Data encryption configuration prevented
+7430 SA creation parameter not supported
+7440 Authentication failed
+7461 External data encryption key manager access error
+7462 External data encryption key manager error
+7463 External data encryption key not found
+7464 External data encryption request not authorized
+746E External data encryption control timeout
+746F External data encryption control error
+7471 Logical unit access not authorized
+7479 Security conflict in translated device
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -1684,6 +3148,536 @@ def op_selftest(out=None):
 # -- drive operations --
 
 
+class ScsiError(BscryptoError):
+    """A SCSI command that did not end GOOD; sense is a SenseData or None."""
+
+    def __init__(self, message, exit_code=EXIT_SCSI, sense=None, status=None):
+        BscryptoError.__init__(self, message, exit_code)
+        self.sense = sense
+        self.status = status
+
+
+def _scsi_failure(device, what, result, context=""):
+    """The ScsiError for a result that is not GOOD, with what to do about it.
+
+    context: "spin" (a tape data encryption page), "spout" (the key page),
+    or "" (anything else).
+    """
+    where = "%s: %s" % (device, what)
+    host, driver = result.host_status, result.driver_status & 0x07
+    if host or driver:
+        if host == 3 or driver == 6:
+            return ScsiError("%s timed out: the drive did not answer in time (raise "
+                             "--timeout, check the drive and its cabling)" % where)
+        return ScsiError("%s failed in the transport: host status %s, driver status %s"
+                         % (where, SG_HOST_STATUS_NAMES.get(host, "0x%02x" % host),
+                            SG_DRIVER_STATUS_NAMES.get(driver, "0x%02x" % driver)))
+    status = result.status
+    if status == SCSI_STATUS_BUSY:
+        return ScsiError("%s: drive busy (BUSY): retry when it is idle" % where, EXIT_DEVICE,
+                         status=status)
+    if status == SCSI_STATUS_RESERVATION_CONFLICT:
+        return ScsiError("%s: RESERVATION CONFLICT: another host or program holds a "
+                         "reservation on the drive (stop it or release the drive)" % where,
+                         EXIT_DEVICE, status=status)
+    if status != SCSI_STATUS_CHECK_CONDITION:
+        return ScsiError("%s ended with SCSI status %s" % (
+            where, SCSI_STATUS_NAMES.get(status, "0x%02x" % status)), status=status)
+    try:
+        sense = parse_sense(result.sense)
+    except ValueError as e:
+        return ScsiError("%s: CHECK CONDITION without usable sense data (%s)" % (where, e),
+                         status=status)
+    text = sense_text(sense)
+    key, asc = sense.sense_key, sense.asc
+    if key == SENSE_NOT_READY and asc == 0x3A:
+        return ScsiError("%s: no tape loaded (%s): load a tape and retry" % (where, text),
+                         EXIT_NOT_READY, sense, status)
+    if key == SENSE_NOT_READY:
+        return ScsiError("%s: drive not ready (%s): wait until it has finished loading or "
+                         "rewinding and retry" % (where, text), EXIT_NOT_READY, sense, status)
+    if context in ("spin", "spout") and key == SENSE_ILLEGAL_REQUEST and asc == 0x20:
+        return ScsiError("%s: the drive has no encryption support (%s): SECURITY PROTOCOL "
+                         "IN/OUT is not implemented (LTO-4 or later is needed)" % (where, text),
+                         EXIT_NO_ENCRYPTION, sense, status)
+    if context == "spout" and ((key == SENSE_ILLEGAL_REQUEST and asc == 0x26)
+                               or (key == SENSE_DATA_PROTECT and asc == 0x74)):
+        return ScsiError("%s: the drive refused the Set Data Encryption page (%s): either "
+                         "the algorithm index is wrong for this drive (`bscrypto drive-status "
+                         "--detail %s` lists its algorithms; choose one with --algorithm-index) "
+                         "or the drive or its library is not set to Application Managed "
+                         "Encryption (set the drive's encryption method to Application Managed "
+                         "in the library)" % (where, text, device), EXIT_KEY_REFUSED, sense,
+                         status)
+    if context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24:
+        return ScsiError("%s: the drive does not offer tape data encryption (%s): encryption "
+                         "may be disabled or unlicensed on this drive" % (where, text),
+                         EXIT_NO_ENCRYPTION, sense, status)
+    return ScsiError("%s failed: %s" % (where, text), EXIT_SCSI, sense, status)
+
+
+def scsi_command(transport, what, cdb, data_out=b"", data_in_len=0, context=""):
+    """Send a CDB and return the data in; raise ScsiError unless it ends GOOD.
+
+    A UNIT ATTENTION (tape loaded, reset) is reported once: the command is
+    sent again, a few times at most.
+    """
+    debug(2, "%s: %s: CDB %s" % (transport.device, what, bytes(cdb).hex()))
+    for attempt in range(UNIT_ATTENTION_RETRIES + 1):
+        result = transport.execute(cdb, data_out, data_in_len)
+        if result.status in (SCSI_STATUS_GOOD, SCSI_STATUS_CONDITION_MET) and not (
+                result.host_status or result.driver_status & 0x07):
+            debug(3, "%s: %s: %d bytes in" % (transport.device, what, len(result.data_in)))
+            return result.data_in
+        error = _scsi_failure(transport.device, what, result, context)
+        if (error.sense is None or error.sense.sense_key != SENSE_UNIT_ATTENTION
+                or attempt == UNIT_ATTENTION_RETRIES):
+            raise error
+        debug(1, "%s: %s: %s; sending again" % (transport.device, what,
+                                                  sense_text(error.sense)))
+    raise AssertionError("unreachable")
+
+
+def _parse_reply(parser, data, device, what):
+    try:
+        return parser(data)
+    except ValueError as e:
+        raise BscryptoError("%s: the drive's %s is malformed: %s" % (device, what, e),
+                            EXIT_SCSI)
+
+
+def read_tde_page(transport, page):
+    """The raw bytes of a tape data encryption SPIN page."""
+    return scsi_command(transport, "SECURITY PROTOCOL IN page %04Xh" % page,
+                        cdb_security_protocol_in(SECURITY_PROTOCOL_TAPE, page,
+                                                 SPIN_ALLOCATION_LENGTH),
+                        data_in_len=SPIN_ALLOCATION_LENGTH, context="spin")
+
+
+def check_encryption_support(transport):
+    """Raise EXIT_NO_ENCRYPTION unless the drive lists protocol 20h.
+
+    A drive that rejects the protocol list itself with 05/24 (allowed by older
+    firmware) is given the benefit of the doubt; 05/20 means no SPIN at all.
+    """
+    try:
+        data = scsi_command(transport, "SECURITY PROTOCOL IN (supported protocols)",
+                            cdb_security_protocol_in(SECURITY_PROTOCOL_INFORMATION,
+                                                     SPIN_SUPPORTED_PROTOCOLS, 512),
+                            data_in_len=512, context="spin")
+    except ScsiError as e:
+        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x24:
+            debug(1, "%s: protocol list refused; trying the tape encryption pages"
+                  % transport.device)
+            return
+        raise
+    protocols = _parse_reply(parse_supported_security_protocols, data, transport.device,
+                             "security protocol list").protocols
+    if SECURITY_PROTOCOL_TAPE not in protocols:
+        raise BscryptoError("%s: the drive has no tape data encryption: its security "
+                            "protocols are %s, not 20h" % (transport.device, ", ".join(
+                                "%02Xh" % p for p in protocols) or "none"), EXIT_NO_ENCRYPTION)
+
+
+def read_drive_status(transport):
+    """The drive's Data Encryption Status page (0020h) as a DataEncryptionStatus."""
+    return _parse_reply(parse_data_encryption_status,
+                        read_tde_page(transport, DATA_ENCRYPTION_STATUS_PAGE),
+                        transport.device, "data encryption status page")
+
+
+def read_next_block_status(transport):
+    """The Next Block Encryption Status page (0021h) as a NextBlockEncryptionStatus."""
+    return _parse_reply(parse_next_block_encryption_status,
+                        read_tde_page(transport, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE),
+                        transport.device, "next block encryption status page")
+
+
+def read_capabilities(transport):
+    """The Data Encryption Capabilities page (0010h) as DataEncryptionCapabilities."""
+    return _parse_reply(parse_data_encryption_capabilities,
+                        read_tde_page(transport, DATA_ENCRYPTION_CAPABILITIES_PAGE),
+                        transport.device, "data encryption capabilities page")
+
+
+def read_inquiry(transport):
+    """(InquiryData, serial number or None)."""
+    inquiry = _parse_reply(parse_inquiry, scsi_command(
+        transport, "INQUIRY", cdb_inquiry(), data_in_len=INQUIRY_ALLOCATION_LENGTH),
+        transport.device, "INQUIRY data")
+    try:
+        serial = parse_unit_serial_number(scsi_command(
+            transport, "INQUIRY (unit serial number)",
+            cdb_inquiry(255, VPD_UNIT_SERIAL_NUMBER), data_in_len=255))
+    except (ScsiError, ValueError) as e:
+        debug(1, "%s: no serial number: %s" % (transport.device, e))
+        serial = None
+    return inquiry, serial
+
+
+def get_drive_status(device, timeout=DEFAULT_SCSI_TIMEOUT, transport=None):
+    """Open `device`, read and return its DataEncryptionStatus record."""
+    with _drive(device, timeout, transport) as t:
+        check_encryption_support(t)
+        return read_drive_status(t)
+
+
+class _drive(object):
+    """Context manager: the given transport (left open) or a newly opened one."""
+
+    def __init__(self, device, timeout, transport=None):
+        self.device, self.timeout, self.given = device, timeout, transport
+        self.transport = None
+
+    def __enter__(self):
+        self.transport = self.given or open_transport(self.device, self.timeout)
+        return self.transport
+
+    def __exit__(self, *exc):
+        if self.given is None and self.transport is not None:
+            self.transport.close()
+
+
+def choose_algorithm(capabilities, algorithm_index=None, decrypt_only=False, device="drive"):
+    """The AlgorithmDescriptor to use (None: the page was unreadable; use index 1).
+
+    Without algorithm_index: the drive's AES-256-GCM that SPOUT can switch to
+    encrypt (unless decrypt_only) and decrypt and that takes a 32-byte key.
+    """
+    if capabilities is None:
+        return None
+    algorithms = capabilities.algorithms
+    if algorithm_index is not None:
+        for a in algorithms:
+            if a.algorithm_index == algorithm_index:
+                return a
+        raise BscryptoError("%s: the drive lists no algorithm index %d (it has %s)" % (
+            device, algorithm_index, ", ".join(str(a.algorithm_index) for a in algorithms)
+            or "none"), EXIT_KEY_REFUSED)
+    for a in algorithms:
+        if (a.security_algorithm_code == ALGORITHM_AES_256_GCM
+                and a.key_length == DRIVE_KEY_LENGTH and a.decrypt_c == ENCRYPT_C_SPOUT
+                and (decrypt_only or a.encrypt_c == ENCRYPT_C_SPOUT)):
+            return a
+    listed = "; ".join(format_algorithm(a) for a in algorithms) or "none"
+    raise BscryptoError("%s: the drive lists no AES-256-GCM algorithm that can %s with a "
+                        "32-byte key (it lists: %s); choose one with --algorithm-index N"
+                        % (device, "decrypt" if decrypt_only else "encrypt and decrypt",
+                           listed), EXIT_NO_ENCRYPTION)
+
+
+def _key_descriptor(text, algorithm, device):
+    """The U-KAD (type, bytes) for --key-desc within the drive's limits, and its KAD format."""
+    data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
+    if not data or any(b < 32 or b > 126 for b in bytearray(data)):
+        raise UsageError("the key descriptor must be printable ASCII text")
+    limit = algorithm.maximum_ukad_length if algorithm is not None else DEFAULT_UKAD_LIMIT
+    if algorithm is not None and not limit:
+        raise UsageError("%s: algorithm index %d takes no key descriptor (U-KAD)"
+                         % (device, algorithm.algorithm_index))
+    if len(data) > limit:
+        raise UsageError("the key descriptor is %d bytes; the drive takes at most %d"
+                         % (len(data), limit))
+    if algorithm is not None and algorithm.ukadf:
+        data = data.ljust(limit)        # the drive wants exactly its maximum length
+    ascii_format = algorithm is None or algorithm.kadf_c
+    return (KAD_TYPE_UKAD, data), (KAD_FORMAT_ASCII if ascii_format else KAD_FORMAT_UNSPECIFIED)
+
+
+def _warn_not_application_managed(device, status, err):
+    if status.parameters_control in (PARAMETERS_CONTROL_DRIVE, PARAMETERS_CONTROL_LIBRARY):
+        err.write("bscrypto: warning: %s: encryption is %s (parameters control %d): the drive "
+                  "will refuse a key from this host; set its encryption method to "
+                  "Application Managed (AME) in the library's management interface or "
+                  "operator panel, then retry\n" % (
+                      device, _BAREOS_PARAMETERS_CONTROL[status.parameters_control],
+                      status.parameters_control))
+        err.flush()
+
+
+def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=None,
+                   decrypt_only=False, key_desc=None, clear=False, err=None,
+                   file_key_desc=None):
+    """Load (or with clear=True, clear) the drive key.
+
+    Returns (DataEncryptionStatus read back, AlgorithmDescriptor used or None).
+    key: the 32 bytes for the KEY field (drive_key_bytes(passphrase) for
+    Bareos tapes).  raw_read: None (algorithm default), True or False.
+    file_key_desc: a key descriptor that is dropped, with a warning, when the
+    drive cannot take it (stenc key files carry one).
+    """
+    device = transport.device
+    err = err or sys.stderr
+    check_encryption_support(transport)
+    status = read_drive_status(transport)
+    if not clear:
+        _warn_not_application_managed(device, status, err)
+    try:
+        capabilities = read_capabilities(transport)
+    except ScsiError as e:
+        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
+            raise
+        debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
+              "does" % (device, e))
+        capabilities = None
+    if clear:
+        algorithm = None
+        index = algorithm_index
+        if index is None and capabilities is not None:
+            gcm = [a for a in capabilities.algorithms
+                   if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
+            index = gcm[0].algorithm_index if gcm else None
+        page = bareos_clear_key_page(1 if index is None else index)
+    else:
+        algorithm = choose_algorithm(capabilities, algorithm_index, decrypt_only, device)
+        index = algorithm.algorithm_index if algorithm is not None else (
+            1 if algorithm_index is None else algorithm_index)
+        kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
+        if key_desc:
+            kad, kad_format = _key_descriptor(key_desc, algorithm, device)
+            kads = (kad,)
+        elif file_key_desc:
+            try:
+                kad, kad_format = _key_descriptor(file_key_desc, algorithm, device)
+                kads = (kad,)
+            except UsageError as e:
+                err.write("bscrypto: warning: key file description not sent: %s\n" % e)
+        rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read
+                                                      else RDMC_DISABLED)
+        page = build_set_data_encryption_page(
+            key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
+            DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
+            kads=kads)
+    debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
+        device, "clear" if clear else "load key", index, len(page)))
+    what = "SECURITY PROTOCOL OUT (set data encryption)"
+    try:
+        scsi_command(transport, what, cdb_security_protocol_out(
+            SECURITY_PROTOCOL_TAPE, SET_DATA_ENCRYPTION_PAGE, len(page)),
+            data_out=page, context="spout")
+    except ScsiError as e:
+        if (e.exit_code == EXIT_KEY_REFUSED and status.parameters_control
+                in (PARAMETERS_CONTROL_DRIVE, PARAMETERS_CONTROL_LIBRARY)):
+            raise ScsiError("%s: %s: the drive refused the page (%s) because its encryption "
+                            "is %s: set the drive's encryption method to Application Managed "
+                            "(AME) in the library and retry" % (
+                                device, what, sense_text(e.sense),
+                                _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
+                            EXIT_KEY_REFUSED, e.sense, e.status)
+        raise
+    return read_drive_status(transport), algorithm
+
+
+def _key_loaded_line(device, status, algorithm):
+    name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
+            if algorithm is not None else "algorithm")
+    return ("%s: key loaded: %s (index %d), encryption %s, decryption %s, key instance "
+            "counter %d\n" % (device, name, status.algorithm_index,
+                              _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
+                              _name(DECRYPTION_MODE_NAMES, status.decryption_mode),
+                              status.key_instance_counter))
+
+
+def op_load_passphrase(device, passphrase, out=None, timeout=DEFAULT_SCSI_TIMEOUT,
+                       transport=None, **options):
+    """Load a Bareos passphrase into the drive as Bareos does (key bytes
+    passphrase[:31] + NUL), choosing the AES-256-GCM index from the drive.
+
+    options: algorithm_index, ckod, raw_read, decrypt_only, key_desc.  Prints
+    a confirmation line to `out` when given; returns EXIT_OK.
+    """
+    return op_load_key(device, drive_key_bytes(passphrase), out, timeout, transport,
+                       **options)
+
+
+def op_load_key(device, key, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
+                **options):
+    """Load 32 raw key bytes (see op_load_passphrase for the options)."""
+    if len(key) != DRIVE_KEY_LENGTH:
+        raise KeyFileError("a drive key is %d bytes, got %d" % (DRIVE_KEY_LENGTH, len(key)))
+    with _drive(device, timeout, transport) as t:
+        status, algorithm = load_drive_key(t, key, **options)
+    if out is not None:
+        out.write(_key_loaded_line(device, status, algorithm))
+        out.flush()
+    return EXIT_OK
+
+
+def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
+                 algorithm_index=None):
+    """-c / clear-key: encryption and decryption off, zero key (Bareos's page)."""
+    with _drive(device, timeout, transport) as t:
+        status, _ = load_drive_key(t, bytes(DRIVE_KEY_LENGTH), clear=True,
+                                   algorithm_index=algorithm_index)
+    if out is not None:
+        out.write("%s: key cleared: encryption %s, decryption %s, key instance counter %d\n"
+                  % (device, _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
+                     _name(DECRYPTION_MODE_NAMES, status.decryption_mode),
+                     status.key_instance_counter))
+        out.flush()
+    return EXIT_OK
+
+
+def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file=None,
+                        prompt=True):
+    """(32 key bytes, description or None) from the set-key inputs.
+
+    A Bareos key file gives drive_key_bytes(passphrase): with a KEK it is
+    unwrapped, with -b base64-decoded (Bareos's -s ignores -b and would load
+    the base64 text itself), otherwise its text is the passphrase.
+    """
+    if hex_key_file is not None:
+        if hex_key_file == "-":
+            data = _read_stdin_bytes(4096)
+        else:
+            try:
+                with open(hex_key_file, "rb") as f:
+                    data = f.read(4096)
+            except OSError as e:
+                raise KeyFileError("cannot read hex key file %s: %s"
+                                   % (hex_key_file, e.strerror or e))
+        return parse_hex_key_file(data, hex_key_file)
+    kek_text = read_key_file(kek_file, "KEK file") if kek_file else None
+    text = read_key_file(key_file, prompt=prompt)
+    name = "stdin" if key_file == "-" else key_file
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_file, base64)
+    return drive_key_bytes(passphrase), None
+
+
+def op_set_key(device, key_file=None, kek_file=None, base64=False, hex_key_file=None,
+               timeout=DEFAULT_SCSI_TIMEOUT, out=None, key_desc=None, prompt=True,
+               **options):
+    """-s / set-key: load the key from a Bareos key file (or a stenc hex key file).
+
+    A description line in a hex key file becomes the key descriptor when the
+    drive takes one; --key-desc wins over it.
+    """
+    key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt)
+    if key_desc is None and description is not None:
+        options["file_key_desc"] = description
+    return op_load_key(device, key, out, timeout, key_desc=key_desc, **options)
+
+
+def _json_dump(obj, out):
+    import json
+    out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    out.flush()
+
+
+def op_drive_status(device, detail=False, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT,
+                    out=None, transport=None):
+    """-e / drive-status: Bareos's text, or more with detail, or JSON."""
+    out = out or sys.stdout
+    with _drive(device, timeout, transport) as t:
+        check_encryption_support(t)
+        status = read_drive_status(t)
+        extra = _read_detail(t) if detail else None
+    if as_json:
+        record = {"device": device, "drive_status": drive_status_dict(status)}
+        if extra is not None:
+            record.update(_detail_dict(extra))
+        _json_dump(record, out)
+        return EXIT_OK
+    out.write(format_drive_status_bareos(status))
+    if extra is not None:
+        out.write(_format_detail(status, extra))
+    out.flush()
+    return EXIT_OK
+
+
+def _read_detail(transport):
+    """INQUIRY, capabilities and next block status; parts a drive refuses are None."""
+    inquiry, serial = read_inquiry(transport)
+    try:
+        capabilities = read_capabilities(transport)
+    except ScsiError as e:
+        debug(1, "%s: %s" % (transport.device, e))
+        capabilities = None
+    try:
+        next_block, why = read_next_block_status(transport), None
+    except ScsiError as e:
+        next_block = None
+        why = ("no tape loaded" if e.exit_code == EXIT_NOT_READY
+               else sense_text(e.sense) if e.sense is not None else str(e))
+    return inquiry, serial, capabilities, next_block, why
+
+
+def _detail_dict(extra):
+    inquiry, serial, capabilities, next_block, why = extra
+    d = {"inquiry": {"vendor": inquiry.vendor, "product": inquiry.product,
+                     "revision": inquiry.revision, "serial_number": serial,
+                     "peripheral_device_type": inquiry.peripheral_device_type}}
+    d["algorithms"] = ([algorithm_dict(a) for a in capabilities.algorithms]
+                       if capabilities is not None else None)
+    d["next_block_status"] = (next_block_status_dict(next_block)
+                              if next_block is not None else None)
+    if next_block is None:
+        d["next_block_unavailable"] = why
+    return d
+
+
+def _format_detail(status, extra):
+    inquiry, serial, capabilities, next_block, why = extra
+    i = BAREOS_STATUS_INDENT
+    lines = ["Drive:",
+             i + "Vendor: %s" % inquiry.vendor,
+             i + "Product: %s" % inquiry.product,
+             i + "Revision: %s" % inquiry.revision,
+             i + "Serial number: %s" % (serial or "not reported"),
+             "Encryption parameters:"]
+    name = ""
+    if capabilities is not None:
+        for a in capabilities.algorithms:
+            if a.algorithm_index == status.algorithm_index:
+                name = " (%s)" % algorithm_name(a.security_algorithm_code, a.key_length)
+    lines += [i + "Algorithm index: %d%s" % (status.algorithm_index, name),
+              i + "Key instance counter: %d" % status.key_instance_counter,
+              i + "Scope: %s, key scope: %s" % (_name(SCOPE_NAMES, status.i_t_nexus_scope),
+                                                _name(SCOPE_NAMES, status.key_scope)),
+              i + "Parameters control: %s" % _name(PARAMETERS_CONTROL_NAMES,
+                                                  status.parameters_control)]
+    for kad in status.kads:
+        lines.append(i + "Key descriptor (%s): %s" % (_name(KAD_TYPE_NAMES, kad.descriptor_type),
+                                                      _kad_text(kad)))
+    if not status.kads:
+        lines.append(i + "Key descriptor: none")
+    lines.append("Supported algorithms:")
+    if capabilities is None:
+        lines.append(i + "not reported (capabilities page unreadable)")
+    else:
+        lines += [i + format_algorithm(a) for a in capabilities.algorithms]
+    lines.append("Next block:")
+    if next_block is None:
+        lines.append(i + "unavailable: %s" % why)
+    else:
+        lines += [i + "Logical object number: %d" % next_block.logical_object_number,
+                  i + "Encryption status: %s" % _name(ENCRYPTION_STATUS_NAMES,
+                                                      next_block.encryption_status),
+                  i + "Compression status: %s" % _name(COMPRESSION_STATUS_NAMES,
+                                                       next_block.compression_status)]
+        if next_block.encryption_status in (4, 5, 6):
+            lines.append(i + "Algorithm index: %d" % next_block.algorithm_index)
+        for kad in next_block.kads:
+            lines.append(i + "Key descriptor (%s): %s" % (
+                _name(KAD_TYPE_NAMES, kad.descriptor_type), _kad_text(kad)))
+    return "\n".join(lines) + "\n"
+
+
+def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None,
+                     transport=None):
+    """-v / volume-status: the next block's encryption status (Bareos's text or JSON)."""
+    out = out or sys.stdout
+    with _drive(device, timeout, transport) as t:
+        check_encryption_support(t)
+        nbes = read_next_block_status(t)
+    if as_json:
+        _json_dump({"device": device, "next_block_status": next_block_status_dict(nbes)}, out)
+        return EXIT_OK
+    out.write(format_volume_status_bareos(nbes))
+    out.flush()
+    return EXIT_OK
+
+
 # -- recovery operations --
 
 
@@ -1777,6 +3771,9 @@ def _legacy_parser():
     a("-w", "--wrap-unwrap-key", metavar="<keyfile>",
       help="wrap/unwrap the key using RFC3394 aes-(un)wrap using the key in "
            "keyfile as a Key Encryption Key")
+    # drive: SCSI command timeout (not in Bareos)
+    a("--timeout", metavar="SECONDS", type=_timeout_arg, default=DEFAULT_SCSI_TIMEOUT,
+      help="SCSI command timeout for -s, -c, -e, -v (default %d)" % DEFAULT_SCSI_TIMEOUT)
     a("--force", action="store_true", help="allow -g to replace a non-empty key file")
     a("--version", action="version", version="bscrypto.py " + __version__)
     a("device_name", nargs="?", help="name of device (e.g. /dev/nst0)")
@@ -1869,12 +3866,106 @@ def _legacy_cache_ops(ns):
     return None
 
 
+def _timeout_arg(text):
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("--timeout wants seconds, more than 0")
+    return value
+
+
 def _add_drive_commands(sub, common):
     """Drive subcommands."""
+    import argparse
+    drive = argparse.ArgumentParser(add_help=False)
+    drive.add_argument("--timeout", metavar="SECONDS", type=_timeout_arg,
+                       default=DEFAULT_SCSI_TIMEOUT,
+                       help="SCSI command timeout (default %d)" % DEFAULT_SCSI_TIMEOUT)
+    parents = [common, drive]
+
+    p = sub.add_parser(
+        "set-key", parents=parents, help="load a key into a tape drive (as -s)",
+        description="Load the key of a Bareos key file into the drive, as Bareos does "
+                    "(key bytes: passphrase[:31] + NUL), with the drive's AES-256-GCM "
+                    "algorithm index read from its capabilities page.")
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
+    p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
+    p.add_argument("-b", "--base64", action="store_true", help="the key file holds base64")
+    p.add_argument("--hex-key", metavar="FILE",
+                   help="load a raw 256-bit key: 64 hex digits, optional description line "
+                        "(stenc's key file) instead of a Bareos key file")
+    p.add_argument("--algorithm-index", metavar="N", type=int,
+                   help="use this algorithm index instead of the drive's AES-256-GCM")
+    p.add_argument("--ckod", action="store_true", help="clear the key when the tape is unloaded")
+    raw = p.add_mutually_exclusive_group()
+    raw.add_argument("--allow-raw-read", dest="raw_read", action="store_const", const=True,
+                     help="mark written blocks readable in raw (still encrypted) mode")
+    raw.add_argument("--no-raw-read", dest="raw_read", action="store_const", const=False,
+                     help="mark written blocks not readable in raw mode")
+    p.add_argument("--decrypt-only", action="store_true",
+                   help="read encrypted tapes but write unencrypted (encryption mode off)")
+    p.add_argument("--key-desc", metavar="TEXT",
+                   help="key descriptor (U-KAD) stored with each block, within the drive's "
+                        "limit; never put secrets in it")
+    p.set_defaults(run=_run_set_key)
+
+    p = sub.add_parser("clear-key", parents=parents, help="clear the drive key (as -c)",
+                       description="Turn the drive's encryption and decryption off and "
+                                   "replace its key with zeros (Bareos's clear page).")
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("--algorithm-index", metavar="N", type=int,
+                   help="algorithm index to send (default: the drive's AES-256-GCM, else 1)")
+    p.set_defaults(run=lambda ns: op_clear_key(ns.device, sys.stdout, ns.timeout,
+                                               algorithm_index=ns.algorithm_index))
+
+    p = sub.add_parser("drive-status", parents=parents,
+                       help="show the drive's encryption status (as -e)",
+                       description="Print the drive's data encryption status in Bareos's "
+                                   "words; --detail adds the drive's identity, algorithms, "
+                                   "key instance counter, key descriptor and next block.")
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("--detail", action="store_true", help="more than Bareos prints")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=lambda ns: op_drive_status(ns.device, ns.detail, ns.json, ns.timeout))
+
+    p = sub.add_parser("volume-status", parents=parents,
+                       help="show the next block's encryption status (as -v)",
+                       description="Print the encryption status of the block at the tape's "
+                                   "current position, in Bareos's words.")
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout))
+
+
+def _run_set_key(ns):
+    if (ns.keyfile is None) == (ns.hex_key is None):
+        raise UsageError("set-key needs a key file or --hex-key FILE (one of them)")
+    if ns.hex_key is not None and (ns.kek or ns.base64):
+        raise UsageError("--hex-key takes a raw key: -w and -b do not apply")
+    return op_set_key(ns.device, ns.keyfile, ns.kek, ns.base64, ns.hex_key, ns.timeout,
+                      sys.stdout, key_desc=ns.key_desc, algorithm_index=ns.algorithm_index,
+                      ckod=ns.ckod, raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
+                      prompt=sys.stdin.isatty())
 
 
 def _legacy_drive_ops(ns):
-    """-c, -e, -s, -v."""
+    """-c, -e, -s, -v in Bareos's order; -s and -c print nothing on success."""
+    device, timeout = ns.device_name, ns.timeout
+    if ns.clear_encryption:
+        return op_clear_key(device, timeout=timeout)
+    if ns.drive_encryption_status:
+        op_drive_status(device, timeout=timeout)
+    if ns.set_encryption_key:
+        return op_set_key(device, ns.set_encryption_key, ns.wrap_unwrap_key, ns.base64,
+                          timeout=timeout)
+    if ns.volume_encryption_status:
+        op_volume_status(device, timeout=timeout)
+    if ns.drive_encryption_status or ns.volume_encryption_status:
+        return EXIT_OK
     return None
 
 
