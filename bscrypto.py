@@ -1342,6 +1342,9 @@ def op_selftest(out=None):
 
 def _stdin_stream():
     stdin = sys.stdin
+    if stdin is None:       # started with stdin closed: no input
+        import io
+        return io.BytesIO(), False
     return getattr(stdin, "buffer", stdin), stdin.isatty()
 
 
@@ -1399,7 +1402,8 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
         except CacheMissingError:
             cache = CryptoCache([], None)
         entries, stats = apply_cache_updates(cache.entries, updates, now)
-        write = cache_changed(stats) or (layout is not None and target != cache.layout)
+        convert = layout is not None and cache.layout not in (None, target)
+        write = cache_changed(stats) or convert
         if write:
             if cache.layout not in (None, target):
                 debug(1, "%s: rewriting layout %s as %s" % (path, cache.layout.name, target.name))
@@ -1429,11 +1433,12 @@ def op_reset_cache(path, now=None, layout=None, backup=False):
 
 def op_lookup(volume, path, out=None):
     """Print the key cached for one volume (exit EXIT_NOT_FOUND if absent)."""
-    cache = read_cache(path)
-    for e in cache.entries:
-        if e.volume_name == volume:
+    # Compare bytes: argv may have been decoded with another encoding (C locale).
+    want = os.fsencode(volume) if isinstance(volume, str) else bytes(volume)
+    for e in read_cache(path, raw=True).entries:
+        if e.volume_name == want:
             out = out or _stdout_bytes()
-            out.write(_cache_bytes(e.encryption_key) + b"\n")
+            out.write(e.encryption_key + b"\n")
             out.flush()
             return EXIT_OK
     raise BscryptoError("volume %s is not in crypto cache %s" % (volume, path), EXIT_NOT_FOUND)

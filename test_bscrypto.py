@@ -528,8 +528,8 @@ class CacheTestCase(TempDirTestCase):
         return [n for n in os.listdir(self.tmp) if n.endswith(".tmp")]
 
 
-class TestCacheFormat(CacheTestCase):
-    """Reading and writing every layout, and the Bareos fixtures byte for byte."""
+class TestCacheFixtures(CacheTestCase):
+    """The cache written and dumped by Bareos's C bscrypto, byte for byte."""
 
     def setUp(self):
         CacheTestCase.setUp(self)
@@ -578,6 +578,38 @@ class TestCacheFormat(CacheTestCase):
             expected[32 + 280 * i:48 + 280 * i] = bytes(16)
         self.assertEqual(read_bytes(self.cache), bytes(expected))
         self.assertEqual(stat.S_IMODE(os.stat(self.cache).st_mode), 0o640)
+
+    def test_dump_json(self):
+        import json
+        rc, out, _ = cli("dump-cache", fixture("cache", "basic.cryptoc"), "--json",
+                         "--now", str(self.T + 60 * DAY + 1))
+        doc = json.loads(out.decode("ascii"))
+        self.assertEqual(doc["layout"], "lp64-le")
+        self.assertEqual(doc["count"], 4)
+        first = doc["entries"][0]
+        self.assertEqual(first["volume_name"], "Vol0001")
+        self.assertEqual(first["added"], self.T)
+        self.assertEqual(first["expires"], self.T + 60 * DAY)
+        self.assertEqual(first["added_utc"], "2026-11-25T17:42:04Z")
+        self.assertTrue(first["expired"])
+        self.assertEqual(json.loads(cli("-D", fixture("cache", "basic.cryptoc"), "--json",
+                                        "--now", str(self.T))[1].decode())["entries"][0]
+                         ["expired"], False)
+
+    def test_lookup(self):
+        rc, out, _ = cli("lookup", "Vol0002", fixture("cache", "basic.cryptoc"))
+        self.assertEqual((rc, out), (0, fixture_entries()[1][1] + b"\n"))
+        rc, out, err = cli("lookup", "Vol9999", fixture("cache", "basic.cryptoc"))
+        self.assertEqual((rc, out), (bscrypto.EXIT_NOT_FOUND, b""))
+        self.assertIn("Vol9999 is not in crypto cache", err)
+
+    def test_export_is_the_populate_input(self):
+        self.assertEqual(cli("export", fixture("cache", "basic.cryptoc"))[1],
+                         read_bytes(fixture("cache", "entries.tsv")))
+
+
+class TestCacheFormat(CacheTestCase):
+    """Reading and writing every layout; dump, JSON, lookup and export rules."""
 
     def test_every_layout_reads_and_writes(self):
         entries = [(b"Vol0001", b"key-one", self.T), (b"Full-0002", b"k" * 127, self.T - 5),
@@ -669,6 +701,10 @@ class TestCacheFormat(CacheTestCase):
         self.assertIn(b"\n" + name + b"     " + key + b" ", out)
         self.assertEqual(cli("export", self.cache)[1], name + b"\t" + key + b"\n")
         self.assertEqual(cli("lookup", e.volume_name, self.cache)[1], key + b"\n")
+        import json
+        doc = json.loads(cli("dump-cache", self.cache, "--json")[1].decode("ascii"))
+        self.assertEqual(doc["entries"][0]["volume_name"].encode("utf-8", "surrogateescape"),
+                         name)
 
     def test_empty_cache_dump_is_the_header_line(self):
         self.put(make_cache([]))
@@ -684,33 +720,7 @@ class TestCacheFormat(CacheTestCase):
                                    b"Expires             ")
         self.assertTrue(lines[1].startswith(b"V                k             " + stamp.encode()))
 
-    def test_dump_json(self):
-        import json
-        _, out, _ = cli("dump-cache", fixture("cache", "basic.cryptoc"), "--json",
-                         "--now", str(self.T + 60 * DAY + 1))
-        doc = json.loads(out.decode("ascii"))
-        self.assertEqual(doc["layout"], "lp64-le")
-        self.assertEqual(doc["count"], 4)
-        first = doc["entries"][0]
-        self.assertEqual(first["volume_name"], "Vol0001")
-        self.assertEqual(first["added"], self.T)
-        self.assertEqual(first["expires"], self.T + 60 * DAY)
-        self.assertEqual(first["added_utc"], "2026-11-25T17:42:04Z")
-        self.assertTrue(first["expired"])
-        self.assertEqual(json.loads(cli("-D", fixture("cache", "basic.cryptoc"), "--json",
-                                        "--now", str(self.T))[1].decode())["entries"][0]
-                         ["expired"], False)
-
-    def test_lookup(self):
-        rc, out, _ = cli("lookup", "Vol0002", fixture("cache", "basic.cryptoc"))
-        self.assertEqual((rc, out), (0, fixture_entries()[1][1] + b"\n"))
-        rc, out, err = cli("lookup", "Vol9999", fixture("cache", "basic.cryptoc"))
-        self.assertEqual((rc, out), (bscrypto.EXIT_NOT_FOUND, b""))
-        self.assertIn("Vol9999 is not in crypto cache", err)
-
     def test_export_round_trip(self):
-        self.assertEqual(cli("export", fixture("cache", "basic.cryptoc"))[1],
-                         read_bytes(fixture("cache", "entries.tsv")))
         rng = random.Random(31)
         printable = bytes(range(0x21, 0x7f)) + b" \x80\xff\r"
         rows = []
@@ -804,10 +814,8 @@ class TestCacheRules(CacheTestCase):
         self.assertIn(b"0 added, 0 updated, 2 unchanged, 0 expired removed; nothing changed",
                       out)
         self.assertEqual(self.snapshot(), before)
-        self.assertEqual(os.listdir(self.tmp), [os.path.basename(self.cache) + ".lock",
-                                                os.path.basename(self.cache)][::-1]
-                         if False else sorted(os.listdir(self.tmp)))
-        self.assertFalse([n for n in os.listdir(self.tmp) if n.endswith(".bak")])
+        self.assertEqual(sorted(os.listdir(self.tmp)),        # no backup, no temp file
+                         ["bareos-sd.9103.cryptoc", "bareos-sd.9103.cryptoc.lock"])
 
     def test_change_refreshes_matched_entries_too(self):
         # When something changes Bareos writes its list, where every matched
@@ -941,6 +949,14 @@ class TestCacheRules(CacheTestCase):
 
     def test_missing_cache_and_empty_input_creates_nothing(self):
         self.assertEqual(self.populate(b"")[0], 0)
+        self.assertEqual(self.populate(b"", "--layout", "ilp32-be")[0], 0)
+        self.assertFalse(os.path.exists(self.cache))
+        # Started with stdin closed (cron, `<&-`): no input, not a traceback.
+        child = subprocess.Popen(["/bin/sh", "-c", 'exec "$0" "$1" -p "$2" <&-', sys.executable,
+                                  SCRIPT, self.cache], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        out, err = child.communicate()
+        self.assertEqual((child.returncode, out, err), (0, b"", b""))
         self.assertFalse(os.path.exists(self.cache))
 
     def test_new_file_mode_and_kept_mode_and_owner(self):
@@ -970,13 +986,11 @@ class TestCacheRules(CacheTestCase):
                                  stdin=b"B-%s\tkb\n" % args[0].encode())[0], 0)
         backups = sorted(n for n in os.listdir(self.tmp) if n.endswith(".bak"))
         self.assertEqual(len(backups), 3)
-        import re
         self.assertRegex(backups[0], r"^bareos-sd\.9103\.cryptoc\.\d{8}T\d{6}Z(\.\d+)?\.bak$")
         self.assertIn(original, [read_bytes(self.path(b)) for b in backups])
         for b in backups:
             self.assertEqual(stat.S_IMODE(os.stat(self.path(b)).st_mode), 0o600)
             bscrypto.read_cache(self.path(b))
-        self.assertTrue(re)
 
     def test_no_backup_of_a_new_cache(self):
         self.assertEqual(self.populate("A\tka\n", "--backup")[0], 0)
