@@ -12,6 +12,7 @@ Sections, in the order data flows:
 
 import os
 import sys
+from collections import namedtuple
 
 __version__ = "1.0.0"
 
@@ -509,8 +510,675 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 # ---------------------------------------------------------------------------
 # Crypto cache
 # ---------------------------------------------------------------------------
+#
+# The storage daemon's <WorkingDirectory>/bareos-sd.<port>.cryptoc (FORMATS.md
+# section 5): a 32-byte header, then one raw C struct per entry in the
+# writing host's byte order and pointer size.  Names and keys are C strings;
+# they are held here as str decoded from UTF-8 with "surrogateescape", so any
+# byte sequence Bareos stored survives read, dump and write unchanged.
+#
+# Bareos erases a cache it cannot read and rewrites in place without a lock.
+# Here a cache that cannot be read is never changed; writers hold an flock on
+# CACHE.lock for the whole read-modify-write and replace the file by rename.
 
-# (cache: layout, read, update rules, atomic locked write)
+CACHE_ID = b"BAREOS Crypto Cache\n"     # char id[21]; Bareos ignores byte 20 (forces NUL)
+CACHE_VERSION = 1
+CACHE_HEADER_SIZE = 32                  # id[21], 3 padding bytes, int32 version, int32 count
+CACHE_STRING_SIZE = 128                 # Bareos MAX_NAME_LENGTH: 127 bytes and a NUL
+CACHE_EXPIRY_SECONDS = 60 * 24 * 3600   # Bareos CRYPTO_CACHE_MAX_AGE
+CACHE_NEW_FILE_MODE = 0o640             # what Bareos creates
+DEFAULT_CACHE_PATH = "/var/lib/bareos/bareos-sd.9103.cryptoc"
+CACHE_PROMPT = "Enter cache entrie(s) (close with ^D): "
+_CACHE_TEXT = ("utf-8", "surrogateescape")
+
+# An entry is struct { dlink (2 pointers); char VolumeName[128];
+# char EncryptionKey[128]; int64 added; }.  On 32-bit hosts the pointers take 8
+# bytes and the int64 lands at 264, already 8-aligned, so the entry is 272
+# bytes (gcc -m32 agrees; FORMATS.md's 268 does not add up).
+CacheLayout = namedtuple("CacheLayout", "name byteorder pointer_size entry_size description")
+CACHE_LAYOUTS = (
+    CacheLayout("lp64-le", "<", 8, 280, "64-bit little-endian: x86_64, aarch64, ppc64le"),
+    CacheLayout("ilp32-le", "<", 4, 272, "32-bit little-endian: i386, armhf"),
+    CacheLayout("lp64-be", ">", 8, 280, "64-bit big-endian: s390x, ppc64, sparc64"),
+    CacheLayout("ilp32-be", ">", 4, 272, "32-bit big-endian: powerpc, mips"),
+)
+CacheEntry = namedtuple("CacheEntry", "volume_name encryption_key added")
+CryptoCache = namedtuple("CryptoCache", "entries layout")
+
+
+class CacheError(BscryptoError):
+    exit_code = EXIT_CACHE
+
+
+class CacheMissingError(CacheError):
+    """The cache file does not exist (populate then starts a new one)."""
+
+
+def warn(message):
+    sys.stderr.write("bscrypto: warning: %s\n" % message)
+
+
+def host_cache_layout():
+    """The layout the storage daemon on this host writes."""
+    import struct
+    order = "<" if sys.byteorder == "little" else ">"
+    pointer = 4 if struct.calcsize("P") == 4 else 8
+    for layout in CACHE_LAYOUTS:
+        if layout.byteorder == order and layout.pointer_size == pointer:
+            return layout
+    raise AssertionError("no cache layout for this host")
+
+
+def cache_layout(name):
+    """A CacheLayout by name; None or a CacheLayout pass through."""
+    if name is None or isinstance(name, CacheLayout):
+        return name or host_cache_layout()
+    for layout in CACHE_LAYOUTS:
+        if layout.name == name:
+            return layout
+    raise UsageError("unknown cache layout %r: use one of %s"
+                     % (name, ", ".join(layout.name for layout in CACHE_LAYOUTS)))
+
+
+def _entry_struct(layout):
+    import struct
+    return struct.Struct("%s%dx%ds%dsq" % (layout.byteorder, 2 * layout.pointer_size,
+                                           CACHE_STRING_SIZE, CACHE_STRING_SIZE))
+
+
+class _GcPaused:
+    """Pause the cyclic GC while building many tuples (none of them in cycles).
+
+    Otherwise each full collection rescans every entry already built, and
+    100,000 entries take 1.5-2x as long as 10 x 10,000.
+    """
+
+    def __enter__(self):
+        import gc
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was_enabled:
+            import gc
+            gc.enable()
+        return False
+
+
+def _gc_paused(func):
+    """Decorator: run func with the cyclic GC paused (see _GcPaused)."""
+    def run(*args, **kw):
+        with _GcPaused():
+            return func(*args, **kw)
+    run.__name__, run.__doc__ = func.__name__, func.__doc__
+    return run
+
+
+def _cache_bytes(text):
+    return text if isinstance(text, bytes) else text.encode(*_CACHE_TEXT)
+
+
+_PLAUSIBLE_CHECKED = 64
+
+
+def _plausible_entries(data, layout, count):
+    """How many of the first entries look real under this layout.
+
+    Real: a non-empty NUL-terminated name, a NUL-terminated key and a time
+    after 1970 and before year 36812.  Read with the wrong layout, the time
+    lands in the zero tail of a key and the name on pointer bytes.
+    """
+    st = _entry_struct(layout)
+    score = 0
+    for i in range(min(count, _PLAUSIBLE_CHECKED)):
+        name, key, added = st.unpack_from(data, CACHE_HEADER_SIZE + i * layout.entry_size)
+        if name[:1] not in (b"", b"\0") and b"\0" in name and b"\0" in key and 0 < added < 1 << 40:
+            score += 1
+    return score
+
+
+def _detect_layout(data, source):
+    import struct
+    size = len(data)
+    if size < CACHE_HEADER_SIZE:
+        raise CacheError("%s is not a crypto cache: %d bytes, shorter than the %d-byte header; "
+                         "left untouched" % (source, size, CACHE_HEADER_SIZE))
+    if data[:len(CACHE_ID)] != CACHE_ID:
+        raise CacheError("%s is not a Bareos crypto cache: its header id is not 'BAREOS Crypto "
+                         "Cache'; left untouched" % source)
+    orders = [o for o in "<>" if struct.unpack_from(o + "i", data, 24)[0] == CACHE_VERSION]
+    if not orders:
+        version = struct.unpack_from("=i", data, 24)[0]
+        raise CacheError("%s: crypto cache version %d, only version %d is known; left untouched"
+                         % (source, version, CACHE_VERSION))
+    order = orders[0]
+    count = struct.unpack_from(order + "i", data, 28)[0]
+    if count < 0:
+        raise CacheError("%s: header gives a negative entry count (%d): damaged; left untouched"
+                         % (source, count))
+    body = size - CACHE_HEADER_SIZE
+    fits = [lay for lay in CACHE_LAYOUTS if lay.byteorder == order
+            and body >= count * lay.entry_size]
+    if not fits:
+        smallest = min(lay.entry_size for lay in CACHE_LAYOUTS)
+        raise CacheError("%s: header counts %d entries but only %d bytes follow it, at least %d "
+                         "needed (truncated?); left untouched"
+                         % (source, count, body, count * smallest))
+    # A layout that leaves bytes over must show real-looking entries: a
+    # truncated 64-bit file would otherwise pass for 32-bit plus garbage.
+    checked = min(count, _PLAUSIBLE_CHECKED)
+    scored = []
+    for lay in fits:
+        score = _plausible_entries(data, lay, count)
+        exact = body == count * lay.entry_size
+        if exact or 2 * score > checked:
+            scored.append((score, exact, lay))
+    if not scored:
+        raise CacheError("%s: %d bytes after the header hold %d entries in no known layout "
+                         "(truncated or damaged?); left untouched" % (source, body, count))
+    # Both pointer sizes can fit (always so for a 64-bit file): real-looking
+    # entries win, then an exact size, then this host's pointer size.
+    host = host_cache_layout()
+    ranked = sorted(scored, key=lambda t: (-t[0], not t[1],
+                                           t[2].pointer_size != host.pointer_size))
+    if len(ranked) > 1:
+        debug(2, "%s: %s fit; chose %s" % (source, " and ".join(t[2].name for t in ranked),
+                                           ranked[0][2].name))
+    return ranked[0][2], count
+
+
+@_gc_paused
+def parse_cache(data, source="crypto cache", raw=False):
+    """(CryptoCache, number of trailing bytes) from a cache file's bytes.
+
+    CacheError for anything that is not a whole, readable cache; bytes after
+    the counted entries are reported, not an error (the caller warns).
+    raw=True keeps names and keys as bytes (for printing them as they are).
+    """
+    layout, count = _detect_layout(data, source)
+    end = CACHE_HEADER_SIZE + count * layout.entry_size
+    entries = []
+    append = entries.append
+    make = CacheEntry
+    text = _CACHE_TEXT
+    for i, (name, key, added) in enumerate(
+            _entry_struct(layout).iter_unpack(memoryview(data)[CACHE_HEADER_SIZE:end])):
+        n = name.find(b"\0")
+        k = key.find(b"\0")
+        if n < 0 or k < 0:
+            raise CacheError("%s: the %s of entry %d is not NUL-terminated: damaged; left "
+                             "untouched" % (source, "volume name" if n < 0 else "key", i + 1))
+        if raw:
+            append(make(name[:n], key[:k], added))
+        else:
+            append(make(name[:n].decode(*text), key[:k].decode(*text), added))
+    return CryptoCache(entries, layout), len(data) - end
+
+
+def _read_cache_bytes(path):
+    import errno
+    import stat
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CacheError("%s is not a regular file, not a crypto cache" % path)
+            return f.read()
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise CacheMissingError("crypto cache %s does not exist (the storage daemon's is "
+                                    "<WorkingDirectory>/bareos-sd.<port>.cryptoc)" % path)
+        raise CacheError("cannot read crypto cache %s: %s" % (path, e.strerror or e))
+
+
+def read_cache(path, raw=False):
+    """Read a cache of any layout; CacheError when it cannot.  Never writes.
+
+    Names and keys are str (UTF-8, surrogateescape), or bytes with raw=True.
+    """
+    cache, trailing = parse_cache(_read_cache_bytes(path), path, raw)
+    debug(1, "%s: layout %s (%s), %d entries of %d bytes"
+          % (path, cache.layout.name, cache.layout.description, len(cache.entries),
+             cache.layout.entry_size))
+    if trailing:
+        warn("%s: %d bytes after the %d entries its header counts; ignored (a rewrite drops "
+             "them)" % (path, trailing, len(cache.entries)))
+    return cache
+
+
+def cache_string_problem(value, what):
+    """Why a volume name or key cannot be stored in a cache entry, or None."""
+    try:
+        raw = _cache_bytes(value)
+    except (UnicodeError, AttributeError):
+        return "%s is not text" % what
+    if b"\0" in raw:
+        return "%s contains a NUL byte" % what
+    if len(raw) >= CACHE_STRING_SIZE:
+        return "%s is %d bytes, at most %d fit" % (what, len(raw), CACHE_STRING_SIZE - 1)
+    return None
+
+
+def build_cache(entries, layout=None):
+    """The bytes (a bytearray) of a cache file; pointer bytes are written as zeros."""
+    import struct
+    layout = cache_layout(layout)
+    if len(entries) > 0x7FFFFFFF:
+        raise CacheError("%d entries do not fit a crypto cache" % len(entries))
+    size = _entry_struct(layout).size
+    buf = bytearray(CACHE_HEADER_SIZE + len(entries) * size)
+    struct.pack_into(layout.byteorder + "21s3xii", buf, 0, CACHE_ID, CACHE_VERSION, len(entries))
+    pack_into = _entry_struct(layout).pack_into
+    limit = CACHE_STRING_SIZE
+    offset = CACHE_HEADER_SIZE
+    for i, e in enumerate(entries):
+        try:
+            name, key, added = e
+            name = name if isinstance(name, bytes) else name.encode(*_CACHE_TEXT)
+            key = key if isinstance(key, bytes) else key.encode(*_CACHE_TEXT)
+            if len(name) < limit and len(key) < limit and b"\0" not in name and b"\0" not in key:
+                pack_into(buf, offset, name, key, added)
+                offset += size
+                continue
+        except (struct.error, UnicodeError, TypeError, ValueError, AttributeError):
+            pass
+        problem = (cache_string_problem(e[0], "volume name")
+                   or cache_string_problem(e[1], "encryption key")
+                   or "time added %r is not a 64-bit integer" % (e[2],))
+        raise CacheError("cannot store entry %d: %s" % (i + 1, problem))
+    return buf
+
+
+def resolve_now(now=None):
+    """"Now" in Unix seconds: the value given, else SOURCE_DATE_EPOCH, else the clock."""
+    if now is not None:
+        return int(now)
+    env = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise UsageError("SOURCE_DATE_EPOCH must be whole seconds since 1970, not %r" % env)
+    import time
+    return int(time.time())
+
+
+# -- Bareos's update rules, kept linear with a name index --
+
+
+@_gc_paused
+def apply_cache_updates(entries, updates, now):
+    """Bareos's UpdateCryptoCache for each (volume_name, encryption_key), in order.
+
+    A known name gets the new key (if different) and added = now; every
+    *other* entry older than CACHE_EXPIRY_SECONDS is removed (strictly older:
+    exactly 60 days is kept); a new name is appended.  Bareos scans the whole
+    list on every update; with a fixed "now" only the first update can find
+    expired entries, so one pass and a dict index give the same list.
+    Returns (new list, stats); stats "added", "updated", "unchanged" count
+    updates, "expired_removed" entries.  Something changed (Bareos writes
+    the file) when added + updated + expired_removed > 0.
+    """
+    now = int(now)
+    result = list(entries)
+    added = updated = unchanged = expired = 0
+    index = None        # name -> position of its first entry
+    repeats = {}        # name -> later positions (only a damaged file repeats a name)
+    oldest_kept = now - CACHE_EXPIRY_SECONDS    # Bareos: expired if added + max age < now
+    make = CacheEntry
+    for name, key in updates:
+        name = _cache_text(name, "volume name")
+        key = _cache_text(key, "encryption key")
+        if index is None:
+            kept = [e for e in result if e.added >= oldest_kept or e.volume_name == name]
+            expired = len(result) - len(kept)
+            result = kept
+            index = {}
+            for i, e in enumerate(result):
+                if index.setdefault(e.volume_name, i) != i:
+                    repeats.setdefault(e.volume_name, []).append(i)
+        i = index.get(name)
+        if i is None:
+            index[name] = len(result)
+            result.append(make(name, key, now))
+            added += 1
+            continue
+        changed = result[i].encryption_key != key
+        result[i] = make(name, key, now)
+        for i in repeats.get(name, ()):     # Bareos updates every entry of the name
+            changed = changed or result[i].encryption_key != key
+            result[i] = make(name, key, now)
+        if changed:
+            updated += 1
+        else:
+            unchanged += 1
+    return result, {"added": added, "updated": updated, "unchanged": unchanged,
+                    "expired_removed": expired}
+
+
+def _cache_text(value, what):
+    """value (str or bytes) as str, or CacheError if a cache entry cannot hold it."""
+    if isinstance(value, str):
+        try:
+            raw = value.encode(*_CACHE_TEXT)
+        except UnicodeError:
+            raw = None
+    else:
+        raw = bytes(value) if isinstance(value, (bytes, bytearray)) else None
+    if raw is not None and len(raw) < CACHE_STRING_SIZE and b"\0" not in raw:
+        return value if isinstance(value, str) else raw.decode(*_CACHE_TEXT)
+    # Name the volume, never the key.
+    raise CacheError("cannot add %s to the cache: %s" % (
+        "volume %r" % (value,) if what == "volume name" else "an entry",
+        cache_string_problem(value, what)))
+
+
+@_gc_paused
+def reset_cache_times(entries, now):
+    """Bareos's ResetCryptoCache: every entry added = now."""
+    now = int(now)
+    make = CacheEntry
+    return [e if e.added == now else make(e.volume_name, e.encryption_key, now)
+            for e in entries]
+
+
+def cache_changed(stats):
+    return bool(stats["added"] or stats["updated"] or stats["expired_removed"])
+
+
+# -- populate input: VolumeName<TAB>EncryptionKey lines --
+
+
+_EARLY_BLANK = "empty line before more entries (Bareos would stop reading there)"
+
+
+@_gc_paused
+def parse_cache_input(lines):
+    """(updates, problems) from populate input lines (bytes).
+
+    Bareos strips trailing newline, CR and space characters and stops at the
+    first line without a TAB.  Here an empty line or the end of input ends
+    it; anything else without a TAB, an empty name or key, a NUL, or more
+    than 127 bytes is a problem (line number, text), as is an empty line
+    with entries after it (Bareos would silently drop them).
+    """
+    updates, problems = [], []
+    blank = None
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip(b"\r\n ")
+        if not line:
+            blank = blank or number
+            continue
+        if blank:
+            problems.append((blank, _EARLY_BLANK))
+            blank = None
+        name, tab, key = line.partition(b"\t")
+        if not tab:
+            problem = "no TAB between volume name and encryption key"
+        elif not name:
+            problem = "empty volume name"
+        elif not key:
+            problem = "empty encryption key"
+        elif len(name) < CACHE_STRING_SIZE and len(key) < CACHE_STRING_SIZE \
+                and b"\0" not in line:
+            updates.append((name.decode(*_CACHE_TEXT), key.decode(*_CACHE_TEXT)))
+            continue
+        else:
+            problem = (cache_string_problem(name, "volume name")
+                       or cache_string_problem(key, "encryption key"))
+        problems.append((number, problem))
+    return updates, problems
+
+
+def _read_cache_input(stream, interactive):
+    """Input lines: all of a pipe or file; on a terminal, up to an empty line or ^D."""
+    if not interactive:
+        lines = stream.read().split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        return lines
+    lines = []
+    while True:
+        line = stream.readline()
+        if not line or not line.rstrip(b"\r\n "):
+            return lines
+        lines.append(line)
+
+
+# -- rendering: Bareos's table, JSON, the populate TSV --
+
+
+def _time_text(t, fmt, convert, memo):
+    """strftime of Unix time t as ASCII bytes, remembered in memo."""
+    text = memo.get(t)
+    if text is None:
+        import time
+        try:
+            text = time.strftime(fmt, convert(t)).encode("ascii")
+        except (OverflowError, OSError, ValueError):
+            text = str(t).encode("ascii")     # beyond what the C library converts
+        memo[t] = text
+    return text
+
+
+def format_cache_table(entries):
+    """Bareos's -D output, as bytes: its own "%-*s %-*s %-20s %-20s" rows, local time."""
+    import time
+    names = [_cache_bytes(e[0]) for e in entries]
+    keys = [_cache_bytes(e[1]) for e in entries]
+    name_width = max([len(b"Volumename")] + [len(n) for n in names])
+    key_width = max([len(b"EncryptionKey")] + [len(k) for k in keys])
+    row = b"%-*s %-*s %-20s %-20s\n"
+    memo = {}
+    fmt, local = "%Y-%m-%d %H:%M:%S", time.localtime
+    lines = [row % (name_width, b"Volumename", key_width, b"EncryptionKey", b"Added",
+                    b"Expires")]
+    for name, key, e in zip(names, keys, entries):
+        added = e[2]
+        lines.append(row % (name_width, name, key_width, key, _time_text(added, fmt, local, memo),
+                            _time_text(added + CACHE_EXPIRY_SECONDS, fmt, local, memo)))
+    return b"".join(lines)
+
+
+def cache_to_json(cache, path, now):
+    """The cache as a JSON document (text); names and keys are surrogate-escaped str."""
+    import json
+    import time
+    memo = {}
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    rows = []
+    for e in cache.entries:
+        expires = e.added + CACHE_EXPIRY_SECONDS
+        rows.append({"volume_name": e.volume_name, "encryption_key": e.encryption_key,
+                     "added": e.added, "expires": expires,
+                     "added_utc": _time_text(e.added, fmt, time.gmtime, memo).decode(),
+                     "expires_utc": _time_text(expires, fmt, time.gmtime, memo).decode(),
+                     "expired": expires < now})
+    doc = {"cache": path, "layout": cache.layout.name, "entry_size": cache.layout.entry_size,
+           "now": now, "count": len(rows), "entries": rows}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def format_cache_tsv(entries):
+    """The populate input that gives back these names and keys, in order (bytes).
+
+    CacheError for an entry a TSV line cannot carry unchanged (a TAB or
+    newline in the name, a newline or trailing space/CR in the key, empty).
+    """
+    lines = []
+    for i, e in enumerate(entries):
+        name, key = _cache_bytes(e.volume_name), _cache_bytes(e.encryption_key)
+        if not name or b"\t" in name or b"\n" in name:
+            problem = "its volume name is empty or holds a TAB or newline"
+        elif not key or b"\n" in key or key.rstrip(b"\r ") != key:
+            problem = "its key is empty, holds a newline or ends in a space or CR"
+        else:
+            lines.append(b"%s\t%s\n" % (name, key))
+            continue
+        raise CacheError("cannot export entry %d (%r): %s, so populate would not read it back "
+                         "the same" % (i + 1, e.volume_name, problem))
+    return b"".join(lines)
+
+
+# -- locking and atomic, durable replacement --
+
+
+class _CacheLock:
+    """Exclusive flock on CACHE.lock; released on exit (and by the kernel on death)."""
+
+    def __init__(self, path):
+        self.path = os.path.realpath(path) + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        import errno
+        import fcntl
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, CACHE_NEW_FILE_MODE)
+        except OSError as e:
+            raise CacheError("cannot open lock file %s: %s" % (self.path, e.strerror or e))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                debug(1, "waiting for the lock on %s" % self.path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            raise CacheError("cannot lock %s: %s" % (self.path, e.strerror or e))
+        self.fd = fd
+        _give_owner_of(self.path[:-len(".lock")], fd)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+def cache_lock(path):
+    """Context manager: exclusive flock on path + ".lock" around a read-modify-write."""
+    return _CacheLock(path)
+
+
+def _give_owner_of(original, fd):
+    """Give fd's file the owner of original (if it exists and differs); best effort."""
+    try:
+        st = os.stat(original)
+        mine = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (mine.st_uid, mine.st_gid):
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        pass
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass    # some filesystems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(directory, base):
+    """Temporary files of writers that died (killed mid-write) beside the cache."""
+    prefix = "." + base + "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix):].split(".")
+        if not (name.startswith(prefix) and name.endswith(".tmp") and len(parts) == 3
+                and parts[0].isdigit()):
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+            continue                    # its writer still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue                    # alive under another user
+        try:
+            os.unlink(os.path.join(directory, name))
+            debug(1, "removed %s left by a writer that died" % name)
+        except OSError:
+            pass
+
+
+def _replace_file(path, data, like=None, mode=CACHE_NEW_FILE_MODE):
+    """Write data to path by temp file, fsync and rename; owner and mode from `like`."""
+    import binascii
+    directory, base = os.path.split(path)
+    directory = directory or "."
+    _remove_stale_temps(directory, base)
+    tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        base, os.getpid(), binascii.hexlify(os.urandom(4)).decode("ascii")))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.fsync(fd)
+            if like is not None:
+                _give_owner_of(like, fd)
+                mode = os.stat(like).st_mode & 0o7777
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CacheError("cannot write %s: %s; the old file is unchanged"
+                         % (path, e.strerror or e))
+    _fsync_directory(directory)
+
+
+def backup_cache(path):
+    """Copy the cache to CACHE.YYYYmmddTHHMMSSZ.bak (same mode, owner); its path or None."""
+    import time
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        return None
+    data = _read_cache_bytes(real)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = "%s.%s.bak" % (real, stamp)
+    n = 0
+    while os.path.lexists(backup):
+        n += 1
+        backup = "%s.%s.%d.bak" % (real, stamp, n)
+    _replace_file(backup, data, like=real)
+    debug(1, "kept a copy of %s as %s" % (real, backup))
+    return backup
+
+
+def write_cache(path, entries, layout=None, backup=False):
+    """Atomically replace the cache (caller holds cache_lock).
+
+    Temp file in the same directory, fsync, the original's mode and owner
+    (0640 for a new file), rename over, fsync the directory: a crash leaves
+    the old cache or the new one.  `backup` first keeps a timestamped copy.
+    """
+    layout = cache_layout(layout)
+    data = build_cache(entries, layout)      # refuse bad entries before touching anything
+    real = os.path.realpath(path)
+    if backup:
+        backup_cache(real)
+    _replace_file(real, data, like=real if os.path.exists(real) else None)
+    debug(1, "wrote %d entries to %s (layout %s)" % (len(entries), real, layout.name))
 
 
 # ---------------------------------------------------------------------------
@@ -3145,6 +3813,119 @@ def op_selftest(out=None):
 # -- cache operations --
 
 
+def _stdin_stream():
+    stdin = sys.stdin
+    if stdin is None:       # started with stdin closed: no input
+        import io
+        return io.BytesIO(), False
+    return getattr(stdin, "buffer", stdin), stdin.isatty()
+
+
+def op_dump_cache(path, as_json=False, now=None, out=None):
+    """-D: Bareos's table of the cache (or JSON); never changes the file."""
+    cache = read_cache(path, raw=not as_json)
+    out = out or _stdout_bytes()
+    if as_json:
+        out.write(cache_to_json(cache, path, resolve_now(now)).encode("ascii"))
+    else:
+        out.write(format_cache_table(cache.entries))
+    out.flush()
+    return EXIT_OK
+
+
+def _report_bad_lines(problems, path, skip):
+    shown = problems if skip else problems[:20]
+    for number, problem in shown:
+        if skip:
+            warn("line %d skipped: %s" % (number, problem))
+        else:
+            sys.stderr.write("bscrypto: line %d: %s\n" % (number, problem))
+    if skip:
+        return
+    if len(problems) > len(shown):
+        sys.stderr.write("bscrypto: ... and %d more bad lines\n" % (len(problems) - len(shown)))
+    raise UsageError("nothing written to %s: %d bad input line%s; fix %s or add "
+                     "--skip-bad-lines" % (path, len(problems), "s" if len(problems) > 1 else "",
+                                            "them" if len(problems) > 1 else "it"))
+
+
+def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=False,
+                      stream=None, interactive=None, summary=False):
+    """-p: add VolumeName<TAB>EncryptionKey lines from stdin with Bareos's rules.
+
+    Nothing is written when any line is bad (unless skip_bad_lines), when the
+    cache cannot be read, or when nothing changed.
+    """
+    now = resolve_now(now)
+    target = cache_layout(layout)
+    if stream is None:
+        stream, tty = _stdin_stream()
+        interactive = tty if interactive is None else interactive
+    if interactive:
+        if os.path.exists(path):
+            read_cache(path)    # fail before the user types anything
+        sys.stdout.write(CACHE_PROMPT)
+        sys.stdout.flush()
+    updates, problems = parse_cache_input(_read_cache_input(stream, interactive))
+    if problems:
+        _report_bad_lines(problems, path, skip_bad_lines)
+    with cache_lock(path):
+        try:
+            cache = read_cache(path)
+        except CacheMissingError:
+            cache = CryptoCache([], None)
+        entries, stats = apply_cache_updates(cache.entries, updates, now)
+        convert = layout is not None and cache.layout not in (None, target)
+        write = cache_changed(stats) or convert
+        if write:
+            if cache.layout not in (None, target):
+                debug(1, "%s: rewriting layout %s as %s" % (path, cache.layout.name, target.name))
+            write_cache(path, entries, target, backup)
+    text = ("%s: %d added, %d updated, %d unchanged, %d expired removed; %s"
+            % (path, stats["added"], stats["updated"], stats["unchanged"],
+               stats["expired_removed"], "written" if write else "nothing changed, not written"))
+    debug(1, text)
+    if summary:
+        sys.stdout.write(text + "\n")
+    return EXIT_OK
+
+
+def op_reset_cache(path, now=None, layout=None, backup=False):
+    """-r: set every entry's time added to now (a missing cache is an error)."""
+    now = resolve_now(now)
+    target = cache_layout(layout)
+    with cache_lock(path):
+        cache = read_cache(path, raw=True)
+        entries = reset_cache_times(cache.entries, now)
+        if entries != cache.entries or (layout is not None and target != cache.layout):
+            write_cache(path, entries, target, backup)
+        else:
+            debug(1, "%s: every entry already has time %d; not written" % (path, now))
+    return EXIT_OK
+
+
+def op_lookup(volume, path, out=None):
+    """Print the key cached for one volume (exit EXIT_NOT_FOUND if absent)."""
+    # Compare bytes: argv may have been decoded with another encoding (C locale).
+    want = os.fsencode(volume) if isinstance(volume, str) else bytes(volume)
+    for e in read_cache(path, raw=True).entries:
+        if e.volume_name == want:
+            out = out or _stdout_bytes()
+            out.write(e.encryption_key + b"\n")
+            out.flush()
+            return EXIT_OK
+    raise BscryptoError("volume %s is not in crypto cache %s" % (volume, path), EXIT_NOT_FOUND)
+
+
+def op_export_cache(path, out=None):
+    """The cache as the TSV that populate reads (keys included: keep it private)."""
+    data = format_cache_tsv(read_cache(path).entries)
+    out = out or _stdout_bytes()
+    out.write(data)
+    out.flush()
+    return EXIT_OK
+
+
 # -- drive operations --
 
 
@@ -3774,6 +4555,15 @@ def _legacy_parser():
     # drive: SCSI command timeout (not in Bareos)
     a("--timeout", metavar="SECONDS", type=_timeout_arg, default=DEFAULT_SCSI_TIMEOUT,
       help="SCSI command timeout for -s, -c, -e, -v (default %d)" % DEFAULT_SCSI_TIMEOUT)
+    # Crypto cache options (bscrypto.py additions, for -D, -p and -r).
+    a("--json", action="store_true", help="-D: print the cache as JSON")
+    a("--backup", action="store_true", help="-p, -r: first keep a timestamped copy of the cache")
+    a("--now", metavar="EPOCH", type=int,
+      help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else the clock)")
+    a("--layout", choices=[layout.name for layout in CACHE_LAYOUTS],
+      help="-p, -r: write this cache layout (default: this host's)")
+    a("--skip-bad-lines", action="store_true",
+      help="-p: warn about bad input lines and apply the good ones")
     a("--force", action="store_true", help="allow -g to replace a non-empty key file")
     a("--version", action="version", version="bscrypto.py " + __version__)
     a("device_name", nargs="?", help="name of device (e.g. /dev/nst0)")
@@ -3859,10 +4649,76 @@ def _legacy_key_ops(ns):
 
 def _add_cache_commands(sub, common):
     """Crypto cache subcommands."""
+    layouts = [layout.name for layout in CACHE_LAYOUTS]
+
+    def cache_arg(p):
+        p.add_argument("cache", nargs="?", default=DEFAULT_CACHE_PATH, metavar="CACHE",
+                       help="crypto cache file (default %(default)s)")
+
+    def writer_args(p):
+        p.add_argument("--backup", action="store_true",
+                       help="first keep a copy as CACHE.<UTC time>.bak")
+        p.add_argument("--layout", choices=layouts,
+                       help="write this layout (default: this host's, %s)"
+                            % host_cache_layout().name)
+        p.add_argument("--now", metavar="EPOCH", type=int,
+                       help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else "
+                            "the clock)")
+
+    p = sub.add_parser("dump-cache", parents=[common], help="print the crypto cache (as -D)",
+                       description="Print the cache as Bareos's bscrypto -D does (local "
+                                   "time), or as JSON. Never changes the file.")
+    cache_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--now", metavar="EPOCH", type=int, help="'now' for the JSON 'expired' flag")
+    p.set_defaults(run=lambda ns: op_dump_cache(ns.cache, ns.json, ns.now))
+
+    p = sub.add_parser("populate-cache", parents=[common],
+                       help="add VolumeName<TAB>Key lines from stdin (as -p)",
+                       description="Read VolumeName<TAB>EncryptionKey lines from standard "
+                                   "input and update the cache with Bareos's rules: a known "
+                                   "name gets the new key and time now, expired entries go, "
+                                   "new names are appended. Any bad line: nothing is written.")
+    cache_arg(p)
+    writer_args(p)
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="warn about bad input lines and apply the good ones")
+    p.set_defaults(run=lambda ns: op_populate_cache(ns.cache, ns.now, ns.layout, ns.backup,
+                                                    ns.skip_bad_lines, summary=True))
+
+    p = sub.add_parser("reset-cache", parents=[common],
+                       help="set every entry's time to now (as -r)",
+                       description="Set the time added of every entry to now, restarting "
+                                   "its 60 days.")
+    cache_arg(p)
+    writer_args(p)
+    p.set_defaults(run=lambda ns: op_reset_cache(ns.cache, ns.now, ns.layout, ns.backup))
+
+    p = sub.add_parser("lookup", parents=[common], help="print the cached key of one volume",
+                       description="Print the encryption key cached for VOLUME, as the "
+                                   "director sent it. Exit %d if the volume is not cached."
+                                   % EXIT_NOT_FOUND)
+    p.add_argument("volume", metavar="VOLUME", help="volume name")
+    cache_arg(p)
+    p.set_defaults(run=lambda ns: op_lookup(ns.volume, ns.cache))
+
+    p = sub.add_parser("export", parents=[common], help="print the cache as populate input",
+                       description="Print VolumeName<TAB>EncryptionKey lines that "
+                                   "populate-cache reads back to the same names and keys. "
+                                   "The output holds keys: keep it private.")
+    cache_arg(p)
+    p.set_defaults(run=lambda ns: op_export_cache(ns.cache))
 
 
 def _legacy_cache_ops(ns):
-    """-D, -p, -r."""
+    """-D, -p, -r (Bareos's order: the first one given runs)."""
+    if ns.dump_cache:
+        return op_dump_cache(ns.dump_cache, ns.json, ns.now)
+    if ns.populate_cachefile:
+        return op_populate_cache(ns.populate_cachefile, ns.now, ns.layout, ns.backup,
+                                 ns.skip_bad_lines)
+    if ns.reset_expiry_time:
+        return op_reset_cache(ns.reset_expiry_time, ns.now, ns.layout, ns.backup)
     return None
 
 

@@ -461,7 +461,824 @@ class TestKeyFiles(TempDirTestCase):
 # Crypto cache
 # ---------------------------------------------------------------------------
 
-# (cache tests)
+# Fixture cache: written by Bareos's C bscrypto -p from entries.tsv at this time.
+CACHE_FIXTURE_TIME = 1795628524
+DAY = 24 * 3600
+FUZZ_FULL = os.environ.get("BSCRYPTO_FUZZ") == "full"
+
+
+def make_cache(entries, pointer_size=8, big_endian=False, pointer_fill=b"", count=None,
+               version=1, trailing=b""):
+    """A cache file built from FORMATS.md section 5 offsets, independently of bscrypto.
+
+    32-bit entries: 8 pointer bytes, names at 8 and 136, int64 at 264, 272 bytes.
+    """
+    import struct
+    order = ">" if big_endian else "<"
+    size = 280 if pointer_size == 8 else 272
+    out = bytearray(b"BAREOS Crypto Cache\n\0\0\0\0")
+    out += struct.pack(order + "ii", version, len(entries) if count is None else count)
+    for name, key, added in entries:
+        e = bytearray(size)
+        e[0:2 * pointer_size] = (pointer_fill * 16)[:2 * pointer_size].ljust(2 * pointer_size,
+                                                                            b"\0")
+        base = 2 * pointer_size
+        e[base:base + len(name)] = name
+        e[base + 128:base + 128 + len(key)] = key
+        e[base + 256:base + 264] = struct.pack(order + "q", added)
+        out += e
+    return bytes(out + trailing)
+
+
+def fixture_entries():
+    with open(fixture("cache", "entries.tsv"), "rb") as f:
+        return [tuple(line.rstrip(b"\n").split(b"\t")) for line in f]
+
+
+class CacheTestCase(TempDirTestCase):
+    T = CACHE_FIXTURE_TIME
+
+    def setUp(self):
+        TempDirTestCase.setUp(self)
+        self.cache = self.path("bareos-sd.9103.cryptoc")
+
+    def put(self, data, path=None):
+        """Write a cache file with an old mtime, so any rewrite shows."""
+        path = path or self.cache
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o640)
+        os.utime(path, ns=(1000000000 * 10 ** 9, 1000000000 * 10 ** 9))
+        return path
+
+    def snapshot(self, path=None):
+        path = path or self.cache
+        st = os.stat(path)
+        return read_bytes(path), st.st_mtime_ns, st.st_ino, stat.S_IMODE(st.st_mode)
+
+    def entries(self, path=None):
+        return [tuple(e) for e in bscrypto.read_cache(path or self.cache).entries]
+
+    def populate(self, text, *args, **kw):
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        return cli("-p", self.cache, *args, stdin=text, **kw)
+
+    def no_temp_files(self):
+        return [n for n in os.listdir(self.tmp) if n.endswith(".tmp")]
+
+
+class TestCacheFixtures(CacheTestCase):
+    """The cache written and dumped by Bareos's C bscrypto, byte for byte."""
+
+    def setUp(self):
+        CacheTestCase.setUp(self)
+        need_fixtures(self)
+
+    def test_reads_bareos_fixture(self):
+        cache = bscrypto.read_cache(fixture("cache", "basic.cryptoc"))
+        self.assertEqual(cache.layout.name, "lp64-le")
+        self.assertEqual([(e.volume_name.encode(), e.encryption_key.encode())
+                          for e in cache.entries], fixture_entries())
+        self.assertEqual({e.added for e in cache.entries}, {self.T})
+
+    def test_dump_equals_bareos_output_in_utc(self):
+        expected = read_bytes(fixture("cache", "basic.dump.expected"))
+        env = dict(os.environ, TZ="UTC")
+        for args in (["-D"], ["dump-cache"], ["--dump-cache"]):
+            out = subprocess.check_output([sys.executable, SCRIPT] + args
+                                          + [fixture("cache", "basic.cryptoc")], env=env)
+            self.assertEqual(out, expected, args)
+
+    def test_dump_uses_local_time(self):
+        import time
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = "Asia/Kolkata"       # +05:30, no DST
+        time.tzset()
+        try:
+            rc, out, err = cli("-D", fixture("cache", "basic.cryptoc"))
+        finally:
+            if saved is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = saved
+            time.tzset()
+        self.assertEqual(rc, 0, err)
+        if b"23:12:04" not in out:
+            self.skipTest("no zoneinfo for Asia/Kolkata on this host")
+        self.assertIn(b"2026-11-25 23:12:04  2027-01-24 23:12:04 \n", out)
+
+    def test_populate_reproduces_bareos_file(self):
+        # Same bytes as Bareos's file except its pointer garbage (zeros here).
+        rc, out, err = self.populate(read_bytes(fixture("cache", "entries.tsv")),
+                                     "--now", str(self.T), "--layout", "lp64-le")
+        self.assertEqual((rc, out, err), (0, b"", ""))
+        expected = bytearray(read_bytes(fixture("cache", "basic.cryptoc")))
+        for i in range(4):
+            expected[32 + 280 * i:48 + 280 * i] = bytes(16)
+        self.assertEqual(read_bytes(self.cache), bytes(expected))
+        self.assertEqual(stat.S_IMODE(os.stat(self.cache).st_mode), 0o640)
+
+    def test_dump_json(self):
+        import json
+        rc, out, _ = cli("dump-cache", fixture("cache", "basic.cryptoc"), "--json",
+                         "--now", str(self.T + 60 * DAY + 1))
+        doc = json.loads(out.decode("ascii"))
+        self.assertEqual(doc["layout"], "lp64-le")
+        self.assertEqual(doc["count"], 4)
+        first = doc["entries"][0]
+        self.assertEqual(first["volume_name"], "Vol0001")
+        self.assertEqual(first["added"], self.T)
+        self.assertEqual(first["expires"], self.T + 60 * DAY)
+        self.assertEqual(first["added_utc"], "2026-11-25T17:42:04Z")
+        self.assertTrue(first["expired"])
+        self.assertEqual(json.loads(cli("-D", fixture("cache", "basic.cryptoc"), "--json",
+                                        "--now", str(self.T))[1].decode())["entries"][0]
+                         ["expired"], False)
+
+    def test_lookup(self):
+        rc, out, _ = cli("lookup", "Vol0002", fixture("cache", "basic.cryptoc"))
+        self.assertEqual((rc, out), (0, fixture_entries()[1][1] + b"\n"))
+        rc, out, err = cli("lookup", "Vol9999", fixture("cache", "basic.cryptoc"))
+        self.assertEqual((rc, out), (bscrypto.EXIT_NOT_FOUND, b""))
+        self.assertIn("Vol9999 is not in crypto cache", err)
+
+    def test_export_is_the_populate_input(self):
+        self.assertEqual(cli("export", fixture("cache", "basic.cryptoc"))[1],
+                         read_bytes(fixture("cache", "entries.tsv")))
+
+
+class TestCacheFormat(CacheTestCase):
+    """Reading and writing every layout; dump, JSON, lookup and export rules."""
+
+    def test_every_layout_reads_and_writes(self):
+        entries = [(b"Vol0001", b"key-one", self.T), (b"Full-0002", b"k" * 127, self.T - 5),
+                   (b"n" * 127, b"+/=", -1)]
+        want = [(n.decode(), k.decode(), t) for n, k, t in entries]
+        for name, psize, big in (("lp64-le", 8, False), ("ilp32-le", 4, False),
+                                 ("lp64-be", 8, True), ("ilp32-be", 4, True)):
+            data = make_cache(entries, psize, big, pointer_fill=b"\x90\x55\xae")
+            self.put(data)
+            cache = bscrypto.read_cache(self.cache)
+            self.assertEqual(cache.layout.name, name)
+            self.assertEqual([tuple(e) for e in cache.entries], want, name)
+            rc, _, err = cli("-d", "1", "-D", self.cache)
+            self.assertEqual(rc, 0)
+            self.assertIn("layout %s" % name, err)
+            # Writing in the same layout gives the independent builder's bytes.
+            self.assertEqual(cli("-r", self.cache, "--now", "77", "--layout", name)[0], 0)
+            self.assertEqual(read_bytes(self.cache),
+                             make_cache([(n, k, 77) for n, k, _ in entries], psize, big))
+
+    def test_entry_sizes_match_the_c_compiler(self):
+        """The layouts' struct sizes, checked by gcc (-m32 for 32-bit) when present."""
+        src = self.path("s.c")
+        with open(src, "w") as f:
+            f.write("struct dlink { void *next; void *prev; };\n"
+                    "struct e { struct dlink link; char VolumeName[128];"
+                    " char EncryptionKey[128]; long long added; };\n"
+                    "struct h { char id[21]; int version; int nr_entries; };\n"
+                    "_Static_assert(sizeof(struct h) == 32, \"header\");\n"
+                    "_Static_assert(sizeof(struct e) == SIZE, \"entry\");\n"
+                    "_Static_assert(__builtin_offsetof(struct e, added) == SIZE - 8, \"t\");\n")
+        checked = 0
+        for flag, psize in (("-m64", 8), ("-m32", 4)):
+            layout = next(x for x in bscrypto.CACHE_LAYOUTS if x.pointer_size == psize)
+            try:
+                ok = subprocess.call(["gcc", flag, "-fsyntax-only", "-DSIZE=%d"
+                                      % layout.entry_size, src], stderr=subprocess.DEVNULL)
+                bad = subprocess.call(["gcc", flag, "-fsyntax-only", "-DSIZE=%d"
+                                       % (layout.entry_size - 4), src],
+                                      stderr=subprocess.DEVNULL)
+            except OSError:
+                self.skipTest("gcc not installed")
+            if ok == 0:
+                self.assertNotEqual(bad, 0)
+                checked += 1
+        if not checked:
+            self.skipTest("gcc cannot compile for -m64 or -m32 here")
+
+    def test_default_write_is_host_layout(self):
+        self.put(make_cache([(b"V1", b"k1", self.T)], 4, True))
+        self.assertEqual(self.populate("V2\tk2\n", "--now", str(self.T))[0], 0)
+        cache = bscrypto.read_cache(self.cache)
+        self.assertEqual(cache.layout, bscrypto.host_cache_layout())
+        self.assertEqual([e.volume_name for e in cache.entries], ["V1", "V2"])
+
+    def test_layout_choice_converts_even_without_changes(self):
+        self.put(make_cache([(b"V1", b"k1", self.T)]))
+        self.assertEqual(cli("populate-cache", self.cache, "--layout", "ilp32-be",
+                             stdin=b"V1\tk1\n", )[0], 0)
+        self.assertEqual(read_bytes(self.cache)[:32], make_cache([(b"V1", b"k1", 0)], 4,
+                                                                 True)[:32])
+        self.assertEqual(bscrypto.read_cache(self.cache).layout.name, "ilp32-be")
+
+    def test_32bit_with_trailing_bytes_is_not_taken_for_64bit(self):
+        # 2 entries of 272 bytes + 16 trailing bytes = exactly 2 x 280.
+        self.put(make_cache([(b"Vol0001", b"a" * 43, self.T), (b"Vol0002", b"b" * 54, self.T)],
+                            4, trailing=b"\x01" * 16))
+        saved = sys.stderr
+        sys.stderr = io.StringIO()
+        try:
+            cache = bscrypto.read_cache(self.cache)
+        finally:
+            warning, sys.stderr = sys.stderr.getvalue(), saved
+        self.assertEqual(cache.layout.name, "ilp32-le")
+        self.assertEqual([e.volume_name for e in cache.entries], ["Vol0001", "Vol0002"])
+        self.assertIn("16 bytes after the 2 entries", warning)
+
+    def test_any_bytes_round_trip(self):
+        # Not UTF-8, spaces, punctuation: stored and dumped as the raw bytes.
+        name, key = b"Vol\xff\xfe\x80", b"k\xe9y with spaces\x01"
+        rc, _, err = self.populate(name + b"\t" + key + b"\n", "--now", str(self.T))
+        self.assertEqual(rc, 0, err)
+        e = bscrypto.read_cache(self.cache).entries[0]
+        self.assertEqual(e.volume_name.encode("utf-8", "surrogateescape"), name)
+        data = read_bytes(self.cache)
+        self.assertIn(name + b"\0", data)
+        self.assertIn(key + b"\0", data)
+        out = cli("-D", self.cache)[1]
+        self.assertIn(b"\n" + name + b"     " + key + b" ", out)
+        self.assertEqual(cli("export", self.cache)[1], name + b"\t" + key + b"\n")
+        self.assertEqual(cli("lookup", e.volume_name, self.cache)[1], key + b"\n")
+        import json
+        doc = json.loads(cli("dump-cache", self.cache, "--json")[1].decode("ascii"))
+        self.assertEqual(doc["entries"][0]["volume_name"].encode("utf-8", "surrogateescape"),
+                         name)
+
+    def test_empty_cache_dump_is_the_header_line(self):
+        self.put(make_cache([]))
+        self.assertEqual(cli("-D", self.cache)[1],
+                         b"Volumename EncryptionKey Added                Expires             \n")
+
+    def test_dump_widths_follow_longest_value(self):
+        self.put(make_cache([(b"V", b"k", 0), (b"LongVolumeName-1", b"short", 0)]))
+        import time
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0))
+        lines = cli("-D", self.cache)[1].split(b"\n")
+        self.assertEqual(lines[0], b"Volumename       EncryptionKey Added                "
+                                   b"Expires             ")
+        self.assertTrue(lines[1].startswith(b"V                k             " + stamp.encode()))
+
+    def test_export_round_trip(self):
+        rng = random.Random(31)
+        printable = bytes(range(0x21, 0x7f)) + b" \x80\xff\r"
+        rows = []
+        for i in range(200):
+            name = bytes(rng.choice(printable) for _ in range(rng.randint(0, 60)))
+            key = bytes(rng.choice(printable) for _ in range(rng.randint(0, 126)))
+            rows.append((b"%d-" % i + name.replace(b"\r", b"")[:120],
+                         b"k" + key.rstrip(b" \r")))
+        self.put(make_cache([(n, k, i) for i, (n, k) in enumerate(rows)]))
+        rc, tsv, err = cli("export", self.cache)
+        self.assertEqual(rc, 0, err)
+        copy = self.path("copy.cryptoc")
+        self.assertEqual(cli("-p", copy, stdin=tsv)[0], 0)
+        self.assertEqual([(e[0], e[1]) for e in self.entries(copy)],
+                         [(e[0], e[1]) for e in self.entries()])
+
+    def test_export_refuses_what_tsv_cannot_carry(self):
+        for name, key in ((b"a\tb", b"k"), (b"", b"k"), (b"v", b"k "), (b"v", b"k\nx")):
+            self.put(make_cache([(b"ok", b"k", 1), (name, key, 1)]))
+            rc, out, err = cli("export", self.cache)
+            self.assertEqual(rc, bscrypto.EXIT_CACHE, (name, key))
+            self.assertIn("entry 2", err)
+            self.assertEqual(out, b"")
+
+    def test_api_write_cache_and_lock(self):
+        entries = [bscrypto.CacheEntry("V1", "k1", 5), bscrypto.CacheEntry("V2", "k2", 6)]
+        with bscrypto.cache_lock(self.cache):
+            bscrypto.write_cache(self.cache, entries, layout="ilp32-le")
+        cache = bscrypto.read_cache(self.cache)
+        self.assertEqual((cache.entries, cache.layout.name), (entries, "ilp32-le"))
+        self.assertTrue(os.path.exists(self.cache + ".lock"))
+        for bad in (bscrypto.CacheEntry("x" * 128, "k", 1), bscrypto.CacheEntry("v", "k\0", 1),
+                    bscrypto.CacheEntry("v", "k", 1 << 63)):
+            with self.assertRaises(bscrypto.CacheError):
+                bscrypto.write_cache(self.cache, entries + [bad])
+        self.assertEqual(bscrypto.read_cache(self.cache).entries, entries)
+
+    def test_writes_through_a_symlink(self):
+        self.put(make_cache([(b"V1", b"k1", 1)]), self.path("real.cryptoc"))
+        os.symlink("real.cryptoc", self.cache)
+        self.assertEqual(self.populate("V2\tk2\n", "--now", "2")[0], 0)
+        self.assertTrue(os.path.islink(self.cache))
+        self.assertEqual(len(self.entries(self.path("real.cryptoc"))), 2)
+
+
+class TestCacheRules(CacheTestCase):
+    """Bareos's update rules, with "now" fixed by --now or SOURCE_DATE_EPOCH."""
+
+    def test_replace_in_place_and_refresh(self):
+        self.put(make_cache([(b"A", b"ka", self.T), (b"B", b"kb", self.T), (b"C", b"kc", self.T)]))
+        rc, _, err = self.populate("B\tnew\n", "--now", str(self.T + 10))
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.entries(), [("A", "ka", self.T), ("B", "new", self.T + 10),
+                                          ("C", "kc", self.T)])
+
+    def test_append_new_names_in_input_order(self):
+        self.put(make_cache([(b"A", b"ka", self.T)]))
+        self.populate("Z\tkz\nM\tkm\nZ\tkz2\n", "--now", str(self.T))
+        self.assertEqual(self.entries(), [("A", "ka", self.T), ("Z", "kz2", self.T),
+                                          ("M", "km", self.T)])
+
+    def test_expiry_boundary(self):
+        # Bareos drops an entry when added + 60 days < now: 60 days exactly is kept.
+        old = make_cache([(b"Old", b"ko", self.T), (b"A", b"ka", self.T + 100)])
+        for delta, kept in ((60 * DAY, True), (60 * DAY + 1, False)):
+            self.put(old)
+            rc, _, err = self.populate("New\tkn\n", "--now", str(self.T + delta))
+            self.assertEqual(rc, 0, err)
+            self.assertEqual("Old" in [e[0] for e in self.entries()], kept, delta)
+            self.assertEqual(len(self.entries()), 3 if kept else 2)
+
+    def test_expired_entry_being_updated_is_kept_and_refreshed(self):
+        self.put(make_cache([(b"A", b"ka", 0), (b"B", b"kb", 0)]))
+        now = 100 * DAY
+        self.populate("A\tka\n", "--now", str(now))
+        self.assertEqual(self.entries(), [("A", "ka", now)])
+
+    def test_later_update_of_an_expired_name_appends_it(self):
+        # Bareos removes every other expired entry on the first update, so a
+        # name updated later in the same input comes back at the end.
+        self.put(make_cache([(b"A", b"ka", 0), (b"B", b"kb", 0), (b"C", b"kc", 90 * DAY)]))
+        self.populate("C\tkc\nA\tka\n", "--now", str(100 * DAY))
+        self.assertEqual([e[0] for e in self.entries()], ["C", "A"])
+
+    def test_unchanged_input_leaves_the_file_untouched(self):
+        self.put(make_cache([(b"A", b"ka", self.T), (b"B", b"kb", self.T)]))
+        before = self.snapshot()
+        rc, out, err = cli("populate-cache", self.cache, "--now", str(self.T + DAY),
+                           "--backup", stdin=b"A\tka\nB\tkb\n")
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"0 added, 0 updated, 2 unchanged, 0 expired removed; nothing changed",
+                      out)
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(sorted(os.listdir(self.tmp)),        # no backup, no temp file
+                         ["bareos-sd.9103.cryptoc", "bareos-sd.9103.cryptoc.lock"])
+
+    def test_change_refreshes_matched_entries_too(self):
+        # When something changes Bareos writes its list, where every matched
+        # entry already carries the new time.
+        self.put(make_cache([(b"A", b"ka", self.T), (b"B", b"kb", self.T)]))
+        self.populate("A\tka\nC\tkc\n", "--now", str(self.T + DAY))
+        self.assertEqual(self.entries(), [("A", "ka", self.T + DAY), ("B", "kb", self.T),
+                                          ("C", "kc", self.T + DAY)])
+
+    def test_expiry_happens_only_on_update(self):
+        self.put(make_cache([(b"A", b"ka", 0)]))
+        before = self.snapshot()
+        now = str(100 * DAY)
+        self.assertEqual(cli("-D", self.cache, "--now", now)[0], 0)
+        self.assertEqual(self.populate(b"", "--now", now)[0], 0)     # no input, no update
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(cli("-r", self.cache, "--now", now)[0], 0)   # reset keeps it
+        self.assertEqual(self.entries(), [("A", "ka", 100 * DAY)])
+
+    def test_stats_api(self):
+        entries = [bscrypto.CacheEntry("A", "ka", 0), bscrypto.CacheEntry("B", "kb", 10 ** 7)]
+        copy = list(entries)
+        new, stats = bscrypto.apply_cache_updates(
+            entries, [("B", "kb"), ("C", "kc"), ("B", "kb2")], 10 ** 7)
+        self.assertEqual(entries, copy)
+        self.assertEqual(stats, {"added": 1, "updated": 1, "unchanged": 1, "expired_removed": 1})
+        self.assertEqual([tuple(e) for e in new], [("B", "kb2", 10 ** 7), ("C", "kc", 10 ** 7)])
+        self.assertEqual(bscrypto.apply_cache_updates(entries, [], 10 ** 9),
+                         (entries, {"added": 0, "updated": 0, "unchanged": 0,
+                                    "expired_removed": 0}))
+        self.assertEqual(bscrypto.CACHE_EXPIRY_SECONDS, 5184000)
+        for bad, text in ((("v" * 128, "k"), "volume 'vvv"), (("v", "secret" * 30), "an entry"),
+                          (("v", "a\0b"), "NUL"), ((5, "k"), "not text"),
+                          ((b"v", b"\xff"), None)):
+            if text is None:    # bytes are fine, stored as they are
+                self.assertEqual(bscrypto.apply_cache_updates([], [bad], 1)[0][0].volume_name,
+                                 "v")
+                continue
+            with self.assertRaises(bscrypto.CacheError) as cm:
+                bscrypto.apply_cache_updates([], [bad], 1)
+            self.assertIn(text, str(cm.exception))
+            self.assertNotIn("secret", str(cm.exception))
+
+    def test_linear_time_update(self):
+        # Bareos searches its list for every update: 20,000 x 20,000 here.
+        import time
+        entries = [bscrypto.CacheEntry("Vol%06d" % i, "k", 1000) for i in range(20000)]
+        updates = [("Vol%06d" % i, "k2") for i in range(20000)]
+        start = time.perf_counter()
+        _, stats = bscrypto.apply_cache_updates(entries, updates, 2000)
+        self.assertLess(time.perf_counter() - start, 2.0)
+        self.assertEqual(stats["updated"], 20000)
+
+    def test_reset(self):
+        self.put(make_cache([(b"A", b"ka", 1), (b"B", b"kb", 2)]))
+        self.assertEqual(cli("-r", self.cache, "--now", "500")[0], 0)
+        self.assertEqual(self.entries(), [("A", "ka", 500), ("B", "kb", 500)])
+        before = self.snapshot()
+        self.assertEqual(cli("reset-cache", self.cache, "--now", "500")[0], 0)
+        self.assertEqual(self.snapshot(), before)       # nothing to change
+
+    def test_source_date_epoch_and_now(self):
+        saved = os.environ.get("SOURCE_DATE_EPOCH")
+        try:
+            os.environ["SOURCE_DATE_EPOCH"] = "12345"
+            self.assertEqual(bscrypto.resolve_now(), 12345)
+            self.assertEqual(bscrypto.resolve_now(7), 7)
+            self.populate("A\tka\n")
+            self.assertEqual(self.entries(), [("A", "ka", 12345)])
+            self.populate("A\tkb\n", "--now", "99")
+            self.assertEqual(self.entries(), [("A", "kb", 99)])
+            os.environ["SOURCE_DATE_EPOCH"] = "yesterday"
+            rc, _, err = self.populate("A\tkc\n")
+            self.assertEqual(rc, bscrypto.EXIT_USAGE)
+            self.assertIn("SOURCE_DATE_EPOCH", err)
+            del os.environ["SOURCE_DATE_EPOCH"]
+            import time
+            self.assertLessEqual(abs(bscrypto.resolve_now() - time.time()), 2)
+        finally:
+            if saved is None:
+                os.environ.pop("SOURCE_DATE_EPOCH", None)
+            else:
+                os.environ["SOURCE_DATE_EPOCH"] = saved
+
+    def test_prompt_only_on_a_terminal(self):
+        rc, out, _ = self.populate("A\tka\n", tty=True)
+        self.assertEqual((rc, out), (0, b"Enter cache entrie(s) (close with ^D): "))
+        _, out, _ = self.populate("B\tkb\n")
+        self.assertEqual(out, b"")
+        # On a terminal an empty line ends input, as in Bareos.
+        self.populate("C\tkc\n\nD\tkd\n", tty=True)
+        self.assertEqual([e[0] for e in self.entries()], ["A", "B", "C"])
+
+    def test_bareos_line_rules(self):
+        # CR LF, trailing spaces stripped (Bareos StripTrailingJunk); TABs
+        # after the first belong to the key; a final empty line is fine.
+        rc, _, err = self.populate(b"A\tk a \r\nB\tk\tb\n\n\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual([e[:2] for e in self.entries()], [("A", "k a"), ("B", "k\tb")])
+
+    def test_bad_lines_write_nothing(self):
+        self.put(make_cache([(b"A", b"ka", self.T)]))
+        before = self.snapshot()
+        cases = [(b"B\tkb\nno tab here\n", "line 2: no TAB"),
+                 (b"\tkb\n", "line 1: empty volume name"),
+                 (b"B\t\n", "line 1: empty encryption key"),
+                 (b"B\tkb\n" + b"N" * 128 + b"\tk\n", "line 2: volume name is 128 bytes"),
+                 (b"B\t" + b"K" * 128 + b"\n", "line 1: encryption key is 128 bytes"),
+                 (b"B\0x\tk\n", "line 1: volume name contains a NUL"),
+                 (b"B\tkb\n\nC\tkc\n", "line 2: empty line before more entries")]
+        for text, message in cases:
+            for face in (["-p", self.cache], ["populate-cache", self.cache]):
+                rc, _, err = cli(*face, stdin=text)
+                self.assertEqual(rc, bscrypto.EXIT_USAGE, text)
+                self.assertIn(message, err)
+                self.assertIn("nothing written", err)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(self.snapshot(), before, text)
+
+    def test_127_bytes_fit(self):
+        rc, _, err = self.populate(b"N" * 127 + b"\t" + b"K" * 127 + b"\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.entries()[0][:2], ("N" * 127, "K" * 127))
+
+    def test_skip_bad_lines(self):
+        rc, _, err = self.populate(b"A\tka\nbroken\nB\tkb\n\tx\n", "--skip-bad-lines")
+        self.assertEqual(rc, 0)
+        self.assertIn("warning: line 2 skipped: no TAB", err)
+        self.assertIn("warning: line 4 skipped: empty volume name", err)
+        self.assertEqual([e[0] for e in self.entries()], ["A", "B"])
+
+    def test_missing_cache_and_empty_input_creates_nothing(self):
+        self.assertEqual(self.populate(b"")[0], 0)
+        self.assertEqual(self.populate(b"", "--layout", "ilp32-be")[0], 0)
+        self.assertFalse(os.path.exists(self.cache))
+        # Started with stdin closed (cron, `<&-`): no input, not a traceback.
+        child = subprocess.Popen(["/bin/sh", "-c", 'exec "$0" "$1" -p "$2" <&-', sys.executable,
+                                  SCRIPT, self.cache], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        out, err = child.communicate()
+        self.assertEqual((child.returncode, out, err), (0, b"", b""))
+        self.assertFalse(os.path.exists(self.cache))
+
+    def test_new_file_mode_and_kept_mode_and_owner(self):
+        old = os.umask(0o077)
+        try:
+            self.populate("A\tka\n")
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.cache).st_mode), 0o640)
+        os.chmod(self.cache, 0o600)
+        if os.geteuid() == 0:
+            os.chown(self.cache, 12345, 23456)
+        self.populate("B\tkb\n")
+        st = os.stat(self.cache)
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        if os.geteuid() == 0:
+            self.assertEqual((st.st_uid, st.st_gid), (12345, 23456))
+            self.assertEqual(os.stat(self.cache + ".lock").st_uid, 12345)
+
+    def test_backup(self):
+        self.put(make_cache([(b"A", b"ka", self.T)]))
+        os.chmod(self.cache, 0o600)
+        original = read_bytes(self.cache)
+        for args in (["-p", self.cache, "--backup"], ["reset-cache", self.cache, "--backup"],
+                     ["populate-cache", self.cache, "--backup"]):
+            self.assertEqual(cli(*(args + ["--now", str(self.T + 1)]),
+                                 stdin=b"B-%s\tkb\n" % args[0].encode())[0], 0)
+        backups = sorted(n for n in os.listdir(self.tmp) if n.endswith(".bak"))
+        self.assertEqual(len(backups), 3)
+        self.assertRegex(backups[0], r"^bareos-sd\.9103\.cryptoc\.\d{8}T\d{6}Z(\.\d+)?\.bak$")
+        self.assertIn(original, [read_bytes(self.path(b)) for b in backups])
+        for b in backups:
+            self.assertEqual(stat.S_IMODE(os.stat(self.path(b)).st_mode), 0o600)
+            bscrypto.read_cache(self.path(b))
+
+    def test_no_backup_of_a_new_cache(self):
+        self.assertEqual(self.populate("A\tka\n", "--backup")[0], 0)
+        self.assertEqual(sorted(os.listdir(self.tmp)),
+                         ["bareos-sd.9103.cryptoc", "bareos-sd.9103.cryptoc.lock"])
+
+
+class TestCacheNeverLost(CacheTestCase):
+    """Whatever cannot be read is reported in one line and left exactly as it was."""
+
+    def bad_files(self):
+        good = make_cache([(b"Vol0001", b"ka", self.T), (b"Vol0002", b"kb", self.T)])
+        return [
+            ("empty", b"", "shorter than the 32-byte header"),
+            ("short header", good[:31], "shorter than the 32-byte header"),
+            ("wrong id", b"BACULA" + good[6:], "not a Bareos crypto cache"),
+            ("wrong version", make_cache([(b"V", b"k", 1)], version=2), "version 2"),
+            ("version 0", make_cache([], version=0), "version 0"),
+            ("count too high", make_cache([(b"V", b"k", 1)], count=2), "header counts 2 entries"),
+            ("truncated entry", good[:-1], "truncated or damaged"),
+            ("truncated 32-bit", make_cache([(b"V", b"k", 1)] * 2, 4)[:-1], "truncated?"),
+            ("negative count", make_cache([], count=-1), "negative entry count"),
+            ("name without NUL", make_cache([(b"N" * 128, b"k", 1)]),
+             "volume name of entry 1 is not NUL-terminated"),
+            ("key without NUL", make_cache([(b"V", b"K" * 128, 1)]),
+             "key of entry 1 is not NUL-terminated"),
+        ]
+
+    def test_each_unreadable_case_for_each_command(self):
+        commands = [["-D", self.cache], ["dump-cache", self.cache, "--json"],
+                    ["-p", self.cache], ["populate-cache", self.cache, "--backup"],
+                    ["-r", self.cache], ["reset-cache", self.cache],
+                    ["lookup", "Vol0001", self.cache], ["export", self.cache]]
+        for what, data, reason in self.bad_files():
+            self.put(data)
+            before = self.snapshot()
+            for args in commands:
+                rc, _, err = cli(*args, stdin=b"Vol0003\tkc\n")
+                self.assertEqual(rc, bscrypto.EXIT_CACHE, (what, args, err))
+                self.assertEqual(err.count("\n"), 1, (what, args, err))
+                self.assertIn(reason, err, (what, args))
+                self.assertEqual(self.snapshot(), before, (what, args))
+                self.assertFalse(self.no_temp_files())
+            self.assertEqual(sorted(os.listdir(self.tmp)),
+                             ["bareos-sd.9103.cryptoc", "bareos-sd.9103.cryptoc.lock"])
+
+    def test_missing_cache(self):
+        for args in (["-D", self.cache], ["-r", self.cache], ["export", self.cache],
+                     ["lookup", "V", self.cache]):
+            rc, _, err = cli(*args)
+            self.assertEqual(rc, bscrypto.EXIT_CACHE)
+            self.assertIn("does not exist", err)
+            self.assertFalse(os.path.exists(self.cache))
+
+    def test_directory_and_unreadable(self):
+        os.mkdir(self.cache)
+        rc, _, err = cli("-D", self.cache)
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertEqual(err.count("\n"), 1)
+        os.rmdir(self.cache)
+        if os.geteuid() != 0:
+            self.put(make_cache([]))
+            os.chmod(self.cache, 0)
+            rc, _, err = cli("-D", self.cache)
+            self.assertEqual(rc, bscrypto.EXIT_CACHE)
+            self.assertIn("Permission denied", err)
+
+    def test_trailing_garbage_is_read_up_to_the_count(self):
+        data = make_cache([(b"V1", b"k1", self.T)], trailing=b"\xde\xad\xbe\xef" * 5)
+        self.put(data)
+        before = self.snapshot()
+        rc, out, err = cli("-D", self.cache)
+        self.assertEqual(rc, 0)
+        self.assertEqual(out.count(b"\n"), 2)
+        self.assertIn("warning: %s: 20 bytes after the 1 entries" % self.cache, err)
+        self.assertEqual(self.snapshot(), before)
+        # A write keeps the counted entries and drops the garbage.
+        self.assertEqual(self.populate("V2\tk2\n", "--now", str(self.T))[0], 0)
+        self.assertEqual(read_bytes(self.cache),
+                         make_cache([(b"V1", b"k1", self.T), (b"V2", b"k2", self.T)]))
+
+    def test_unwritable_directory_leaves_cache(self):
+        if os.geteuid() == 0:
+            self.skipTest("root writes anywhere")
+        self.put(make_cache([(b"V1", b"k1", 1)]))
+        before = self.snapshot()
+        os.chmod(self.tmp, 0o500)
+        try:
+            rc, _, _ = self.populate("V2\tk2\n")
+        finally:
+            os.chmod(self.tmp, 0o700)
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertEqual(self.snapshot(), before)
+
+    def test_failed_rename_leaves_cache_and_no_temp(self):
+        self.put(make_cache([(b"V1", b"k1", 1)]))
+        before = self.snapshot()
+        saved = os.rename
+
+        def broken(src, dst):
+            raise OSError(28, "No space left on device")
+        os.rename = broken
+        try:
+            rc, _, err = self.populate("V2\tk2\n")
+        finally:
+            os.rename = saved
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertIn("No space left on device; the old file is unchanged", err)
+        self.assertEqual(self.snapshot(), before)
+        self.assertFalse(self.no_temp_files())
+
+    def test_stale_temp_files_are_removed(self):
+        dead = self.path(".bareos-sd.9103.cryptoc.999999999.0badf00d.tmp")
+        live = self.path(".bareos-sd.9103.cryptoc.%d.0badf00d.tmp" % os.getppid())
+        for p in (dead, live):
+            with open(p, "wb") as f:
+                f.write(b"half a cache")
+        self.populate("V\tk\n")
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(live))
+
+
+def _start_populate(path, data, now=None):
+    """A child `bscrypto.py populate-cache PATH` fed `data`; finish with _finish()."""
+    args = [sys.executable, SCRIPT, "populate-cache", path]
+    if now is not None:
+        args += ["--now", str(now)]
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    child.stdin.write(data)
+    child.stdin.close()
+    return child
+
+
+def _finish(child):
+    """(exit status, stderr text) of a child from _start_populate."""
+    err = child.stderr.read()
+    child.stderr.close()
+    return child.wait(), err.decode("utf-8", "replace")
+
+
+class TestCacheConcurrency(CacheTestCase):
+    def test_eight_writers_lose_nothing(self):
+        children = [_start_populate(self.cache, b"".join(
+            b"P%d-Vol%03d\tkey-%d-%d\n" % (p, i, p, i) for i in range(100))) for p in range(8)]
+        for child in children:
+            rc, err = _finish(child)
+            self.assertEqual(rc, 0, err)
+        names = {e[0] for e in self.entries()}
+        self.assertEqual(len(names), 800)
+        self.assertEqual(len(self.entries()), 800)
+        self.assertFalse(self.no_temp_files())
+
+
+class TestCacheCrash(CacheTestCase):
+    """SIGKILL at random points while populating leaves the old or the new cache."""
+
+    def test_killed_writer_leaves_old_or_new(self):
+        import signal
+        import time
+        rng = random.Random(20261125)
+        iterations = 200 if FUZZ_FULL else 20
+        state = [bscrypto.CacheEntry("Base%05d" % i, "k%d" % i, self.T) for i in range(3000)]
+        with bscrypto.cache_lock(self.cache):
+            bscrypto.write_cache(self.cache, state)
+
+        def run(updates, kill_after=None, in_write=False):
+            child = _start_populate(self.cache, b"".join(
+                b"%s\t%s\n" % (n.encode(), k.encode()) for n, k in updates), self.T)
+            if in_write:
+                # The write takes a few ms of the run: wait for its temp file.
+                deadline = time.perf_counter() + 10
+                while (child.poll() is None and not self.no_temp_files()
+                       and time.perf_counter() < deadline):
+                    pass
+                if self.no_temp_files():
+                    outcomes["in write"] += 1
+            if kill_after is not None:
+                time.sleep(kill_after)
+                child.send_signal(signal.SIGKILL)
+            return _finish(child)[0]
+
+        start = time.perf_counter()
+        self.assertEqual(run([("Warmup", "w")]), 0)
+        span = time.perf_counter() - start
+        state = bscrypto.apply_cache_updates(state, [("Warmup", "w")], self.T)[0]
+        outcomes = {"old": 0, "new": 0, "in write": 0}
+        for it in range(iterations):
+            updates = [("It%03d-%03d" % (it, j), "key%d" % j) for j in range(50)]
+            updates.append(("Base%05d" % rng.randrange(3000), "changed%d" % it))
+            new = bscrypto.apply_cache_updates(state, updates, self.T)[0]
+            if it % 2:
+                run(updates, rng.uniform(0, 0.004), in_write=True)
+            else:
+                run(updates, rng.uniform(0, span * 1.3))
+            got = bscrypto.read_cache(self.cache).entries     # always readable
+            self.assertIn(got, (state, new), it)
+            outcomes["new" if got == new else "old"] += 1
+            state = got
+        self.assertEqual(outcomes["old"] + outcomes["new"], iterations)
+        self.assertGreater(outcomes["in write"], 0)
+        if FUZZ_FULL:
+            sys.stderr.write(" (kills: %(old)d left the old cache, %(new)d the new; %(in write)d "
+                             "aimed inside the write) " % outcomes)
+        # The next write cleans up what killed writers left behind.
+        self.assertEqual(run([("Final", "f")]), 0)
+        self.assertFalse(self.no_temp_files())
+
+
+class TestCacheFuzz(CacheTestCase):
+    """Mutated caches: never a traceback, never a changed input file."""
+
+    def mutate(self, rng, data):
+        data = bytearray(data)
+        kind = rng.randrange(8)
+        if kind == 0 and data:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 1:
+            del data[rng.randrange(len(data) + 1):]
+        elif kind == 2:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 600)))
+        elif kind == 3 and len(data) >= 32:
+            data[28:32] = rng.randrange(-2 ** 31, 2 ** 31).to_bytes(4, "little", signed=True)
+        elif kind == 4 and len(data) >= 32:
+            data[24 + rng.randrange(8)] = rng.randrange(256)
+        elif kind == 5 and len(data) >= 32:
+            data[rng.randrange(21)] ^= 1 << rng.randrange(8)
+        elif kind == 6 and data:
+            at = rng.randrange(len(data))
+            data[at:at] = bytes(rng.randint(1, 16))
+        elif kind == 7 and len(data) > 40:
+            # Wipe a field's NUL terminator or time.
+            at = rng.randrange(32, len(data) - 8)
+            data[at:at + 8] = rng.choice([b"\xff" * 8, b"A" * 8, bytes(8)])
+        return bytes(data)
+
+    def test_mutated_caches(self):
+        rng = random.Random(3)
+        iterations = 20000 if FUZZ_FULL else 2000
+        seeds = [make_cache([(b"Vol%04d" % i, b"key-%d" % i, self.T + i) for i in range(n)],
+                            psize, big) for n in (0, 1, 3) for psize in (4, 8)
+                 for big in (False, True)]
+        if os.path.isdir(FIXTURES):
+            seeds.append(read_bytes(fixture("cache", "basic.cryptoc")))
+        outcomes = {"read": 0, "refused": 0}
+        saved = sys.stderr
+        for it in range(iterations):
+            data = rng.choice(seeds)
+            for _ in range(rng.randint(1, 3)):
+                data = self.mutate(rng, data)
+            self.put(data)
+            before = self.snapshot()
+            sys.stderr = io.StringIO()
+            try:
+                try:
+                    cache = bscrypto.read_cache(self.cache)
+                except bscrypto.CacheError as e:
+                    self.assertEqual(str(e).count("\n"), 0)
+                    outcomes["refused"] += 1
+                    cache = None
+                if cache is not None:
+                    outcomes["read"] += 1
+                    bscrypto.format_cache_table(cache.entries)
+                    bscrypto.cache_to_json(cache, self.cache, self.T)
+                    try:
+                        bscrypto.format_cache_tsv(cache.entries)
+                    except bscrypto.CacheError:
+                        pass
+                    bscrypto.build_cache(cache.entries, cache.layout)
+            finally:
+                sys.stderr = saved
+            self.assertEqual(self.snapshot(), before, it)
+            if it % 10 == 0:
+                for args in (["-D", self.cache], ["export", self.cache],
+                             ["lookup", "Vol0001", self.cache]):
+                    rc, _, err = cli(*args)
+                    self.assertIn(rc, (0, bscrypto.EXIT_CACHE, bscrypto.EXIT_NOT_FOUND), err)
+                    self.assertNotIn("Traceback", err)
+                    self.assertEqual(self.snapshot(), before, (it, args))
+                rc, _, err = self.populate("FuzzVol\tk\n", "--now", str(self.T))
+                self.assertIn(rc, (0, bscrypto.EXIT_CACHE), err)
+                if rc:
+                    self.assertEqual(self.snapshot(), before, it)
+                else:
+                    self.assertIn("FuzzVol", [e[0] for e in self.entries()])
+        self.assertGreater(outcomes["read"], iterations // 10)
+        self.assertGreater(outcomes["refused"], iterations // 10)
 
 
 # ---------------------------------------------------------------------------
@@ -3517,7 +4334,47 @@ def bench_startup():
         shutil.rmtree(tmp)
 
 
-# (cache benches)
+@bench
+def bench_cache():
+    """populate (new cache from stdin), dump (-D table), reset: 10k and 100k entries.
+
+    The sizes alternate within each round, so both see the same machine load;
+    best of 5 rounds.
+    """
+    import shutil
+    import time
+    tmp = tempfile.mkdtemp()
+    key = b"xDKY4DNAShB+DvcIxsManYmT3M+82iYGVwv+JXl01/sPLk5q7VCrTw"
+    now = CACHE_FIXTURE_TIME
+    sizes = ((10000, "10k"), (100000, "100k"))
+    inputs = {n: b"".join(b"Vol%07d\t%s\n" % (i, key) for i in range(n)) for n, _ in sizes}
+    best = {}
+    saved = bscrypto.DEBUG_LEVEL
+    bscrypto.DEBUG_LEVEL = 0
+    try:
+        for _ in range(5):
+            for n, label in sizes:
+                path = os.path.join(tmp, "c" + label)
+                sink = io.BytesIO()
+                times = [time.perf_counter()]
+                bscrypto.op_populate_cache(path, now=now, stream=io.BytesIO(inputs[n]),
+                                           interactive=False)
+                times.append(time.perf_counter())
+                bscrypto.op_dump_cache(path, out=sink)
+                times.append(time.perf_counter())
+                bscrypto.op_reset_cache(path, now=now + 1)
+                times.append(time.perf_counter())
+                assert sink.getvalue().count(b"\n") == n + 1
+                os.unlink(path)
+                for op, t0, t1 in zip(("populate", "dump", "reset"), times, times[1:]):
+                    k = "cache %s %s ms" % (op, label)
+                    best[k] = min(best.get(k, float("inf")), (t1 - t0) * 1000)
+    finally:
+        bscrypto.DEBUG_LEVEL = saved
+        shutil.rmtree(tmp)
+    for op in ("populate", "dump", "reset"):
+        best["cache %s 100k/10k" % op] = best["cache %s 100k ms" % op] / best["cache %s 10k ms" % op]
+    return best
 
 
 # (drive benches)
