@@ -39,7 +39,7 @@ QEMU = "qemu-system-x86_64"
 MODULES = ["sg", "st", "scsi_debug", "configfs", "target_core_user",
            "tcm_loop", "virtio_pci", "virtio_blk"]
 
-GUEST_FILES = ["guest_init.py", "cases.py", "tcmu_tape.py", "bringup_drive.py"]
+GUEST_FILES = ["guest_init.py", "cases.py", "tcmu_tape.py"]
 REPO_FILES = ["bscrypto.py", "test_bscrypto.py"]
 
 # Parts of the stdlib nothing in the guest needs; leaving them out keeps the

@@ -7,8 +7,8 @@ off the command ring and hands it to a drive model object:
 
     model.execute(cdb, data_out, alloc_len) -> (status, data_in, sense)
 
-The model is test_bscrypto.EmulatedTapeDrive(profile="ibm") when that exists
-and has execute(); otherwise the small bring-up model in bringup_drive.py.
+The model is test_bscrypto.EmulatedTapeDrive(profile="ibm"), the one the
+unit tests drive at the ioctl boundary.
 Prints "READY model=<which>" on stdout once it serves the ring, and appends
 one JSON line per command to the log (what st actually sends, for the model
 authors).  Ring layout: include/uapi/linux/target_core_user.h.
@@ -92,24 +92,18 @@ def internal_error_sense():
 # ---- The model ---------------------------------------------------------------------
 
 def load_model():
-    """The real emulation if test_bscrypto provides it, else the bring-up one."""
+    """The test suite's drive emulation: the same model the unit tests use.
+
+    There is deliberately no fallback: a kernel test against a different model
+    would prove nothing about the one the suite checks.
+    """
     sys.path.insert(0, os.getcwd())
     sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
-    try:
-        # stdout carries the READY line: keep import-time prints off it.
-        with contextlib.redirect_stdout(sys.stderr):
-            from test_bscrypto import EmulatedTapeDrive
-            model = EmulatedTapeDrive(profile="ibm")
-        if callable(getattr(model, "execute", None)):
-            return model, 'test_bscrypto.EmulatedTapeDrive(profile="ibm")'
-        why = "EmulatedTapeDrive has no execute()"
-    except ImportError as e:     # not written yet, or not in the payload
-        why = "%s: %s" % (type(e).__name__, e)
-    except Exception as e:       # the model exists but fails: show why
-        why = "%s: %s" % (type(e).__name__, e)
-        traceback.print_exc()
-    from bringup_drive import BringupDrive
-    return BringupDrive(), "bringup_drive.BringupDrive (fallback; %s)" % why
+    # stdout carries the READY line: keep import-time prints off it.
+    with contextlib.redirect_stdout(sys.stderr):
+        from test_bscrypto import EmulatedTapeDrive
+        model = EmulatedTapeDrive(profile="ibm")
+    return model, 'test_bscrypto.EmulatedTapeDrive(profile="ibm")'
 
 
 HEAD_BYTES = 24
