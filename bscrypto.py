@@ -4912,7 +4912,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("bscrypto: interrupted\n")
         return 130
-    except SystemExit as e:  # argparse: --help, --version, usage errors
+    except SystemExit as e:  # argparse: --help and --version exit 0, usage errors 2
+        if e.code == 2:
+            return EXIT_USAGE  # 2 is ours for key-file errors; Bareos says 1
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except Exception as e:
         if DEBUG_LEVEL:
