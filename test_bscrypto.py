@@ -4132,6 +4132,291 @@ class TestCatalogExport(TempDirTestCase):
         self.assertTrue(bscrypto.CATALOG_EXPORT_SQL.startswith("SELECT VolumeName, EncryptionKey FROM Media"))
 
 
+# -- Disaster recovery: load, populate --from-catalog, rewrap, check, backup-cache --
+
+class EmulatedTapeIO(object):
+    """The st driver's side of TapeIO over an EmulatedTapeDrive: MTREW is a
+    REWIND CDB and read() a variable-block READ(6), answered the way st
+    answers (a short block is data, a filemark is b"", other sense is EIO).
+    With it and FakeSgKernel the same medium serves the label read and SG_IO."""
+
+    platform = "linux"
+
+    def __init__(self, drive):
+        self.drive = drive
+        self.calls = []
+
+    def stat(self, path):
+        import types
+        return types.SimpleNamespace(st_mode=stat.S_IFCHR | 0o660,
+                                     st_rdev=os.makedev(bscrypto.ST_MAJOR, 128))
+
+    def open(self, path, flags):
+        self.calls.append(("open", flags))
+        return 9
+
+    def ioctl(self, fd, request, arg):
+        if request == bscrypto.mtioctop_request() and struct.unpack("@hi", arg)[0] == 6:
+            self.calls.append(("rewind",))
+            status, _, sense = self.drive.execute(bytes([0x01, 0, 0, 0, 0, 0]))
+            if status:
+                raise OSError(errno.EIO, "I/O error")
+            return arg
+        if request == bscrypto.mtiocget_request():
+            return struct.pack("@5l2i", 1, 0, 0, 0, 0, 0, 0)
+        raise OSError(errno.ENOTTY, "not a tape ioctl")
+
+    def read(self, fd, size):
+        self.calls.append(("read", size))
+        status, data, sense = self.drive.execute(
+            bytes([0x08, 0]) + size.to_bytes(3, "big") + b"\0", b"", size)
+        if status == GOOD:
+            return data
+        s = bscrypto.parse_sense(sense)
+        if s.sense_key == NO_SENSE and s.ili:
+            return data
+        if s.sense_key == NO_SENSE and s.filemark:
+            return b""
+        raise OSError(errno.EIO, "I/O error")
+
+    def close(self, fd):
+        self.calls.append(("close",))
+
+
+DATA_BLOCKS = [b"backup data block %d " % i * 50 for i in range(3)]
+
+
+def wrap_for(kek_text, passphrase):
+    return bscrypto.wrap_passphrase(kek_text, passphrase)
+
+
+class RecoveryDriveTestCase(DriveTestCase):
+    """A tape written as Bareos writes it: a plain label block, then data blocks
+    encrypted with Bareos's key bytes for PASSPHRASE; the key cleared after."""
+
+    VOLUME = "Full-0042"
+    PASSPHRASE = b"q3!Zr7(x)Lp{Vw}9m?Ks~Tb.Ne<Hd>Ga"
+    KEK = b"kek-of-director-bareos-dir-xxxxx"
+
+    def setUp(self):
+        DriveTestCase.setUp(self)
+        self.tape_io = EmulatedTapeIO(self.drive)
+        patch = mock.patch.object(bscrypto, "TapeIO", lambda: self.tape_io)
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.kek = self.write("kek.key", self.KEK)
+        self.write_tape(self.VOLUME, self.PASSPHRASE)
+
+    def write_tape(self, volume, passphrase):
+        self.drive.medium = Medium()
+        self.drive.position = 0
+        self.label_block = build_label_block(VolumeName=volume)
+        self.write_block(self.label_block)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, bscrypto.drive_key_bytes(passphrase))
+            for data in DATA_BLOCKS:
+                self.write_block(data)
+            bscrypto.load_drive_key(t, bytes(32), clear=True)
+        self.rewind()
+
+    def cache(self, entries, name="c.cryptoc"):
+        path = os.path.join(self.tmp, name)
+        bscrypto.write_cache(path, [bscrypto.CacheEntry(v, k, a) for v, k, a in entries])
+        return path
+
+    def wrapped_cache(self, extra=()):
+        now = int(__import__("time").time())
+        entries = [("Full-0001", wrap_for(self.KEK, b"a" * 32), now - 86400),
+                   (self.VOLUME, wrap_for(self.KEK, self.PASSPHRASE), now - 3600)]
+        return self.cache(entries + list(extra))
+
+    def data_readable(self):
+        """Read the data blocks after the label; True if all decrypt, else the sense."""
+        self.rewind()
+        self.assertEqual(self.read_block(len(self.label_block)).status, 0)   # never encrypted
+        for data in DATA_BLOCKS:
+            r = self.read_block(len(data))
+            if r.status:
+                return bscrypto.parse_sense(r.sense)[3:6]
+            self.assertEqual(r.data_in, data)
+        return True
+
+    def spout_count(self):
+        return sum(1 for cdb, _ in self.drive.log if cdb[0] == 0xB5)
+
+
+class TestLoad(RecoveryDriveTestCase):
+    def test_label_cache_kek_makes_the_tape_readable(self):
+        self.assertEqual(self.data_readable(), (7, 0x74, 0x01))  # before: no key
+        cache = self.wrapped_cache()
+        self.tape_io.calls = []
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek)
+        self.assertEqual(err, "")
+        self.assertIn("volume Full-0042 (from the tape label: pool Full, media type LTO-8)", out)
+        self.assertIn("key from crypto cache %s: wrapped (54 characters), unwrapped with KEK "
+                      "file %s" % (cache, self.kek), out)
+        self.assertIn("key loaded: AES-256-GCM, algorithm index 1, key instance counter 3, "
+                      "encryption Encrypt, decryption Mixed", out)
+        self.assertNotIn(self.PASSPHRASE[:31].decode(), out)
+        # The label was read through the st path: rewind, one read, rewind.
+        self.assertEqual([c[0] for c in self.tape_io.calls],
+                         ["open", "rewind", "read", "rewind", "close"])
+        self.assertEqual(self.drive.key, self.PASSPHRASE[:31] + b"\0")
+        self.assertEqual((self.drive.encryption_mode, self.drive.decryption_mode), (2, 3))
+        self.assertIs(self.data_readable(), True)
+
+    def test_json_summary_has_no_key(self):
+        cache = self.wrapped_cache()
+        out, _ = self.run_ok("load", self.dev, "--cache", cache, "-w", self.kek, "--json")
+        data = json.loads(out)
+        self.assertEqual((data["volume"], data["volume_from"], data["wrapped"],
+                          data["algorithm_index"], data["encryption_mode"],
+                          data["decryption_mode"], data["label"]["PoolName"]),
+                         (self.VOLUME, "label", True, 1, "encrypt", "mixed", "Full"))
+        self.assertEqual(data["key_instance_counter"], self.drive.key_instance_counter)
+        for secret in (self.PASSPHRASE[:31].decode(), wrap_for(self.KEK, self.PASSPHRASE)):
+            self.assertNotIn(secret, out)
+
+    def test_wrong_kek(self):
+        cache = self.wrapped_cache()
+        other = self.write("other.kek", b"another-kek-entirely-0123456789")
+        err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", cache,
+                            "--kek", other)
+        self.assertIn("integrity check failed for volume Full-0042: wrong KEK?", err)
+        self.assertIn(other, err)
+        self.assertEqual(self.spout_count(), 2)                  # only the setup's
+        self.assertIsNone(self.drive.key)
+
+    def test_volume_not_in_cache(self):
+        now = int(__import__("time").time())
+        cache = self.cache([("Full-0001", wrap_for(self.KEK, b"a" * 32), now - 7200),
+                            ("full-0042", wrap_for(self.KEK, b"b" * 32), now - 60)])
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--cache", cache,
+                            "--kek", self.kek)
+        self.assertIn("load: looking up the key failed: volume Full-0042 is not in crypto "
+                      "cache %s (2 entries, the newest added %s: full-0042)"
+                      % (cache, bscrypto._local_time(now - 60)), err)
+        self.assertIn("differing only in case: full-0042", err)
+        self.assertIn("populate-cache %s --from-catalog" % cache, err)
+        self.assertIn(bscrypto.CATALOG_EXPORT_SQL, err)
+        self.assertIsNone(self.drive.key)
+
+    def test_volume_option_skips_the_label(self):
+        self.drive.medium.objects[0] = Block(b"\0" * 512)         # label unreadable
+        cache = self.wrapped_cache()
+        before = len(self.drive.log)
+        out, _ = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek,
+                             "--volume", self.VOLUME)
+        self.assertIn("given with --volume; label not read", out)
+        self.assertEqual(self.tape_io.calls, [])
+        self.assertNotIn(0x08, [cdb[0] for cdb, _ in self.drive.log[before:]])
+        self.assertEqual(self.drive.key, self.PASSPHRASE[:31] + b"\0")
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache", cache,
+                            "--kek", self.kek)
+        self.assertIn("load: reading the volume label failed:", err)
+        self.assertIn("not a Bareos volume", err)
+        self.assertIn("give --volume NAME", err)
+
+    def test_catalog_only(self):
+        export = self.write("media.txt", ("Full-0001|%s\nFull-0042|%s\nFull-0043|\n" % (
+            wrap_for(self.KEK, b"a" * 32), wrap_for(self.KEK, self.PASSPHRASE))).encode())
+        out, _ = self.run_ok("load", self.dev, "--catalog", export, "--kek", self.kek)
+        self.assertIn("key from catalog export %s: wrapped" % export, out)
+        self.assertIs(self.data_readable(), True)
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
+                            "--kek", self.kek, "--volume", "Full-0043")
+        self.assertIn("catalog export %s (2 volumes with a key)" % export, err)
+
+    def test_cache_and_catalog(self):
+        cache = self.wrapped_cache()
+        same = self.write("same.txt", ("Full-0042|%s\n" % wrap_for(self.KEK, self.PASSPHRASE))
+                          .encode())
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--catalog", same, "-w",
+                               self.kek)
+        self.assertIn("key from crypto cache %s and catalog export %s" % (cache, same), out)
+        # A stale cache entry: the catalog's key is used, with a warning.
+        stale = self.cache([(self.VOLUME, wrap_for(self.KEK, b"s" * 32), 1)], "stale.cryptoc")
+        out, err = self.run_ok("load", self.dev, "--cache", stale, "--catalog", same, "-w",
+                               self.kek)
+        self.assertIn("holds a different key for volume Full-0042", err)
+        self.assertIn("key from catalog export", out)
+        self.assertIs(self.data_readable(), True)
+
+    def test_wrapped_and_unwrapped_detection(self):
+        plain = bscrypto.b64encode(self.PASSPHRASE)
+        self.assertEqual(len(plain), 43)
+        cache = self.cache([(self.VOLUME, plain, 1)])
+        out, err = self.run_ok("load", self.dev, "--cache", cache)
+        self.assertIn("not wrapped (43 characters)", out)
+        self.assertEqual(err, "")
+        self.assertIs(self.data_readable(), True)
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek)
+        self.assertIn("note: the key of volume Full-0042 in crypto cache %s is not wrapped "
+                      "(43 characters): loaded as it is" % cache, err)
+        wrapped = self.wrapped_cache()
+        err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", wrapped)
+        self.assertIn("is wrapped (54 characters): a Key Encryption Key is needed", err)
+        for bad, why in (("not*base64", "not base64"),
+                         (bscrypto.b64encode(b"x" * 24), "decodes to 24 bytes")):
+            cache = self.cache([(self.VOLUME, bad, 1)], "bad.cryptoc")
+            err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", cache)
+            self.assertIn("load: decoding the key failed", err)
+            self.assertIn(why, err)
+
+    def test_kek_from_config(self):
+        conf = self.write("bareos-sd.conf", b'Director {\n  Name = bareos-dir\n'
+                          b'  Password = "x"\n  Key Encryption Key = "' + self.KEK + b'"\n}\n')
+        out, _ = self.run_ok("load", self.dev, "--cache", self.wrapped_cache(),
+                             "--kek-from", conf)
+        self.assertIn("unwrapped with the Key Encryption Key in %s" % conf, out)
+        self.assertIs(self.data_readable(), True)
+
+    def test_label_unreadable_with_a_key_loaded(self):
+        build = bscrypto.build_set_data_encryption_page
+        page = build(b"Z" * 32, 0, 2, 1)                              # decrypt, not mixed
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: reading the volume label failed: %s: Input/output error reading "
+                      "the first block: a key is loaded with decryption mode Decrypt" % self.dev,
+                      err)
+        self.assertIn("clear it with `bscrypto clear-key %s` and retry" % self.dev, err)
+        page = bscrypto.bareos_clear_key_page(1)                      # no key now, but
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("the drive holds no key that refuses the label", err)
+
+    def test_missing_sources_and_cache(self):
+        self.run_fail(bscrypto.EXIT_USAGE, "load", self.dev, "--kek", self.kek)
+        err = self.run_fail(bscrypto.EXIT_CACHE, "load", self.dev, "--cache",
+                            os.path.join(self.tmp, "none"))
+        self.assertIn("load: reading the crypto cache failed", err)
+        self.run_fail(bscrypto.EXIT_KEY_FILE, "load", self.dev, "--catalog",
+                      os.path.join(self.tmp, "none"))
+        self.assertEqual(self.spout_count(), 2)
+
+
+class TestLoadLibraryManaged(RecoveryDriveTestCase):
+    profile = "library"
+
+    def test_library_managed_drive(self):
+        rc, out, err = cli("load", self.dev, "--cache", self.wrapped_cache(), "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_REFUSED, err)
+        warning, error = err.splitlines()
+        self.assertIn("Application Managed (AME)", warning)
+        self.assertIn("load: loading the key of volume Full-0042 into the drive failed:", error)
+        self.assertIn("Library/Key Management Appliance Managed", error)
+        self.assertIsNone(self.drive.key)
+
+    def write_tape(self, volume, passphrase):
+        # A library-managed drive takes no key from us: the blocks are made directly.
+        key = bscrypto.drive_key_bytes(passphrase)
+        self.drive.medium = Medium([Block(build_label_block(VolumeName=volume))]
+                                   + [Block(d, key, GCM, 1) for d in DATA_BLOCKS])
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
