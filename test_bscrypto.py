@@ -4417,6 +4417,385 @@ class TestLoadLibraryManaged(RecoveryDriveTestCase):
                                    + [Block(d, key, GCM, 1) for d in DATA_BLOCKS])
 
 
+OLD_KEK = b"old-kek-0123456789abcdefghijklmn"
+NEW_KEK = b"new-kek-ZYXWVUTSRQPONMLKJIHGFEDC"
+
+
+def passphrase_of(i):
+    return (b"pass-%06d-" % i).ljust(32, b"x")
+
+
+class TestPopulateFromCatalog(CacheTestCase):
+    def test_counts_and_rules(self):
+        path = self.path("c.cryptoc")
+        now = CACHE_FIXTURE_TIME
+        bscrypto.write_cache(path, [bscrypto.CacheEntry("Same", B64_PLAIN, now - DAY),
+                                    bscrypto.CacheEntry("Changed", B64_PLAIN, now - DAY),
+                                    bscrypto.CacheEntry("Old", B64_PLAIN, now - 61 * DAY)])
+        export = self.write("media.txt", ("Same|%s\nChanged|%s\nNew|%s\nNoKey|\nBad|x*y\n"
+                                          % (B64_PLAIN, B64_WRAPPED, B64_WRAPPED)).encode())
+        before = self.snapshot(path)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now))
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("line 5: volume Bad: EncryptionKey is not base64", err)
+        self.assertIn("nothing written", err)
+        self.assertEqual(self.snapshot(path), before)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
+                           "--skip-bad-lines", "--backup")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("line 5 skipped", err)
+        self.assertEqual(out.decode(), "%s: from catalog export %s (psql): 5 read, 1 added, "
+                         "1 updated, 1 unchanged, 1 skipped without a key, 1 bad lines skipped; "
+                         "1 expired removed; written\n" % (path, export))
+        self.assertEqual(self.entries(path), [("Same", B64_PLAIN, now), ("Changed", B64_WRAPPED, now),
+                                              ("New", B64_WRAPPED, now)])
+        self.assertEqual(len([n for n in os.listdir(self.tmp) if n.endswith(".bak")]), 1)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
+                           "--skip-bad-lines")
+        self.assertIn("0 added, 0 updated, 3 unchanged", out.decode())
+        self.assertIn("nothing changed, not written", out.decode())
+
+    def test_new_cache_from_csv_and_missing_export(self):
+        path = self.path("new.cryptoc")
+        export = self.write("media.csv", ("EncryptionKey,VolumeName\n%s,A\n%s,B\n"
+                                          % (B64_WRAPPED, B64_PLAIN)).encode())
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", "1000")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("(csv): 2 read, 2 added", out.decode())
+        self.assertEqual(self.entries(path), [("A", B64_WRAPPED, 1000), ("B", B64_PLAIN, 1000)])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), bscrypto.CACHE_NEW_FILE_MODE)
+        rc, _, err = cli("populate-cache", path, "--from-catalog", self.path("none"))
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("cannot read catalog export", err)
+
+
+class RecoveryCacheTestCase(CacheTestCase):
+    def keks(self):
+        return self.write("old.kek", OLD_KEK), self.write("new.kek", NEW_KEK)
+
+    def make(self, count, kek=OLD_KEK, start=0):
+        return [bscrypto.CacheEntry("Vol%05d" % i, bscrypto.wrap_passphrase(kek, passphrase_of(i)),
+                                    CACHE_FIXTURE_TIME - i) for i in range(start, start + count)]
+
+
+class TestRewrap(RecoveryCacheTestCase):
+    def test_round_trip_1000_volumes(self):
+        import sqlite3
+        import time
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(1000)
+        bscrypto.write_cache(path, entries, "ilp32-be")
+        os.chmod(path, 0o640)
+        export = self.write("media.txt", "".join(
+            "%s|%s\n" % (e.volume_name, e.encryption_key) for e in entries[500:]
+        ).encode() + ("Extra|%s\n" % bscrypto.wrap_passphrase(OLD_KEK, b"e" * 32)).encode())
+        sql = self.path("update.sql")
+        start = time.perf_counter()
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--catalog", export, "--sql-out", sql, "--backup")
+        elapsed = time.perf_counter() - start
+        self.assertEqual(rc, 0, err)
+        self.assertLess(elapsed, 15)
+        text = out.decode()
+        self.assertIn("rewrap: 1001 distinct keys unwrapped with KEK file %s, wrapped with KEK "
+                      "file %s and verified" % (old, new), text)
+        self.assertIn("1000 entries re-wrapped, times added kept", text)
+        self.assertIn("%s: 1001 UPDATE statements (mode 0600)" % sql, text)
+        cache = bscrypto.read_cache(path)
+        self.assertEqual(cache.layout.name, "ilp32-be")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
+        self.assertEqual([(e.volume_name, e.added) for e in cache.entries],
+                         [(e.volume_name, e.added) for e in entries])
+        for i, e in enumerate(cache.entries):
+            self.assertEqual(len(e.encryption_key), 54)
+            self.assertNotEqual(e.encryption_key, entries[i].encryption_key)
+        for i in (0, 499, 999):
+            self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, cache.entries[i].encryption_key),
+                             passphrase_of(i))
+        backups = [n for n in os.listdir(self.tmp) if n.endswith(".bak")]
+        self.assertEqual(bscrypto.read_cache(self.path(backups[0])).entries, entries)
+        self.assertEqual(stat.S_IMODE(os.stat(sql).st_mode), 0o600)
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE TABLE Media (VolumeName TEXT, EncryptionKey TEXT)")
+            db.executemany("INSERT INTO Media VALUES (?, ?)",
+                           [(e.volume_name, e.encryption_key) for e in entries]
+                           + [("Extra", "old"), ("Other", "untouched")])
+            with open(sql) as f:
+                db.executescript(f.read())
+            rows = dict(db.execute("SELECT VolumeName, EncryptionKey FROM Media"))
+        finally:
+            db.close()
+        self.assertEqual(rows["Other"], "untouched")
+        self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, rows["Extra"]), b"e" * 32)
+        self.assertEqual({v: rows[v] for v in rows if v.startswith("Vol")},
+                         {e.volume_name: e.encryption_key for e in cache.entries})
+
+    def test_a_bad_entry_aborts_with_nothing_written(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(50)
+        entries[7] = entries[7]._replace(encryption_key=bscrypto.wrap_passphrase(b"other kek",
+                                                                                 b"p" * 32))
+        entries[30] = entries[30]._replace(encryption_key="damaged*key")
+        bscrypto.write_cache(path, entries)
+        os.utime(path, ns=(1, 1000000000))
+        before = self.snapshot(path)                # bytes, mtime, inode, mode
+        sql = self.path("update.sql")
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--sql-out", sql, "--backup")
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP, err)
+        self.assertEqual(out, b"")
+        self.assertIn("volume Vol00007 (cache): integrity check failed with the old KEK", err)
+        self.assertIn("volume Vol00030 (cache): not a Bareos key: not base64", err)
+        self.assertIn("2 of the keys cannot be unwrapped with the old KEK (listed above): "
+                      "nothing written", err)
+        self.assertEqual(self.snapshot(path), before)
+        self.assertFalse(os.path.exists(sql))
+        self.assertEqual([n for n in os.listdir(self.tmp) if n.endswith((".bak", ".tmp"))], [])
+        # The wrong old KEK fails every key, and the list says so.
+        rc, _, err = cli("rewrap", "--old-kek", new, "--new-kek", old, "--cache", path)
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
+        self.assertIn("50 of the keys", err)
+        self.assertEqual(self.snapshot(path), before)
+
+    def test_unwrapped_keys_need_wrap_unwrapped(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(3) + [bscrypto.CacheEntry("Plain", bscrypto.b64encode(b"z" * 32), 5)]
+        bscrypto.write_cache(path, entries)
+        before = self.snapshot(path)
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path)
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("volume Plain (cache): not wrapped (43 characters)", err)
+        self.assertIn("add --wrap-unwrapped", err)
+        self.assertEqual(self.snapshot(path), before)
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--wrap-unwrapped")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, self.entries(path)[3][1]), b"z" * 32)
+
+    def test_arguments_and_sql_file_refusals(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        before = self.snapshot(path)
+        sql = self.write("exists.sql", b"keep me")
+        for args, code, text in (
+                (["--new-kek", new, "--cache", path], 1, "needs the old KEK"),
+                (["--old-kek", old, "--new-kek", old, "--cache", path], 1, "same AES key"),
+                (["--old-kek", old, "--new-kek", new], 1, "--cache CACHE and/or --catalog"),
+                (["--old-kek", old, "--new-kek", new, "--catalog", path], 1, "--sql-out"),
+                (["--old-kek", old, "--new-kek", new, "--cache", path, "--sql-out", sql], 2,
+                 "already exists"),
+                (["--old-kek", old, "--old-kek-from", old, "--new-kek", new, "--cache", path],
+                 1, "not both"),
+                (["--old-kek", old, "--new-kek", new, "--new-director", "x", "--cache", path],
+                 1, "--new-director only applies")):
+            rc, _, err = cli("rewrap", *args)
+            self.assertEqual(rc, code, (args, err))
+            self.assertIn(text, err)
+        self.assertEqual(self.snapshot(path), before)
+        self.assertEqual(read_bytes(sql), b"keep me")
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                         "--sql-out", sql, "--force")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(read_bytes(sql).count(b"UPDATE Media SET EncryptionKey = '"), 2)
+
+    def test_kek_from_configs_and_catalog_only(self):
+        conf = self.write("bareos-dir.conf", b'Director {\n  Name = dir1\n  Key Encryption Key = "'
+                          + OLD_KEK + b'"\n}\n')
+        newconf = self.write("new-dir.conf", b'Director {\n  Name = dir1\n'
+                             b'  Key Encryption Key = "' + NEW_KEK + b'"\n}\n')
+        export = self.write("m.csv", ("VolumeName,EncryptionKey\n%s,%s\n" % (
+            "It's", bscrypto.wrap_passphrase(OLD_KEK, b"k" * 32))).encode())
+        sql = self.path("u.sql")
+        rc, out, err = cli("rewrap", "--old-kek-from", conf, "--old-director", "dir1",
+                           "--new-kek-from", newconf, "--catalog", export, "--sql-out", sql)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("the Key Encryption Key in %s (Director dir1)" % conf, out.decode())
+        text = read_bytes(sql).decode()
+        self.assertIn("WHERE VolumeName = 'It''s';", text)
+        self.assertTrue(text.rstrip().endswith("COMMIT;"))
+        self.assertNotIn(bscrypto.wrap_passphrase(OLD_KEK, b"k" * 32), text)
+
+    def test_rewrap_keys_api_and_progress(self):
+        keys = [e.encryption_key for e in self.make(400)]
+        tty = io.StringIO()
+        tty.isatty = lambda: True
+        progress = bscrypto._Progress("rewrap", len(keys), tty, interval=0)
+        new, failures, plain = bscrypto.rewrap_keys(keys, OLD_KEK, NEW_KEK, progress=progress)
+        self.assertEqual((len(new), failures, plain), (400, {}, []))
+        shown = tty.getvalue()
+        self.assertTrue(shown.startswith("\rrewrap: 1/400\rrewrap: 2/400"), shown[:40])
+        self.assertTrue(shown.endswith("\rrewrap: 400/400\n"))
+        for stream, total in ((io.StringIO(), 5000), (tty, 10)):     # no terminal; few keys
+            quiet = bscrypto._Progress("x", total, stream)
+            quiet.update(1)
+            quiet.finish()
+        self.assertEqual(tty.getvalue(), shown)
+
+
+class TestCheck(RecoveryCacheTestCase):
+    NOW = CACHE_FIXTURE_TIME
+
+    def check(self, *args):
+        rc, out, err = cli("check", "--now", str(self.NOW), *args)
+        return rc, out.decode(), err
+
+    def test_healthy_1000_and_with_catalog(self):
+        import time
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(1000)
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                             for e in entries).encode() + b"NoKey|\n")
+        start = time.perf_counter()
+        rc, out, err = self.check("--cache", path, "--kek", old, "--catalog", export)
+        self.assertLess(time.perf_counter() - start, 10)
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertEqual(out.splitlines(), [
+            "check: crypto cache %s: 1000 entries, 1000 wrapped, 0 not wrapped, unwrapped with "
+            "KEK file %s" % (path, old),
+            "check: next expiry %s (volume Vol00999); window 7 days"
+            % bscrypto._local_time(self.NOW - 999 + 60 * DAY),
+            "check: catalog export %s: 1000 volumes with a key, 1000 of them in the cache with "
+            "the same key; 1 without a key" % export,
+            "check: healthy"])
+
+    def test_problems(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(6)
+        entries[1] = entries[1]._replace(added=self.NOW - 55 * DAY)          # expires in 5 days
+        entries[2] = entries[2]._replace(added=self.NOW - 61 * DAY)          # expired
+        entries[3] = entries[3]._replace(encryption_key=bscrypto.wrap_passphrase(b"x", b"y" * 32))
+        entries[4] = entries[4]._replace(encryption_key="short")
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", ("Vol00000|%s\nVol00005|%s\nMissing|%s\nVol00000x|bad*\n"
+                                      % (entries[0].encryption_key,
+                                         bscrypto.wrap_passphrase(OLD_KEK, b"d" * 32),
+                                         entries[0].encryption_key)).encode())
+        rc, out, err = self.check("--cache", path, "-w", old, "--catalog", export)
+        self.assertEqual(rc, 1, err)
+        problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+        self.assertEqual(problems, [
+            "problem: volume Vol00001: expires %s, within 7 days"
+            % bscrypto._local_time(self.NOW + 5 * DAY),
+            "problem: volume Vol00002: expired %s (Bareos drops it at its next cache update)"
+            % bscrypto._local_time(self.NOW - DAY),
+            "problem: volume Vol00003: cache key fails the integrity check: does not unwrap with "
+            "the KEK",
+            "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
+            "cannot encode whole bytes",
+            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: contains '*'",
+            "problem: volume Vol00005: the cache holds a different key than the catalog",
+            "problem: volume Missing: has a key in the catalog but is not in the cache"])
+        self.assertTrue(out.endswith("check: 7 problems\n"))
+        rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
+        self.assertEqual(out.count("problem: "), 3)          # expired, bad KEK, bad key
+
+    def test_same_passphrase_in_another_form_is_the_same_key(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, [bscrypto.CacheEntry("V", bscrypto.b64encode(b"q" * 32),
+                                                        self.NOW)])
+        export = self.write("m.txt", ("V|%s\n" % bscrypto.wrap_passphrase(OLD_KEK, b"q" * 32))
+                            .encode())
+        rc, out, _ = self.check("--cache", path, "-w", old, "--catalog", export)
+        self.assertEqual(rc, 0, out)
+        self.assertIn("0 wrapped, 1 not wrapped", out)
+
+    def test_could_not_check(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        damaged = self.write("bad.cryptoc", b"BAREOS Crypto Cache\n" + b"\0" * 5)
+        for args, text in ((["--cache", self.path("none"), "-w", old], "does not exist"),
+                           (["--cache", damaged, "-w", old], "not a crypto cache"),
+                           (["--cache", path, "-w", self.path("none")], "cannot read KEK file"),
+                           (["--cache", path], "2 distinct keys look wrapped: give the KEK"),
+                           (["--cache", path, "-w", old, "--kek-from", old], "not both"),
+                           (["--cache", path, "-w", old, "--catalog", self.path("none")],
+                            "cannot read catalog export"),
+                           (["--cache", path, "-w", old, "--max-age-days", "-1"], "0 or more")):
+            rc, out, err = self.check(*args)
+            self.assertEqual((rc, out), (2, ""), (args, err))
+            self.assertTrue(err.startswith("bscrypto: check: could not check: "), err)
+            self.assertIn(text, err)
+            self.assertEqual(err.count("\n"), 1)
+        rc, _, _ = self.check("-w", old)                     # argparse: --cache missing
+        self.assertEqual(rc, 2)
+
+
+class TestBackupCache(RecoveryCacheTestCase):
+    def test_verified_copy_and_pruning(self):
+        path = self.path("bareos-sd.9103.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        os.chmod(path, 0o644)
+        backups = os.path.join(self.tmp, "backups")
+        os.mkdir(backups)
+        own = ["bareos-sd.9103.cryptoc.2020010%dT000000Z.bak" % d for d in range(1, 6)]
+        own.append("bareos-sd.9103.cryptoc.20200105T000000Z.1.bak")
+        foreign = ["bareos-sd.9104.cryptoc.20190101T000000Z.bak", "notes.txt",
+                   "bareos-sd.9103.cryptoc.20200101T000000Z.bak.keep",
+                   "x.bareos-sd.9103.cryptoc.20200101T000000Z.bak", "bareos-sd.9103.cryptoc"]
+        for name in own + foreign:
+            with open(os.path.join(backups, name), "wb") as f:
+                f.write(b"old")
+        rc, out, err = cli("backup-cache", path, backups, "--keep", "3")
+        self.assertEqual(rc, 0, err)
+        made = [n for n in os.listdir(backups) if n not in own + foreign]
+        self.assertEqual(len(made), 1)
+        new = os.path.join(backups, made[0])
+        self.assertRegex(made[0], r"^bareos-sd\.9103\.cryptoc\.\d{8}T\d{6}Z\.bak$")
+        self.assertEqual(read_bytes(new), read_bytes(path))
+        self.assertEqual(stat.S_IMODE(os.stat(new).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(backups)),
+                         sorted(foreign + own[-2:] + made))
+        self.assertIn("-> %s (3 entries, %d bytes, mode 0600, read back and verified); 4 older "
+                      "copies removed, keeping 3" % (new, os.path.getsize(path)), out.decode())
+        # A second copy in the same second gets a counter and is the newest.
+        rc, out, err = cli("backup-cache", path, backups, "--keep", "1")
+        self.assertEqual(rc, 0, err)
+        left = sorted(set(os.listdir(backups)) - set(foreign))
+        self.assertEqual(len(left), 1)
+        self.assertEqual(read_bytes(os.path.join(backups, left[0])), read_bytes(path))
+
+    def test_refusals_leave_old_copies(self):
+        backups = os.path.join(self.tmp, "b")
+        os.mkdir(backups)
+        good = os.path.join(backups, "c.cryptoc.20200101T000000Z.bak")
+        with open(good, "wb") as f:
+            f.write(b"old good copy")
+        damaged = self.write("c.cryptoc", b"BAREOS Crypto Cache\n")
+        rc, _, err = cli("backup-cache", damaged, backups, "--keep", "1")
+        self.assertEqual(rc, bscrypto.EXIT_CACHE, err)
+        self.assertEqual(os.listdir(backups), [os.path.basename(good)])
+        for args, code in (([damaged, self.path("nodir")], bscrypto.EXIT_CACHE),
+                           ([damaged, backups, "--keep", "0"], bscrypto.EXIT_USAGE),
+                           ([self.path("none"), backups], bscrypto.EXIT_CACHE)):
+            self.assertEqual(cli("backup-cache", *args)[0], code, args)
+        self.assertEqual(os.listdir(backups), [os.path.basename(good)])
+
+    def test_copy_that_does_not_read_back_is_removed(self):
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        backups = os.path.join(self.tmp, "b")
+        os.mkdir(backups)
+        real = bscrypto._replace_file
+
+        def torn(target, data, like=None, mode=0o640):
+            real(target, bytes(data[:-1]) + b"X", like, mode)
+        with mock.patch.object(bscrypto, "_replace_file", torn):
+            rc, _, err = cli("backup-cache", path, backups)
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertIn("does not read back the same", err)
+        self.assertEqual(os.listdir(backups), [])
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
