@@ -5010,7 +5010,7 @@ def check_keys(entries, kek_text, now, days, export=None, progress=None):
                                                     "unwrap with the KEK")
         return passphrases[key]
 
-    problems = []
+    problems = [] if entries else ["the cache holds no entries: nothing to recover with"]
     report = {"entries": len(entries), "wrapped": 0, "plain": 0, "next_expiry": None,
               "problems": problems}
     limit = now + days * 86400

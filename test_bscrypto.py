@@ -4274,8 +4274,15 @@ class TestLoad(RecoveryDriveTestCase):
                           data["decryption_mode"], data["label"]["PoolName"]),
                          (self.VOLUME, "label", True, 1, "encrypt", "mixed", "Full"))
         self.assertEqual(data["key_instance_counter"], self.drive.key_instance_counter)
-        for secret in (self.PASSPHRASE[:31].decode(), wrap_for(self.KEK, self.PASSPHRASE)):
+        rc, debug_out, debug_err = cli("load", "-d", "9", self.dev, "--cache", cache, "-w",
+                                       self.kek)
+        self.assertEqual(rc, 0, debug_err)
+        self.assertIn("key from crypto cache", debug_err)
+        for secret in (self.PASSPHRASE[:31].decode(), wrap_for(self.KEK, self.PASSPHRASE),
+                       self.PASSPHRASE[:31].hex(), self.KEK.decode()):
             self.assertNotIn(secret, out)
+            self.assertNotIn(secret, debug_err)
+            self.assertNotIn(secret, debug_out.decode())
 
     def test_wrong_kek(self):
         cache = self.wrapped_cache()
@@ -4480,8 +4487,11 @@ class RecoveryCacheTestCase(CacheTestCase):
 
 class TestRewrap(RecoveryCacheTestCase):
     def test_round_trip_1000_volumes(self):
-        import sqlite3
         import time
+        try:
+            import sqlite3
+        except ImportError:          # a Python built without it: the SQL is checked as text
+            sqlite3 = None
         old, new = self.keks()
         path = self.path("c.cryptoc")
         entries = self.make(1000)
@@ -4516,6 +4526,11 @@ class TestRewrap(RecoveryCacheTestCase):
         backups = [n for n in os.listdir(self.tmp) if n.endswith(".bak")]
         self.assertEqual(bscrypto.read_cache(self.path(backups[0])).entries, entries)
         self.assertEqual(stat.S_IMODE(os.stat(sql).st_mode), 0o600)
+        if sqlite3 is None:
+            text = read_bytes(sql).decode()
+            self.assertIn(bscrypto.sql_update_key("Vol00999", cache.entries[999].encryption_key),
+                          text)
+            return
         db = sqlite3.connect(":memory:")
         try:
             db.execute("CREATE TABLE Media (VolumeName TEXT, EncryptionKey TEXT)")
@@ -4697,6 +4712,23 @@ class TestCheck(RecoveryCacheTestCase):
         rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
         self.assertEqual(out.count("problem: "), 3)          # expired, bad KEK, bad key
 
+    def test_expiry_window_boundary(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        at_limit = self.NOW - 53 * DAY                           # expires exactly in 7 days
+        entries = self.make(3)
+        entries[0] = entries[0]._replace(added=at_limit)
+        entries[1] = entries[1]._replace(added=at_limit - 1)     # one second sooner
+        entries[2] = entries[2]._replace(added=self.NOW - 60 * DAY)   # Bareos keeps it (not <)
+        bscrypto.write_cache(path, entries)
+        rc, out, _ = self.check("--cache", path, "-w", old)
+        self.assertEqual(rc, 1)
+        self.assertEqual([line.split(":")[1] for line in out.splitlines()
+                          if line.startswith("problem:")], [" volume Vol00001", " volume Vol00002"])
+        self.assertIn("Vol00002: expires %s, within 7 days" % bscrypto._local_time(self.NOW), out)
+        rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
+        self.assertEqual((rc, out.count("problem:")), (0, 0), out)
+
     def test_same_passphrase_in_another_form_is_the_same_key(self):
         old, _ = self.keks()
         path = self.path("c.cryptoc")
@@ -4728,6 +4760,11 @@ class TestCheck(RecoveryCacheTestCase):
             self.assertEqual(err.count("\n"), 1)
         rc, _, _ = self.check("-w", old)                     # argparse: --cache missing
         self.assertEqual(rc, 2)
+        empty = self.path("empty.cryptoc")
+        bscrypto.write_cache(empty, [])
+        rc, out, _ = self.check("--cache", empty)
+        self.assertEqual(rc, 1)
+        self.assertIn("problem: the cache holds no entries", out)
 
 
 class TestBackupCache(RecoveryCacheTestCase):
