@@ -4619,7 +4619,7 @@ def _label_failure(device, error, timeout, transport):
     return BscryptoError(text + hint, error.exit_code)
 
 
-def _find_key(volume, want, cache, catalog):
+def _find_key(want, cache, catalog):
     """(key text, where it was found) for volume; EXIT_NOT_FOUND if it is nowhere."""
     entries = export = None
     cache_key = catalog_key = None
@@ -4652,10 +4652,10 @@ def _find_key(volume, want, cache, catalog):
     if cache_key is not None:
         return cache_key, "crypto cache %s" % cache
     raise BscryptoError("load: looking up the key failed: %s" % _not_found_text(
-        volume, want, cache, entries, catalog, export), EXIT_NOT_FOUND)
+        want, cache, entries, catalog, export), EXIT_NOT_FOUND)
 
 
-def _not_found_text(volume, want, cache, entries, catalog, export):
+def _not_found_text(want, cache, entries, catalog, export):
     places = []
     names = []
     if entries is not None:
@@ -4670,7 +4670,8 @@ def _not_found_text(volume, want, cache, entries, catalog, export):
     if export is not None:
         names.extend(name.encode(*_CACHE_TEXT) for name, _ in export.entries)
         places.append("catalog export %s (%d volumes with a key)" % (catalog, len(export.entries)))
-    text = "volume %s is not in %s" % (_shown(want), " nor in ".join(places))
+    text = "volume %s is %s" % (_shown(want), "in neither %s nor %s" % tuple(places)
+                                if len(places) == 2 else "not in " + places[0])
     lower = want.lower()
     close = sorted({_shown(n) for n in names if n.lower() == lower and n != want})
     if close:
@@ -4709,7 +4710,7 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
         want = os.fsencode(volume)
     shown = _shown(want)
     # 2. The key, from the cache and/or the catalog export.
-    key_text, source = _find_key(volume, want, cache, catalog)
+    key_text, source = _find_key(want, cache, catalog)
     # 3. Base64 and which form.
     try:
         wrapped, raw = key_form(key_text)
@@ -4960,6 +4961,10 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
             write_private_file(sql_out, sql, force=force)
         if cache:
             write_cache(cache, new_entries, layout, backup)
+    if export is None:
+        warn("only the cache's volumes were re-wrapped: the catalog's other volumes keep keys "
+             "wrapped with the old KEK; export the catalog and rewrap it too (--catalog EXPORT "
+             "--sql-out FILE)")
     out = out or sys.stdout
     done = []
     if cache:

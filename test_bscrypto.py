@@ -4332,7 +4332,14 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIs(self.data_readable(), True)
         err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
                             "--kek", self.kek, "--volume", "Full-0043")
-        self.assertIn("catalog export %s (2 volumes with a key)" % export, err)
+        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key): "
+                      "export the catalog again" % export, err)
+        cache = self.wrapped_cache()
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
+                            "--cache", cache, "--kek", self.kek, "--volume", "Full-0043")
+        self.assertIn("volume Full-0043 is in neither crypto cache %s (2 entries, the newest "
+                      "added " % cache, err)
+        self.assertIn("nor catalog export %s (2 volumes with a key)" % export, err)
 
     def test_cache_and_catalog(self):
         cache = self.wrapped_cache()
@@ -4394,6 +4401,17 @@ class TestLoad(RecoveryDriveTestCase):
         err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
                             self.wrapped_cache(), "--kek", self.kek)
         self.assertIn("the drive holds no key that refuses the label", err)
+
+    def test_drive_status_must_confirm_encrypt_and_mixed(self):
+        store = self.drive._store
+
+        def decrypt_only(scope, ceem, rdmc, encryption_mode, decryption_mode, *rest):
+            store(scope, ceem, rdmc, 0, decryption_mode, *rest)     # a drive that ignores it
+        self.drive._store = decrypt_only
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: the drive took the key of volume Full-0042 but reports encryption "
+                      "mode Disabled and decryption mode Mixed, not Encrypt and Mixed", err)
 
     def test_missing_sources_and_cache(self):
         self.run_fail(bscrypto.EXIT_USAGE, "load", self.dev, "--kek", self.kek)
@@ -4505,7 +4523,7 @@ class TestRewrap(RecoveryCacheTestCase):
         rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
                            "--catalog", export, "--sql-out", sql, "--backup")
         elapsed = time.perf_counter() - start
-        self.assertEqual(rc, 0, err)
+        self.assertEqual((rc, err), (0, ""))
         self.assertLess(elapsed, 15)
         text = out.decode()
         self.assertIn("rewrap: 1001 distinct keys unwrapped with KEK file %s, wrapped with KEK "
@@ -4616,6 +4634,7 @@ class TestRewrap(RecoveryCacheTestCase):
         rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
                          "--sql-out", sql, "--force")
         self.assertEqual(rc, 0, err)
+        self.assertIn("warning: only the cache's volumes were re-wrapped", err)
         self.assertEqual(read_bytes(sql).count(b"UPDATE Media SET EncryptionKey = '"), 2)
 
     def test_kek_from_configs_and_catalog_only(self):
