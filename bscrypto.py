@@ -4888,9 +4888,11 @@ def _rewrap_refusal(failures, plain, uses):
                       "with the new KEK" % len(plain))
 
 
-def _sql_script(updates, count_text):
-    lines = ["-- bscrypto.py rewrap: EncryptionKey of %s, wrapped with the new KEK." % count_text,
-             "-- Apply once, in one transaction: psql -v ON_ERROR_STOP=1 -f FILE bareos",
+def _sql_script(updates, path):
+    lines = ["-- bscrypto.py rewrap: EncryptionKey of %d volumes, wrapped with the new KEK."
+             % len(updates),
+             "-- One transaction: psql -v ON_ERROR_STOP=1 -f %s bareos  (or mysql bareos < %s)"
+             % (path, path),
              "BEGIN;"]
     for volume, key in updates:
         try:
@@ -4954,7 +4956,7 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                 if e.volume_name not in named:
                     named.add(e.volume_name)
                     updates.append((e.volume_name, e.encryption_key))
-            sql = _sql_script(updates, "%d volumes" % len(updates))
+            sql = _sql_script(updates, sql_out)
         if cache:
             build_cache(new_entries, layout)        # refuse before writing anything
         if sql is not None:
