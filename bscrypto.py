@@ -4511,6 +4511,683 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
     return EXIT_OK
 
 
+# Disaster recovery: from a tape in the drive to a loaded key, KEK rotation,
+# a readiness check for cron and verified cache backups.  Keys are catalog
+# text (base64, FORMATS.md section 3): 43 characters for a plain passphrase,
+# 54 for one wrapped with the KEK.
+
+PLAIN_KEY_CHARS = 43               # base64 of 32 bytes, no padding
+WRAPPED_KEY_CHARS = 54             # base64 of 40 bytes
+CHECK_HEALTHY = 0                  # `check`'s own exit contract, for cron
+CHECK_PROBLEMS = 1
+CHECK_UNABLE = 2
+DEFAULT_CHECK_DAYS = 7
+DEFAULT_BACKUP_KEEP = 14
+PROGRESS_MINIMUM = 300             # fewer keys finish before progress would help
+PROGRESS_INTERVAL = 0.2            # seconds between progress updates
+_BACKUP_SUFFIX = ".bak"
+
+
+def key_form(text):
+    """(wrapped, decoded bytes) of a catalog key; ValueError saying why it is none."""
+    raw = b64decode(text)
+    if len(raw) == WRAPPED_LENGTH:
+        return True, raw
+    if len(raw) == PASSPHRASE_LENGTH:
+        return False, raw
+    raise ValueError("decodes to %d bytes; a Bareos key is %d bytes (%d characters, not "
+                     "wrapped) or %d bytes (%d characters, wrapped)"
+                     % (len(raw), PASSPHRASE_LENGTH, PLAIN_KEY_CHARS, WRAPPED_LENGTH,
+                        WRAPPED_KEY_CHARS))
+
+
+def _form_text(wrapped):
+    return ("wrapped (%d characters)" % WRAPPED_KEY_CHARS if wrapped
+            else "not wrapped (%d characters)" % PLAIN_KEY_CHARS)
+
+
+def _shown(name):
+    """A volume name (str or bytes) as printable text, whatever bytes it holds."""
+    if isinstance(name, str):
+        name = name.encode(*_CACHE_TEXT)
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _local_time(t):
+    import time
+    return _time_text(t, "%Y-%m-%d %H:%M:%S", time.localtime, {}).decode("ascii")
+
+
+class _Progress(object):
+    """`label: done/total` on a terminal's stderr, rewritten in place; silent for
+    fewer than PROGRESS_MINIMUM items or when stderr is not a terminal."""
+
+    def __init__(self, label, total, stream=None, minimum=PROGRESS_MINIMUM,
+                 interval=PROGRESS_INTERVAL):
+        self.stream = sys.stderr if stream is None else stream
+        self.label, self.total, self.interval = label, total, interval
+        try:
+            tty = self.stream is not None and self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        self.on = tty and total >= minimum
+        self.shown = False
+        self.last = None
+
+    def update(self, done):
+        if not self.on:
+            return
+        import time
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        self.stream.write("\r%s: %d/%d" % (self.label, done, self.total))
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self):
+        if self.shown:
+            self.stream.write("\r%s: %d/%d\n" % (self.label, self.total, self.total))
+            self.stream.flush()
+
+
+def _kek_description(kek_file=None, kek_from=None, director=None):
+    if kek_file:
+        return "KEK file %s" % ("stdin" if kek_file == "-" else kek_file)
+    if kek_from:
+        return "the Key Encryption Key in %s%s" % (
+            kek_from, "" if director is None else " (Director %s)" % director)
+    return None
+
+
+# -- load: label -> key -> unwrap -> drive --
+
+_CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos > media.txt) "
+                 "and add them with `bscrypto populate-cache %%s --from-catalog media.txt`, "
+                 "or pass --catalog media.txt" % CATALOG_EXPORT_SQL)
+
+
+def _label_failure(device, error, timeout, transport):
+    """The load error for a label that cannot be read, with the drive's key state
+    when the drive can tell it (a key in decrypt mode refuses the plain label)."""
+    import errno
+    hint = "; or give --volume NAME to skip reading the label"
+    text = "load: reading the volume label failed: %s" % error
+    if error.exit_code == EXIT_LABEL and "I/O error" in str(error):
+        try:
+            status = get_drive_status(device, timeout, transport)
+        except BscryptoError as e:
+            debug(1, "%s: no encryption status after the failed label read: %s" % (device, e))
+            status = None
+        if status is not None and status.decryption_mode in (DECRYPTION_MODE_RAW,
+                                                             DECRYPTION_MODE_DECRYPT):
+            text = ("load: reading the volume label failed: %s: %s reading the first block: "
+                    "a key is loaded with decryption mode %s, which refuses the unencrypted "
+                    "label: clear it with `bscrypto clear-key %s` and retry"
+                    % (device, os.strerror(errno.EIO),
+                       _BAREOS_DECRYPTION_MODE[status.decryption_mode], device))
+        elif status is not None:
+            text += " (the drive holds no key that refuses the label)"
+    return BscryptoError(text + hint, error.exit_code)
+
+
+def _find_key(want, cache, catalog):
+    """(key text, where it was found) for volume; EXIT_NOT_FOUND if it is nowhere."""
+    entries = export = None
+    cache_key = catalog_key = None
+    if cache:
+        try:
+            entries = read_cache(cache, raw=True).entries
+        except CacheError as e:
+            raise CacheError("load: reading the crypto cache failed: %s" % e)
+        for e in entries:
+            if e.volume_name == want:
+                cache_key = e.encryption_key.decode(*_CACHE_TEXT)
+                break
+    if catalog:
+        try:
+            export = read_catalog_export(catalog)
+        except BscryptoError as e:
+            raise BscryptoError("load: reading the catalog export failed: %s" % e, e.exit_code)
+        for name, key in export.entries:
+            if name.encode(*_CACHE_TEXT) == want:
+                catalog_key = key
+                break
+    if catalog_key is not None:
+        if cache_key is not None and cache_key != catalog_key:
+            warn("crypto cache %s holds a different key for volume %s than catalog export %s; "
+                 "using the catalog's (what the director sends); if the tape stays unreadable, "
+                 "retry without --catalog" % (cache, _shown(want), catalog))
+        elif cache_key is not None:
+            return catalog_key, "crypto cache %s and catalog export %s" % (cache, catalog)
+        return catalog_key, "catalog export %s" % catalog
+    if cache_key is not None:
+        return cache_key, "crypto cache %s" % cache
+    raise BscryptoError("load: looking up the key failed: %s" % _not_found_text(
+        want, cache, entries, catalog, export), EXIT_NOT_FOUND)
+
+
+def _not_found_text(want, cache, entries, catalog, export):
+    places = []
+    names = []
+    if entries is not None:
+        names.extend(e.volume_name for e in entries)
+        if entries:
+            newest = max(entries, key=lambda e: e.added)
+            places.append("crypto cache %s (%d entries, the newest added %s: %s)"
+                          % (cache, len(entries), _local_time(newest.added),
+                             _shown(newest.volume_name)))
+        else:
+            places.append("crypto cache %s (empty)" % cache)
+    if export is not None:
+        names.extend(name.encode(*_CACHE_TEXT) for name, _ in export.entries)
+        places.append("catalog export %s (%d volumes with a key)" % (catalog, len(export.entries)))
+    text = "volume %s is %s" % (_shown(want), "in neither %s nor %s" % tuple(places)
+                                if len(places) == 2 else "not in " + places[0])
+    lower = want.lower()
+    close = sorted({_shown(n) for n in names if n.lower() == lower and n != want})
+    if close:
+        text += "; names differing only in case: %s" % ", ".join(close)
+    if cache and catalog is None:
+        text += ": the cache only holds volumes mounted in the last 60 days; " + (
+            _CATALOG_HINT % cache)
+    elif catalog is not None:
+        text += ": export the catalog again (the volume may be newer than the export) or check " \
+                "the name on the tape with `bscrypto label`"
+    return text
+
+
+def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=None,
+                   volume=None, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT,
+                   algorithm_index=None, ops=None, transport=None, out=None):
+    """load: read the label, find the volume's key in the cache and/or a catalog
+    export, unwrap it, load it as Bareos does and confirm Encrypt + Mixed.
+
+    Each failure names its step and what to try.  Prints a summary (or JSON)
+    that never contains the key.
+    """
+    if not cache and not catalog:
+        raise UsageError("load needs where the keys are: --cache CACHE and/or --catalog EXPORT")
+    out = out or sys.stdout
+    label = None
+    # 1. The volume name, from the label unless given.
+    if volume is None:
+        try:
+            label = read_volume_label(device, ops)
+        except BscryptoError as e:
+            raise _label_failure(device, e, timeout, transport)
+        volume = label.VolumeName
+        want = volume.encode(*_CACHE_TEXT)
+    else:
+        want = os.fsencode(volume)
+    shown = _shown(want)
+    # 2. The key, from the cache and/or the catalog export.
+    key_text, source = _find_key(want, cache, catalog)
+    # 3. Base64 and which form.
+    try:
+        wrapped, raw = key_form(key_text)
+    except ValueError as e:
+        raise UnwrapError("load: decoding the key failed: the key of volume %s in %s is not "
+                          "a Bareos key (%s): the entry is damaged; try the other source "
+                          "(--cache or --catalog)" % (shown, source, e))
+    debug(1, "volume %s: key from %s, %s" % (shown, source, _form_text(wrapped)))
+    # 4. Unwrap.
+    if wrapped:
+        if kek_text is None:
+            raise UnwrapError("load: the key of volume %s in %s is %s: a Key Encryption Key is "
+                              "needed to unwrap it: give --kek KEKFILE or --kek-from "
+                              "/etc/bareos (the director's Key Encryption Key)"
+                              % (shown, source, _form_text(True)))
+        try:
+            passphrase = aes_key_unwrap(kek_from_text(kek_text), raw)
+        except UnwrapError:
+            raise UnwrapError("load: integrity check failed for volume %s: wrong KEK? The key "
+                              "in %s is %s and does not unwrap with %s: use the KEK of the "
+                              "director that wrote the tape (--kek-from CONFIG --director "
+                              "NAME), or the entry is damaged (try the other source)"
+                              % (shown, source, _form_text(True), kek_source or "the KEK"))
+    else:
+        passphrase = raw
+        if kek_text is not None:
+            sys.stderr.write("bscrypto: note: the key of volume %s in %s is %s: loaded as "
+                             "it is; the KEK is not needed for it\n"
+                             % (shown, source, _form_text(False)))
+    # 5. Load it with Bareos's key bytes and 6. confirm.
+    try:
+        with _drive(device, timeout, transport) as t:
+            status, algorithm = load_drive_key(t, drive_key_bytes(passphrase),
+                                               algorithm_index=algorithm_index)
+    except BscryptoError as e:
+        raise BscryptoError("load: loading the key of volume %s into the drive failed: %s"
+                            % (shown, e), e.exit_code)
+    if (status.encryption_mode, status.decryption_mode) != (ENCRYPTION_MODE_ENCRYPT,
+                                                             DECRYPTION_MODE_MIXED):
+        raise BscryptoError(
+            "load: the drive took the key of volume %s but reports encryption mode %s and "
+            "decryption mode %s, not Encrypt and Mixed: check `bscrypto drive-status --detail "
+            "%s` (a library or key manager may control the drive)" % (
+                shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
+                _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), device),
+            EXIT_KEY_REFUSED)
+    name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
+            if algorithm is not None else None)
+    if as_json:
+        record = {"device": device, "volume": shown,
+                  "volume_from": "label" if label is not None else "--volume",
+                  "key_source": source, "wrapped": wrapped, "kek_source": kek_source,
+                  "algorithm": name, "algorithm_index": status.algorithm_index,
+                  "key_instance_counter": status.key_instance_counter,
+                  "encryption_mode": _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
+                  "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode)}
+        if label is not None:
+            record["label"] = {"PoolName": label.PoolName, "MediaType": label.MediaType,
+                               "LabelType": LABEL_TYPE_NAMES.get(label.LabelType)}
+        _json_dump(record, out)
+        return EXIT_OK
+    lines = ["volume %s (%s)" % (shown, "from the tape label: pool %s, media type %s"
+                                 % (label.PoolName, label.MediaType) if label is not None
+                                 else "given with --volume; label not read"),
+             "key from %s: %s%s" % (source, _form_text(wrapped),
+                                    ", unwrapped with %s" % (kek_source or "the KEK")
+                                    if wrapped else ""),
+             "%s: key loaded: %salgorithm index %d, key instance counter %d, encryption "
+             "Encrypt, decryption Mixed" % (device, name + ", " if name else "",
+                                            status.algorithm_index,
+                                            status.key_instance_counter),
+             "the drive now reads this volume's encrypted blocks; clear the key with "
+             "`bscrypto clear-key %s` when done" % device]
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+# -- populate-cache --from-catalog --
+
+
+def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=False,
+                             skip_bad_lines=False, out=None):
+    """Add a catalog export's volumes with keys to the cache with Bareos's rules
+    (under the lock, atomic write); print the counts on stdout."""
+    export = read_catalog_export(export_path)
+    if export.bad:
+        _report_bad_lines(export.bad, path, skip_bad_lines)
+    now = resolve_now(now)
+    target = cache_layout(layout)
+    with cache_lock(path):
+        try:
+            cache = read_cache(path)
+        except CacheMissingError:
+            cache = CryptoCache([], None)
+        entries, stats = apply_cache_updates(cache.entries, export.entries, now)
+        write = cache_changed(stats) or (layout is not None
+                                         and cache.layout not in (None, target))
+        if write:
+            write_cache(path, entries, target, backup)
+    out = out or sys.stdout
+    out.write("%s: from catalog export %s (%s): %d read, %d added, %d updated, %d unchanged, "
+              "%d skipped without a key, %d bad lines%s; %d expired removed; %s\n" % (
+                  path, "stdin" if export_path == "-" else export_path, export.format,
+                  export.read, stats["added"], stats["updated"], stats["unchanged"],
+                  export.skipped, len(export.bad), " skipped" if export.bad else "",
+                  stats["expired_removed"], "written" if write else "nothing changed, not written"))
+    out.flush()
+    return EXIT_OK
+
+
+# -- rewrap: KEK rotation --
+
+
+def rewrap_keys(keys, old_kek_text, new_kek_text, wrap_unwrapped=False, progress=None):
+    """Re-wrap each distinct key text under the new KEK, each result verified.
+
+    Returns (new key by old key, failures {key: why}, plain [keys not wrapped
+    that were left alone]).  A wrapped key must unwrap with the old KEK; a
+    plain one is wrapped only with wrap_unwrapped.  Deterministic: RFC 3394
+    with the default IV gives one wrapped form per passphrase and KEK.
+    """
+    old, new = kek_from_text(old_kek_text), kek_from_text(new_kek_text)
+    result, failures, plain = {}, {}, []
+    for done, key in enumerate(keys, 1):
+        if progress is not None:
+            progress.update(done)
+        try:
+            wrapped, raw = key_form(key)
+        except ValueError as e:
+            failures[key] = "not a Bareos key: %s" % e
+            continue
+        if wrapped:
+            try:
+                passphrase = aes_key_unwrap(old, raw)
+            except UnwrapError:
+                failures[key] = "integrity check failed with the old KEK"
+                continue
+        elif wrap_unwrapped:
+            passphrase = raw
+        else:
+            plain.append(key)
+            continue
+        rewrapped = aes_key_wrap(new, passphrase)
+        # Verify before anything is written: the new form must give the same passphrase.
+        if aes_key_unwrap(new, rewrapped) != passphrase:
+            raise BscryptoError("rewrap: verification failed: a re-wrapped key does not unwrap "
+                                "to its passphrase; nothing written (a bug: please report it)",
+                                EXIT_INTERNAL)
+        result[key] = b64encode(rewrapped)
+    if progress is not None:
+        progress.finish()
+    return result, failures, plain
+
+
+def _rewrap_refusal(failures, plain, uses):
+    """Print one stderr line per volume in the way, then the error to raise."""
+    lines = []
+    for key, why in failures.items():
+        for volume, where in uses[key]:
+            lines.append("volume %s (%s): %s" % (_shown(volume), where, why))
+    for key in plain:
+        for volume, where in uses[key]:
+            lines.append("volume %s (%s): %s" % (_shown(volume), where, _form_text(False)))
+    for line in lines[:50]:
+        sys.stderr.write("bscrypto: rewrap: %s\n" % line)
+    if len(lines) > 50:
+        sys.stderr.write("bscrypto: rewrap: ... and %d more\n" % (len(lines) - 50))
+    if failures:
+        return UnwrapError("rewrap: %d of the keys cannot be unwrapped with the old KEK (listed "
+                           "above): nothing written; check --old-kek, and repair or remove "
+                           "damaged entries first" % len(failures))
+    return UsageError("rewrap: %d keys are not wrapped (listed above; Bareos stores them so "
+                      "when no KEK is set): nothing written; add --wrap-unwrapped to wrap them "
+                      "with the new KEK" % len(plain))
+
+
+def _sql_script(updates, path):
+    lines = ["-- bscrypto.py rewrap: EncryptionKey of %d volumes, wrapped with the new KEK."
+             % len(updates),
+             "-- One transaction: psql -v ON_ERROR_STOP=1 -f %s bareos  (or mysql bareos < %s)"
+             % (path, path),
+             "BEGIN;"]
+    for volume, key in updates:
+        try:
+            lines.append(sql_update_key(volume, key))
+        except ValueError as e:
+            raise UsageError("rewrap: cannot write SQL for volume %s: %s; nothing written"
+                             % (_shown(volume), e))
+    lines.append("COMMIT;")
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None, backup=False,
+              force=False, wrap_unwrapped=False, kek_sources=("the old KEK", "the new KEK"),
+              out=None, progress_stream=None):
+    """rewrap: re-wrap every key of a cache and/or catalog export with a new KEK.
+
+    All keys are unwrapped, re-wrapped and verified first; any failure writes
+    nothing.  Then the SQL file (0600), then the cache (atomic, `added` kept).
+    """
+    if not cache and not catalog:
+        raise UsageError("rewrap needs --cache CACHE and/or --catalog EXPORT")
+    if catalog and not sql_out:
+        raise UsageError("rewrap --catalog writes UPDATE statements: give --sql-out FILE")
+    if kek_from_text(old_kek_text) == kek_from_text(new_kek_text):
+        raise UsageError("the new KEK is the same AES key as the old one (Bareos uses the first "
+                         "%d bytes): nothing to do" % KEK_LENGTH)
+    if sql_out and not force and os.path.exists(sql_out) and os.path.getsize(sql_out) > 0:
+        raise KeyFileError("%s already exists: choose another --sql-out or add --force" % sql_out)
+    export = read_catalog_export(catalog) if catalog else None
+    if export is not None and export.bad:
+        for number, problem in export.bad[:20]:
+            sys.stderr.write("bscrypto: %s line %d: %s\n" % (catalog, number, problem))
+        raise KeyFileError("rewrap: %d bad lines in catalog export %s: nothing written; export "
+                           "again or fix them" % (len(export.bad), catalog))
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        entries, layout = [], None
+        if cache:
+            stack.enter_context(cache_lock(cache))
+            found = read_cache(cache)
+            entries, layout = found.entries, found.layout
+        uses = {}          # key -> [(volume, where)]
+        for e in entries:
+            uses.setdefault(e.encryption_key, []).append((e.volume_name, "cache"))
+        for name, key in (export.entries if export is not None else ()):
+            uses.setdefault(key, []).append((name, "catalog"))
+        progress = _Progress("rewrap", len(uses), progress_stream)
+        new_keys, failures, plain = rewrap_keys(list(uses), old_kek_text, new_kek_text,
+                                                wrap_unwrapped, progress)
+        if failures or plain:
+            raise _rewrap_refusal(failures, plain, uses)
+        new_entries = [CacheEntry(e.volume_name, new_keys[e.encryption_key], e.added)
+                       for e in entries]
+        sql = None
+        if sql_out:
+            # Catalog volumes get their catalog key; cache-only volumes their cache key.
+            updates = [(name, new_keys[key]) for name, key in
+                       (export.entries if export is not None else ())]
+            named = {name for name, _ in updates}
+            for e in new_entries:
+                if e.volume_name not in named:
+                    named.add(e.volume_name)
+                    updates.append((e.volume_name, e.encryption_key))
+            sql = _sql_script(updates, sql_out)
+        if cache:
+            build_cache(new_entries, layout)        # refuse before writing anything
+        if sql is not None:
+            write_private_file(sql_out, sql, force=force)
+        if cache:
+            write_cache(cache, new_entries, layout, backup)
+    if export is None:
+        warn("only the cache's volumes were re-wrapped: the catalog's other volumes keep keys "
+             "wrapped with the old KEK; export the catalog and rewrap it too (--catalog EXPORT "
+             "--sql-out FILE)")
+    out = out or sys.stdout
+    done = []
+    if cache:
+        done.append("crypto cache %s: %d entries re-wrapped, times added kept%s"
+                    % (cache, len(entries), " (old copy kept as .bak)" if backup else ""))
+    if sql is not None:
+        done.append("%s: %d UPDATE statements (mode 0600)" % (sql_out, sql.count(b"\nUPDATE ")))
+    out.write("rewrap: %d distinct keys unwrapped with %s, wrapped with %s and verified\n"
+              % (len(new_keys), kek_sources[0], kek_sources[1]))
+    for line in done:
+        out.write("rewrap: %s\n" % line)
+    out.write("rewrap: next: %sset Key Encryption Key to the new KEK in the Director resources "
+              "of bareos-dir and bareos-sd, and restart both\n"
+              % ("apply %s to the catalog, then " % sql_out if sql is not None else ""))
+    out.flush()
+    return EXIT_OK
+
+
+# -- check: DR readiness for cron (exit 0 healthy, 1 problems, 2 could not check) --
+
+
+def check_keys(entries, kek_text, now, days, export=None, progress=None):
+    """Check cache entries (and an export) for DR readiness; a dict of counts
+    with "problems", one text line each.
+
+    Every cache entry must decode and unwrap, none may expire within `days`,
+    and every catalog volume with a key must be cached with the same key
+    (the same passphrase in another form counts as the same key).
+    """
+    kek = kek_from_text(kek_text) if kek_text is not None else None
+    passphrases = {}          # key text -> passphrase, or None (reason in why)
+    why = {}
+    forms = {}                # key text -> wrapped?
+
+    def passphrase(key):
+        if key not in passphrases:
+            if progress is not None:
+                progress.update(len(passphrases) + 1)
+            try:
+                forms[key], raw = key_form(key)
+                if forms[key] and kek is None:
+                    raise UnwrapError("no KEK")
+                passphrases[key] = aes_key_unwrap(kek, raw) if forms[key] else raw
+            except ValueError as e:
+                passphrases[key], why[key] = None, "is not a Bareos key: %s" % e
+            except UnwrapError:
+                passphrases[key], why[key] = None, ("fails the integrity check: does not "
+                                                    "unwrap with the KEK")
+        return passphrases[key]
+
+    problems = [] if entries else ["the cache holds no entries: nothing to recover with"]
+    report = {"entries": len(entries), "wrapped": 0, "plain": 0, "next_expiry": None,
+              "problems": problems}
+    limit = now + days * 86400
+    by_name = {}
+    for e in entries:
+        by_name.setdefault(e.volume_name, []).append(e)
+        name = _shown(e.volume_name)
+        if passphrase(e.encryption_key) is None:
+            problems.append("volume %s: cache key %s" % (name, why[e.encryption_key]))
+        else:
+            report["wrapped" if forms[e.encryption_key] else "plain"] += 1
+        expires = e.added + CACHE_EXPIRY_SECONDS
+        if report["next_expiry"] is None or expires < report["next_expiry"][0]:
+            report["next_expiry"] = (expires, name)
+        if expires < now:
+            problems.append("volume %s: expired %s (Bareos drops it at its next cache update)"
+                            % (name, _local_time(expires)))
+        elif expires < limit:
+            problems.append("volume %s: expires %s, within %d days"
+                            % (name, _local_time(expires), days))
+    for name, same in by_name.items():
+        if len({e.encryption_key for e in same}) > 1:
+            problems.append("volume %s: %d cache entries with different keys"
+                            % (_shown(name), len(same)))
+    if export is not None:
+        report.update(catalog=len(export.entries), catalog_same=0,
+                      catalog_skipped=export.skipped)
+        for number, problem in export.bad:
+            problems.append("catalog line %d: %s" % (number, problem))
+        for name, key in export.entries:
+            cached = by_name.get(name)
+            mine = passphrase(key)
+            if mine is None:
+                problems.append("volume %s: catalog key %s" % (_shown(name), why[key]))
+            elif not cached:
+                problems.append("volume %s: has a key in the catalog but is not in the cache"
+                                % _shown(name))
+            elif any(e.encryption_key == key or passphrase(e.encryption_key) == mine
+                     for e in cached):
+                report["catalog_same"] += 1
+            else:
+                problems.append("volume %s: the cache holds a different key than the catalog"
+                                % _shown(name))
+    if progress is not None:
+        progress.finish()
+    return report
+
+
+def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, catalog=None,
+             now=None, out=None, progress_stream=None):
+    """check: a summary and one line per problem on stdout; returns CHECK_HEALTHY
+    or CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check."""
+    try:
+        if days < 0:
+            raise UsageError("--max-age-days must be 0 or more")
+        now = resolve_now(now)
+        entries = read_cache(cache).entries
+        export = read_catalog_export(catalog) if catalog else None
+        keys = {e.encryption_key for e in entries}
+        keys.update(key for _, key in (export.entries if export is not None else ()))
+        if kek_text is None:
+            wrapped = sum(1 for key in keys if len(key) == WRAPPED_KEY_CHARS)
+            if wrapped:
+                raise UsageError("%d distinct keys look wrapped: give the KEK (--kek FILE or "
+                                 "--kek-from CONFIG) to check that they unwrap" % wrapped)
+    except BscryptoError as e:
+        raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
+    report = check_keys(entries, kek_text, now, days, export,
+                        _Progress("check", len(keys), progress_stream))
+    lines = ["crypto cache %s: %d entries, %d wrapped, %d not wrapped, %s" % (
+        cache, report["entries"], report["wrapped"], report["plain"],
+        "unwrapped with %s" % kek_source if kek_text is not None else "no KEK given")]
+    if report["next_expiry"] is not None:
+        expires, name = report["next_expiry"]
+        lines.append("next expiry %s (volume %s); window %d days"
+                     % (_local_time(expires), name, days))
+    if export is not None:
+        lines.append("catalog export %s: %d volumes with a key, %d of them in the cache with "
+                     "the same key; %d without a key" % (
+                         catalog, report["catalog"], report["catalog_same"],
+                         report["catalog_skipped"]))
+    problems = report["problems"]
+    out = out or sys.stdout
+    out.write("".join("check: %s\n" % line for line in lines))
+    out.write("".join("problem: %s\n" % line for line in problems))
+    out.write("check: %s\n" % ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
+                               if problems else "healthy"))
+    out.flush()
+    return CHECK_PROBLEMS if problems else CHECK_HEALTHY
+
+
+# -- backup-cache: verified, timestamped copies, pruned --
+
+
+def _backup_names(directory, base):
+    """[(sort key, name)] of this cache's backups in directory, oldest first."""
+    import re
+    pattern = re.compile(re.escape(base) + r"\.(\d{8}T\d{6}Z)(?:\.(\d+))?"
+                         + re.escape(_BACKUP_SUFFIX) + r"\Z")
+    found = []
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m and os.path.isfile(os.path.join(directory, name)):
+            found.append(((m.group(1), int(m.group(2) or 0)), name))
+    return sorted(found)
+
+
+def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
+    """backup-cache: copy a readable cache to DIR/NAME.<UTC time>.bak (0600,
+    atomic), read it back and compare, then keep only the newest `keep`."""
+    import time
+    if keep < 1:
+        raise UsageError("--keep must be 1 or more (the new copy is one of them)")
+    if not os.path.isdir(directory):
+        raise CacheError("backup directory %s does not exist or is not a directory" % directory)
+    data = _read_cache_bytes(path)
+    # Refuse a cache that does not parse: pruning must never replace good copies by bad.
+    count = len(parse_cache(data, path)[0].entries)
+    base = os.path.basename(os.path.realpath(path))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = "%s.%s%s" % (base, stamp, _BACKUP_SUFFIX)
+    n = 0
+    while os.path.lexists(os.path.join(directory, name)):
+        n += 1
+        name = "%s.%s.%d%s" % (base, stamp, n, _BACKUP_SUFFIX)
+    target = os.path.join(directory, name)
+    _replace_file(target, data, mode=0o600)
+    try:
+        with open(target, "rb") as f:
+            copied = f.read()
+    except OSError as e:
+        copied = e
+    if copied != data:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+        raise CacheError("backup of %s: the copy %s does not read back the same (%s); removed "
+                         "it, older copies kept: check the disk" % (
+                             path, target, copied.strerror if isinstance(copied, OSError)
+                             else "%d bytes differ from %d" % (len(copied), len(data))))
+    pruned = []
+    for _, old in _backup_names(directory, base)[:-keep]:
+        try:
+            os.unlink(os.path.join(directory, old))
+            pruned.append(old)
+        except OSError as e:
+            warn("could not remove old backup %s: %s" % (old, e.strerror or e))
+    out = out or sys.stdout
+    out.write("backup-cache: %s -> %s (%d entries, %d bytes, mode 0600, read back and "
+              "verified); %d older cop%s removed, keeping %d\n"
+              % (path, target, count, len(data), len(pruned), "y" if len(pruned) == 1 else "ies",
+                 keep))
+    out.flush()
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -4737,8 +5414,15 @@ def _add_cache_commands(sub, common):
     writer_args(p)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="warn about bad input lines and apply the good ones")
-    p.set_defaults(run=lambda ns: op_populate_cache(ns.cache, ns.now, ns.layout, ns.backup,
-                                                    ns.skip_bad_lines, summary=True))
+    # recovery: --from-catalog reads a catalog export instead of stdin (op in recovery ops)
+    p.add_argument("--from-catalog", metavar="EXPORT",
+                   help="read the volumes and keys from a catalog export instead of stdin "
+                        "(psql -A -t -F '|' output, or CSV with a VolumeName,EncryptionKey "
+                        "header; '-' for stdin); prints the counts")
+    p.set_defaults(run=lambda ns: op_populate_from_catalog(
+        ns.cache, ns.from_catalog, ns.now, ns.layout, ns.backup, ns.skip_bad_lines)
+        if ns.from_catalog else op_populate_cache(ns.cache, ns.now, ns.layout, ns.backup,
+                                                  ns.skip_bad_lines, summary=True))
 
     p = sub.add_parser("reset-cache", parents=[common],
                        help="set every entry's time to now (as -r)",
@@ -4912,6 +5596,127 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--force", action="store_true", help="replace a non-empty existing --out file")
     p.set_defaults(run=lambda ns: op_kek_from_config(ns.config, ns.director, ns.out,
                                                      ns.print_kek, ns.force))
+
+    p = sub.add_parser(
+        "load", parents=[common],
+        help="load the key of the tape in the drive: label, cache/catalog, KEK, drive",
+        description="One-step recovery: read the volume label from DEVICE (rewound before "
+                    "and after, never written), find the volume's key in the crypto cache "
+                    "and/or a catalog export, unwrap it with the KEK if it is wrapped (54 "
+                    "characters; 43 characters is a key that is not wrapped), load it into "
+                    "the drive as Bareos does and confirm encryption Encrypt and decryption "
+                    "Mixed. Every failure names its step and what to try. The key is never "
+                    "printed.")
+    p.add_argument("device", metavar="DEVICE", help="tape device, e.g. /dev/nst0")
+    p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
+    p.add_argument("--catalog", metavar="EXPORT",
+                   help="catalog export (psql -A -t -F '|' or CSV) to look the volume up in; "
+                        "with --cache too, its key wins when they differ")
+    p.add_argument("-w", "--kek", metavar="KEKFILE", help="unwrap the key with this KEK file")
+    add_kek_from_arguments(p)
+    p.add_argument("--volume", metavar="NAME", help="the volume's name: skip reading the label")
+    p.add_argument("--algorithm-index", metavar="N", type=int,
+                   help="use this algorithm index instead of the drive's AES-256-GCM")
+    p.add_argument("--timeout", metavar="SECONDS", type=_timeout_arg,
+                   default=DEFAULT_SCSI_TIMEOUT,
+                   help="SCSI command timeout (default %d)" % DEFAULT_SCSI_TIMEOUT)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=lambda ns: op_load_volume(
+        ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
+        _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
+        ns.algorithm_index))
+
+    p = sub.add_parser(
+        "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",
+        description="Unwrap every key of the crypto cache and/or a catalog export with the "
+                    "old KEK, wrap it with the new one and check that it unwraps to the same "
+                    "passphrase, all before writing anything: one key that fails aborts with "
+                    "the list of failing volumes. Then writes UPDATE statements for the "
+                    "catalog to --sql-out (mode 0600) and the cache (atomically, times added "
+                    "kept). Keys that are not wrapped stop it unless --wrap-unwrapped.")
+    for which in ("old", "new"):
+        p.add_argument("--%s-kek" % which, metavar="KEKFILE", help="the %s KEK file" % which)
+        p.add_argument("--%s-kek-from" % which, metavar="CONFIG",
+                       help="read the %s KEK from a Bareos config file or directory" % which)
+        p.add_argument("--%s-director" % which, metavar="NAME",
+                       help="with --%s-kek-from: the Director resource to use" % which)
+    p.add_argument("--cache", metavar="CACHE", help="crypto cache to re-wrap in place")
+    p.add_argument("--catalog", metavar="EXPORT", help="catalog export whose keys to re-wrap")
+    p.add_argument("--sql-out", metavar="FILE",
+                   help="write UPDATE Media statements for the catalog here (mode 0600)")
+    p.add_argument("--backup", action="store_true",
+                   help="first keep a copy of the cache as CACHE.<UTC time>.bak")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --sql-out file")
+    p.add_argument("--wrap-unwrapped", action="store_true",
+                   help="wrap keys that are not wrapped (43 characters) with the new KEK")
+    p.set_defaults(run=_run_rewrap)
+
+    p = sub.add_parser(
+        "check", parents=[common], help="prove DR readiness of a crypto cache (for cron)",
+        description="Check that every cache entry decodes and unwraps with the KEK, that "
+                    "none expires within --max-age-days, and (with --catalog) that every "
+                    "catalog volume with a key is cached with the same key. Prints a summary "
+                    "and one 'problem:' line per problem. Exit 0 healthy, 1 problems found, "
+                    "2 could not check (cache, KEK or export unreadable, bad arguments).")
+    p.add_argument("--cache", metavar="CACHE", required=True, help="crypto cache to check")
+    p.add_argument("-w", "--kek", metavar="KEKFILE", help="KEK file the keys are wrapped with")
+    add_kek_from_arguments(p)
+    p.add_argument("--max-age-days", metavar="N", type=int, default=DEFAULT_CHECK_DAYS,
+                   help="report entries that expire within N days (default %d)"
+                        % DEFAULT_CHECK_DAYS)
+    p.add_argument("--catalog", metavar="EXPORT",
+                   help="catalog export whose volumes must all be cached with the same key")
+    p.add_argument("--now", metavar="EPOCH", type=int,
+                   help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else the "
+                        "clock)")
+    p.set_defaults(run=_run_check)
+
+    p = sub.add_parser(
+        "backup-cache", parents=[common], help="verified, timestamped copy of a crypto cache",
+        description="Copy a readable crypto cache to DIR/<name>.<UTC time>.bak (mode 0600, "
+                    "written atomically), read the copy back and compare it, then remove "
+                    "this cache's older copies in DIR beyond --keep. Other files in DIR are "
+                    "never touched. A cache that does not read is not copied.")
+    p.add_argument("cache", metavar="CACHE", help="crypto cache file")
+    p.add_argument("directory", metavar="DIR", help="directory for the copies")
+    p.add_argument("--keep", metavar="N", type=int, default=DEFAULT_BACKUP_KEEP,
+                   help="copies of this cache to keep, the new one included (default %d)"
+                        % DEFAULT_BACKUP_KEEP)
+    p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep))
+
+
+def _named_kek(ns, which):
+    """(KEK text, description) from --WHICH-kek or --WHICH-kek-from."""
+    path = getattr(ns, which + "_kek")
+    config = getattr(ns, which + "_kek_from")
+    director = getattr(ns, which + "_director")
+    if path and config:
+        raise UsageError("give the %s KEK either with --%s-kek or with --%s-kek-from, not both"
+                         % (which, which, which))
+    if director and not config:
+        raise UsageError("--%s-director only applies with --%s-kek-from" % (which, which))
+    if path:
+        return read_key_file(path, "%s KEK file" % which), _kek_description(path)
+    if config:
+        return kek_from_config(config, director), _kek_description(None, config, director)
+    raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"
+                     % (which, which, which))
+
+
+def _run_rewrap(ns):
+    old, old_source = _named_kek(ns, "old")
+    new, new_source = _named_kek(ns, "new")
+    return op_rewrap(old, new, ns.cache, ns.catalog, ns.sql_out, ns.backup, ns.force,
+                     ns.wrap_unwrapped, (old_source, new_source))
+
+
+def _run_check(ns):
+    try:
+        kek_text = kek_from_arguments(ns)
+    except BscryptoError as e:
+        raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
+    return op_check(ns.cache, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director),
+                    ns.max_age_days, ns.catalog, ns.now)
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,

@@ -4132,6 +4132,726 @@ class TestCatalogExport(TempDirTestCase):
         self.assertTrue(bscrypto.CATALOG_EXPORT_SQL.startswith("SELECT VolumeName, EncryptionKey FROM Media"))
 
 
+# -- Disaster recovery: load, populate --from-catalog, rewrap, check, backup-cache --
+
+class EmulatedTapeIO(object):
+    """The st driver's side of TapeIO over an EmulatedTapeDrive: MTREW is a
+    REWIND CDB and read() a variable-block READ(6), answered the way st
+    answers (a short block is data, a filemark is b"", other sense is EIO).
+    With it and FakeSgKernel the same medium serves the label read and SG_IO."""
+
+    platform = "linux"
+
+    def __init__(self, drive):
+        self.drive = drive
+        self.calls = []
+
+    def stat(self, path):
+        import types
+        return types.SimpleNamespace(st_mode=stat.S_IFCHR | 0o660,
+                                     st_rdev=os.makedev(bscrypto.ST_MAJOR, 128))
+
+    def open(self, path, flags):
+        self.calls.append(("open", flags))
+        return 9
+
+    def ioctl(self, fd, request, arg):
+        if request == bscrypto.mtioctop_request() and struct.unpack("@hi", arg)[0] == 6:
+            self.calls.append(("rewind",))
+            status, _, sense = self.drive.execute(bytes([0x01, 0, 0, 0, 0, 0]))
+            if status:
+                raise OSError(errno.EIO, "I/O error")
+            return arg
+        if request == bscrypto.mtiocget_request():
+            return struct.pack("@5l2i", 1, 0, 0, 0, 0, 0, 0)
+        raise OSError(errno.ENOTTY, "not a tape ioctl")
+
+    def read(self, fd, size):
+        self.calls.append(("read", size))
+        status, data, sense = self.drive.execute(
+            bytes([0x08, 0]) + size.to_bytes(3, "big") + b"\0", b"", size)
+        if status == GOOD:
+            return data
+        s = bscrypto.parse_sense(sense)
+        if s.sense_key == NO_SENSE and s.ili:
+            return data
+        if s.sense_key == NO_SENSE and s.filemark:
+            return b""
+        raise OSError(errno.EIO, "I/O error")
+
+    def close(self, fd):
+        self.calls.append(("close",))
+
+
+DATA_BLOCKS = [b"backup data block %d " % i * 50 for i in range(3)]
+
+
+def wrap_for(kek_text, passphrase):
+    return bscrypto.wrap_passphrase(kek_text, passphrase)
+
+
+class RecoveryDriveTestCase(DriveTestCase):
+    """A tape written as Bareos writes it: a plain label block, then data blocks
+    encrypted with Bareos's key bytes for PASSPHRASE; the key cleared after."""
+
+    VOLUME = "Full-0042"
+    PASSPHRASE = b"q3!Zr7(x)Lp{Vw}9m?Ks~Tb.Ne<Hd>Ga"
+    KEK = b"kek-of-director-bareos-dir-xxxxx"
+
+    def setUp(self):
+        DriveTestCase.setUp(self)
+        self.tape_io = EmulatedTapeIO(self.drive)
+        patch = mock.patch.object(bscrypto, "TapeIO", lambda: self.tape_io)
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.kek = self.write("kek.key", self.KEK)
+        self.write_tape(self.VOLUME, self.PASSPHRASE)
+
+    def write_tape(self, volume, passphrase):
+        self.drive.medium = Medium()
+        self.drive.position = 0
+        self.label_block = build_label_block(VolumeName=volume)
+        self.write_block(self.label_block)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, bscrypto.drive_key_bytes(passphrase))
+            for data in DATA_BLOCKS:
+                self.write_block(data)
+            bscrypto.load_drive_key(t, bytes(32), clear=True)
+        self.rewind()
+
+    def cache(self, entries, name="c.cryptoc"):
+        path = os.path.join(self.tmp, name)
+        bscrypto.write_cache(path, [bscrypto.CacheEntry(v, k, a) for v, k, a in entries])
+        return path
+
+    def wrapped_cache(self, extra=()):
+        now = int(__import__("time").time())
+        entries = [("Full-0001", wrap_for(self.KEK, b"a" * 32), now - 86400),
+                   (self.VOLUME, wrap_for(self.KEK, self.PASSPHRASE), now - 3600)]
+        return self.cache(entries + list(extra))
+
+    def data_readable(self):
+        """Read the data blocks after the label; True if all decrypt, else the sense."""
+        self.rewind()
+        self.assertEqual(self.read_block(len(self.label_block)).status, 0)   # never encrypted
+        for data in DATA_BLOCKS:
+            r = self.read_block(len(data))
+            if r.status:
+                return bscrypto.parse_sense(r.sense)[3:6]
+            self.assertEqual(r.data_in, data)
+        return True
+
+    def spout_count(self):
+        return sum(1 for cdb, _ in self.drive.log if cdb[0] == 0xB5)
+
+
+class TestLoad(RecoveryDriveTestCase):
+    def test_label_cache_kek_makes_the_tape_readable(self):
+        self.assertEqual(self.data_readable(), (7, 0x74, 0x01))  # before: no key
+        cache = self.wrapped_cache()
+        self.tape_io.calls = []
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek)
+        self.assertEqual(err, "")
+        self.assertIn("volume Full-0042 (from the tape label: pool Full, media type LTO-8)", out)
+        self.assertIn("key from crypto cache %s: wrapped (54 characters), unwrapped with KEK "
+                      "file %s" % (cache, self.kek), out)
+        self.assertIn("key loaded: AES-256-GCM, algorithm index 1, key instance counter 3, "
+                      "encryption Encrypt, decryption Mixed", out)
+        self.assertNotIn(self.PASSPHRASE[:31].decode(), out)
+        # The label was read through the st path: rewind, one read, rewind.
+        self.assertEqual([c[0] for c in self.tape_io.calls],
+                         ["open", "rewind", "read", "rewind", "close"])
+        self.assertEqual(self.drive.key, self.PASSPHRASE[:31] + b"\0")
+        self.assertEqual((self.drive.encryption_mode, self.drive.decryption_mode), (2, 3))
+        self.assertIs(self.data_readable(), True)
+
+    def test_json_summary_has_no_key(self):
+        cache = self.wrapped_cache()
+        out, _ = self.run_ok("load", self.dev, "--cache", cache, "-w", self.kek, "--json")
+        data = json.loads(out)
+        self.assertEqual((data["volume"], data["volume_from"], data["wrapped"],
+                          data["algorithm_index"], data["encryption_mode"],
+                          data["decryption_mode"], data["label"]["PoolName"]),
+                         (self.VOLUME, "label", True, 1, "encrypt", "mixed", "Full"))
+        self.assertEqual(data["key_instance_counter"], self.drive.key_instance_counter)
+        rc, debug_out, debug_err = cli("load", "-d", "9", self.dev, "--cache", cache, "-w",
+                                       self.kek)
+        self.assertEqual(rc, 0, debug_err)
+        self.assertIn("key from crypto cache", debug_err)
+        for secret in (self.PASSPHRASE[:31].decode(), wrap_for(self.KEK, self.PASSPHRASE),
+                       self.PASSPHRASE[:31].hex(), self.KEK.decode()):
+            self.assertNotIn(secret, out)
+            self.assertNotIn(secret, debug_err)
+            self.assertNotIn(secret, debug_out.decode())
+
+    def test_wrong_kek(self):
+        cache = self.wrapped_cache()
+        other = self.write("other.kek", b"another-kek-entirely-0123456789")
+        err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", cache,
+                            "--kek", other)
+        self.assertIn("integrity check failed for volume Full-0042: wrong KEK?", err)
+        self.assertIn(other, err)
+        self.assertEqual(self.spout_count(), 2)                  # only the setup's
+        self.assertIsNone(self.drive.key)
+
+    def test_volume_not_in_cache(self):
+        now = int(__import__("time").time())
+        cache = self.cache([("Full-0001", wrap_for(self.KEK, b"a" * 32), now - 7200),
+                            ("full-0042", wrap_for(self.KEK, b"b" * 32), now - 60)])
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--cache", cache,
+                            "--kek", self.kek)
+        self.assertIn("load: looking up the key failed: volume Full-0042 is not in crypto "
+                      "cache %s (2 entries, the newest added %s: full-0042)"
+                      % (cache, bscrypto._local_time(now - 60)), err)
+        self.assertIn("differing only in case: full-0042", err)
+        self.assertIn("populate-cache %s --from-catalog" % cache, err)
+        self.assertIn(bscrypto.CATALOG_EXPORT_SQL, err)
+        self.assertIsNone(self.drive.key)
+
+    def test_volume_option_skips_the_label(self):
+        self.drive.medium.objects[0] = Block(b"\0" * 512)         # label unreadable
+        cache = self.wrapped_cache()
+        before = len(self.drive.log)
+        out, _ = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek,
+                             "--volume", self.VOLUME)
+        self.assertIn("given with --volume; label not read", out)
+        self.assertEqual(self.tape_io.calls, [])
+        self.assertNotIn(0x08, [cdb[0] for cdb, _ in self.drive.log[before:]])
+        self.assertEqual(self.drive.key, self.PASSPHRASE[:31] + b"\0")
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache", cache,
+                            "--kek", self.kek)
+        self.assertIn("load: reading the volume label failed:", err)
+        self.assertIn("not a Bareos volume", err)
+        self.assertIn("give --volume NAME", err)
+
+    def test_catalog_only(self):
+        export = self.write("media.txt", ("Full-0001|%s\nFull-0042|%s\nFull-0043|\n" % (
+            wrap_for(self.KEK, b"a" * 32), wrap_for(self.KEK, self.PASSPHRASE))).encode())
+        out, _ = self.run_ok("load", self.dev, "--catalog", export, "--kek", self.kek)
+        self.assertIn("key from catalog export %s: wrapped" % export, out)
+        self.assertIs(self.data_readable(), True)
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
+                            "--kek", self.kek, "--volume", "Full-0043")
+        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key): "
+                      "export the catalog again" % export, err)
+        cache = self.wrapped_cache()
+        err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
+                            "--cache", cache, "--kek", self.kek, "--volume", "Full-0043")
+        self.assertIn("volume Full-0043 is in neither crypto cache %s (2 entries, the newest "
+                      "added " % cache, err)
+        self.assertIn("nor catalog export %s (2 volumes with a key)" % export, err)
+
+    def test_cache_and_catalog(self):
+        cache = self.wrapped_cache()
+        same = self.write("same.txt", ("Full-0042|%s\n" % wrap_for(self.KEK, self.PASSPHRASE))
+                          .encode())
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--catalog", same, "-w",
+                               self.kek)
+        self.assertIn("key from crypto cache %s and catalog export %s" % (cache, same), out)
+        # A stale cache entry: the catalog's key is used, with a warning.
+        stale = self.cache([(self.VOLUME, wrap_for(self.KEK, b"s" * 32), 1)], "stale.cryptoc")
+        out, err = self.run_ok("load", self.dev, "--cache", stale, "--catalog", same, "-w",
+                               self.kek)
+        self.assertIn("holds a different key for volume Full-0042", err)
+        self.assertIn("key from catalog export", out)
+        self.assertIs(self.data_readable(), True)
+
+    def test_wrapped_and_unwrapped_detection(self):
+        plain = bscrypto.b64encode(self.PASSPHRASE)
+        self.assertEqual(len(plain), 43)
+        cache = self.cache([(self.VOLUME, plain, 1)])
+        out, err = self.run_ok("load", self.dev, "--cache", cache)
+        self.assertIn("not wrapped (43 characters)", out)
+        self.assertEqual(err, "")
+        self.assertIs(self.data_readable(), True)
+        out, err = self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek)
+        self.assertIn("note: the key of volume Full-0042 in crypto cache %s is not wrapped "
+                      "(43 characters): loaded as it is" % cache, err)
+        wrapped = self.wrapped_cache()
+        err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", wrapped)
+        self.assertIn("is wrapped (54 characters): a Key Encryption Key is needed", err)
+        for bad, why in (("not*base64", "not base64"),
+                         (bscrypto.b64encode(b"x" * 24), "decodes to 24 bytes")):
+            cache = self.cache([(self.VOLUME, bad, 1)], "bad.cryptoc")
+            err = self.run_fail(bscrypto.EXIT_UNWRAP, "load", self.dev, "--cache", cache)
+            self.assertIn("load: decoding the key failed", err)
+            self.assertIn(why, err)
+
+    def test_kek_from_config(self):
+        conf = self.write("bareos-sd.conf", b'Director {\n  Name = bareos-dir\n'
+                          b'  Password = "x"\n  Key Encryption Key = "' + self.KEK + b'"\n}\n')
+        out, _ = self.run_ok("load", self.dev, "--cache", self.wrapped_cache(),
+                             "--kek-from", conf)
+        self.assertIn("unwrapped with the Key Encryption Key in %s" % conf, out)
+        self.assertIs(self.data_readable(), True)
+
+    def test_label_unreadable_with_a_key_loaded(self):
+        build = bscrypto.build_set_data_encryption_page
+        page = build(b"Z" * 32, 0, 2, 1)                              # decrypt, not mixed
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: reading the volume label failed: %s: Input/output error reading "
+                      "the first block: a key is loaded with decryption mode Decrypt" % self.dev,
+                      err)
+        self.assertIn("clear it with `bscrypto clear-key %s` and retry" % self.dev, err)
+        page = bscrypto.bareos_clear_key_page(1)                      # no key now, but
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
+        err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("the drive holds no key that refuses the label", err)
+
+    def test_drive_status_must_confirm_encrypt_and_mixed(self):
+        store = self.drive._store
+
+        def decrypt_only(scope, ceem, rdmc, encryption_mode, decryption_mode, *rest):
+            store(scope, ceem, rdmc, 0, decryption_mode, *rest)     # a drive that ignores it
+        self.drive._store = decrypt_only
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "load", self.dev, "--cache",
+                            self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: the drive took the key of volume Full-0042 but reports encryption "
+                      "mode Disabled and decryption mode Mixed, not Encrypt and Mixed", err)
+
+    def test_missing_sources_and_cache(self):
+        self.run_fail(bscrypto.EXIT_USAGE, "load", self.dev, "--kek", self.kek)
+        err = self.run_fail(bscrypto.EXIT_CACHE, "load", self.dev, "--cache",
+                            os.path.join(self.tmp, "none"))
+        self.assertIn("load: reading the crypto cache failed", err)
+        self.run_fail(bscrypto.EXIT_KEY_FILE, "load", self.dev, "--catalog",
+                      os.path.join(self.tmp, "none"))
+        self.assertEqual(self.spout_count(), 2)
+
+
+class TestLoadLibraryManaged(RecoveryDriveTestCase):
+    profile = "library"
+
+    def test_library_managed_drive(self):
+        rc, out, err = cli("load", self.dev, "--cache", self.wrapped_cache(), "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_REFUSED, err)
+        warning, error = err.splitlines()
+        self.assertIn("Application Managed (AME)", warning)
+        self.assertIn("load: loading the key of volume Full-0042 into the drive failed:", error)
+        self.assertIn("Library/Key Management Appliance Managed", error)
+        self.assertIsNone(self.drive.key)
+
+    def write_tape(self, volume, passphrase):
+        # A library-managed drive takes no key from us: the blocks are made directly.
+        key = bscrypto.drive_key_bytes(passphrase)
+        self.drive.medium = Medium([Block(build_label_block(VolumeName=volume))]
+                                   + [Block(d, key, GCM, 1) for d in DATA_BLOCKS])
+
+
+OLD_KEK = b"old-kek-0123456789abcdefghijklmn"
+NEW_KEK = b"new-kek-ZYXWVUTSRQPONMLKJIHGFEDC"
+
+
+def passphrase_of(i):
+    return (b"pass-%06d-" % i).ljust(32, b"x")
+
+
+class TestPopulateFromCatalog(CacheTestCase):
+    def test_counts_and_rules(self):
+        path = self.path("c.cryptoc")
+        now = CACHE_FIXTURE_TIME
+        bscrypto.write_cache(path, [bscrypto.CacheEntry("Same", B64_PLAIN, now - DAY),
+                                    bscrypto.CacheEntry("Changed", B64_PLAIN, now - DAY),
+                                    bscrypto.CacheEntry("Old", B64_PLAIN, now - 61 * DAY)])
+        export = self.write("media.txt", ("Same|%s\nChanged|%s\nNew|%s\nNoKey|\nBad|x*y\n"
+                                          % (B64_PLAIN, B64_WRAPPED, B64_WRAPPED)).encode())
+        before = self.snapshot(path)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now))
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("line 5: volume Bad: EncryptionKey is not base64", err)
+        self.assertIn("nothing written", err)
+        self.assertEqual(self.snapshot(path), before)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
+                           "--skip-bad-lines", "--backup")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("line 5 skipped", err)
+        self.assertEqual(out.decode(), "%s: from catalog export %s (psql): 5 read, 1 added, "
+                         "1 updated, 1 unchanged, 1 skipped without a key, 1 bad lines skipped; "
+                         "1 expired removed; written\n" % (path, export))
+        self.assertEqual(self.entries(path), [("Same", B64_PLAIN, now), ("Changed", B64_WRAPPED, now),
+                                              ("New", B64_WRAPPED, now)])
+        self.assertEqual(len([n for n in os.listdir(self.tmp) if n.endswith(".bak")]), 1)
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
+                           "--skip-bad-lines")
+        self.assertIn("0 added, 0 updated, 3 unchanged", out.decode())
+        self.assertIn("nothing changed, not written", out.decode())
+
+    def test_new_cache_from_csv_and_missing_export(self):
+        path = self.path("new.cryptoc")
+        export = self.write("media.csv", ("EncryptionKey,VolumeName\n%s,A\n%s,B\n"
+                                          % (B64_WRAPPED, B64_PLAIN)).encode())
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", "1000")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("(csv): 2 read, 2 added", out.decode())
+        self.assertEqual(self.entries(path), [("A", B64_WRAPPED, 1000), ("B", B64_PLAIN, 1000)])
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), bscrypto.CACHE_NEW_FILE_MODE)
+        rc, _, err = cli("populate-cache", path, "--from-catalog", self.path("none"))
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("cannot read catalog export", err)
+
+
+class RecoveryCacheTestCase(CacheTestCase):
+    def keks(self):
+        return self.write("old.kek", OLD_KEK), self.write("new.kek", NEW_KEK)
+
+    def make(self, count, kek=OLD_KEK, start=0):
+        return [bscrypto.CacheEntry("Vol%05d" % i, bscrypto.wrap_passphrase(kek, passphrase_of(i)),
+                                    CACHE_FIXTURE_TIME - i) for i in range(start, start + count)]
+
+
+class TestRewrap(RecoveryCacheTestCase):
+    def test_round_trip_1000_volumes(self):
+        import time
+        try:
+            import sqlite3
+        except ImportError:          # a Python built without it: the SQL is checked as text
+            sqlite3 = None
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(1000)
+        bscrypto.write_cache(path, entries, "ilp32-be")
+        os.chmod(path, 0o640)
+        export = self.write("media.txt", "".join(
+            "%s|%s\n" % (e.volume_name, e.encryption_key) for e in entries[500:]
+        ).encode() + ("Extra|%s\n" % bscrypto.wrap_passphrase(OLD_KEK, b"e" * 32)).encode())
+        sql = self.path("update.sql")
+        start = time.perf_counter()
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--catalog", export, "--sql-out", sql, "--backup")
+        elapsed = time.perf_counter() - start
+        self.assertEqual((rc, err), (0, ""))
+        self.assertLess(elapsed, 15)
+        text = out.decode()
+        self.assertIn("rewrap: 1001 distinct keys unwrapped with KEK file %s, wrapped with KEK "
+                      "file %s and verified" % (old, new), text)
+        self.assertIn("1000 entries re-wrapped, times added kept", text)
+        self.assertIn("%s: 1001 UPDATE statements (mode 0600)" % sql, text)
+        cache = bscrypto.read_cache(path)
+        self.assertEqual(cache.layout.name, "ilp32-be")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
+        self.assertEqual([(e.volume_name, e.added) for e in cache.entries],
+                         [(e.volume_name, e.added) for e in entries])
+        for i, e in enumerate(cache.entries):
+            self.assertEqual(len(e.encryption_key), 54)
+            self.assertNotEqual(e.encryption_key, entries[i].encryption_key)
+        for i in (0, 499, 999):
+            self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, cache.entries[i].encryption_key),
+                             passphrase_of(i))
+        backups = [n for n in os.listdir(self.tmp) if n.endswith(".bak")]
+        self.assertEqual(bscrypto.read_cache(self.path(backups[0])).entries, entries)
+        self.assertEqual(stat.S_IMODE(os.stat(sql).st_mode), 0o600)
+        if sqlite3 is None:
+            text = read_bytes(sql).decode()
+            self.assertIn(bscrypto.sql_update_key("Vol00999", cache.entries[999].encryption_key),
+                          text)
+            return
+        db = sqlite3.connect(":memory:")
+        try:
+            db.execute("CREATE TABLE Media (VolumeName TEXT, EncryptionKey TEXT)")
+            db.executemany("INSERT INTO Media VALUES (?, ?)",
+                           [(e.volume_name, e.encryption_key) for e in entries]
+                           + [("Extra", "old"), ("Other", "untouched")])
+            with open(sql) as f:
+                db.executescript(f.read())
+            rows = dict(db.execute("SELECT VolumeName, EncryptionKey FROM Media"))
+        finally:
+            db.close()
+        self.assertEqual(rows["Other"], "untouched")
+        self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, rows["Extra"]), b"e" * 32)
+        self.assertEqual({v: rows[v] for v in rows if v.startswith("Vol")},
+                         {e.volume_name: e.encryption_key for e in cache.entries})
+
+    def test_a_bad_entry_aborts_with_nothing_written(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(50)
+        entries[7] = entries[7]._replace(encryption_key=bscrypto.wrap_passphrase(b"other kek",
+                                                                                 b"p" * 32))
+        entries[30] = entries[30]._replace(encryption_key="damaged*key")
+        bscrypto.write_cache(path, entries)
+        os.utime(path, ns=(1, 1000000000))
+        before = self.snapshot(path)                # bytes, mtime, inode, mode
+        sql = self.path("update.sql")
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--sql-out", sql, "--backup")
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP, err)
+        self.assertEqual(out, b"")
+        self.assertIn("volume Vol00007 (cache): integrity check failed with the old KEK", err)
+        self.assertIn("volume Vol00030 (cache): not a Bareos key: not base64", err)
+        self.assertIn("2 of the keys cannot be unwrapped with the old KEK (listed above): "
+                      "nothing written", err)
+        self.assertEqual(self.snapshot(path), before)
+        self.assertFalse(os.path.exists(sql))
+        self.assertEqual([n for n in os.listdir(self.tmp) if n.endswith((".bak", ".tmp"))], [])
+        # The wrong old KEK fails every key, and the list says so.
+        rc, _, err = cli("rewrap", "--old-kek", new, "--new-kek", old, "--cache", path)
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
+        self.assertIn("50 of the keys", err)
+        self.assertEqual(self.snapshot(path), before)
+
+    def test_unwrapped_keys_need_wrap_unwrapped(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(3) + [bscrypto.CacheEntry("Plain", bscrypto.b64encode(b"z" * 32), 5)]
+        bscrypto.write_cache(path, entries)
+        before = self.snapshot(path)
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path)
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("volume Plain (cache): not wrapped (43 characters)", err)
+        self.assertIn("add --wrap-unwrapped", err)
+        self.assertEqual(self.snapshot(path), before)
+        rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                           "--wrap-unwrapped")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(bscrypto.unwrap_passphrase(NEW_KEK, self.entries(path)[3][1]), b"z" * 32)
+
+    def test_arguments_and_sql_file_refusals(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        before = self.snapshot(path)
+        sql = self.write("exists.sql", b"keep me")
+        for args, code, text in (
+                (["--new-kek", new, "--cache", path], 1, "needs the old KEK"),
+                (["--old-kek", old, "--new-kek", old, "--cache", path], 1, "same AES key"),
+                (["--old-kek", old, "--new-kek", new], 1, "--cache CACHE and/or --catalog"),
+                (["--old-kek", old, "--new-kek", new, "--catalog", path], 1, "--sql-out"),
+                (["--old-kek", old, "--new-kek", new, "--cache", path, "--sql-out", sql], 2,
+                 "already exists"),
+                (["--old-kek", old, "--old-kek-from", old, "--new-kek", new, "--cache", path],
+                 1, "not both"),
+                (["--old-kek", old, "--new-kek", new, "--new-director", "x", "--cache", path],
+                 1, "--new-director only applies")):
+            rc, _, err = cli("rewrap", *args)
+            self.assertEqual(rc, code, (args, err))
+            self.assertIn(text, err)
+        self.assertEqual(self.snapshot(path), before)
+        self.assertEqual(read_bytes(sql), b"keep me")
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                         "--sql-out", sql, "--force")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("warning: only the cache's volumes were re-wrapped", err)
+        self.assertEqual(read_bytes(sql).count(b"UPDATE Media SET EncryptionKey = '"), 2)
+
+    def test_kek_from_configs_and_catalog_only(self):
+        conf = self.write("bareos-dir.conf", b'Director {\n  Name = dir1\n  Key Encryption Key = "'
+                          + OLD_KEK + b'"\n}\n')
+        newconf = self.write("new-dir.conf", b'Director {\n  Name = dir1\n'
+                             b'  Key Encryption Key = "' + NEW_KEK + b'"\n}\n')
+        export = self.write("m.csv", ("VolumeName,EncryptionKey\n%s,%s\n" % (
+            "It's", bscrypto.wrap_passphrase(OLD_KEK, b"k" * 32))).encode())
+        sql = self.path("u.sql")
+        rc, out, err = cli("rewrap", "--old-kek-from", conf, "--old-director", "dir1",
+                           "--new-kek-from", newconf, "--catalog", export, "--sql-out", sql)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("the Key Encryption Key in %s (Director dir1)" % conf, out.decode())
+        text = read_bytes(sql).decode()
+        self.assertIn("WHERE VolumeName = 'It''s';", text)
+        self.assertTrue(text.rstrip().endswith("COMMIT;"))
+        self.assertNotIn(bscrypto.wrap_passphrase(OLD_KEK, b"k" * 32), text)
+
+    def test_rewrap_keys_api_and_progress(self):
+        keys = [e.encryption_key for e in self.make(400)]
+        tty = io.StringIO()
+        tty.isatty = lambda: True
+        progress = bscrypto._Progress("rewrap", len(keys), tty, interval=0)
+        new, failures, plain = bscrypto.rewrap_keys(keys, OLD_KEK, NEW_KEK, progress=progress)
+        self.assertEqual((len(new), failures, plain), (400, {}, []))
+        shown = tty.getvalue()
+        self.assertTrue(shown.startswith("\rrewrap: 1/400\rrewrap: 2/400"), shown[:40])
+        self.assertTrue(shown.endswith("\rrewrap: 400/400\n"))
+        for stream, total in ((io.StringIO(), 5000), (tty, 10)):     # no terminal; few keys
+            quiet = bscrypto._Progress("x", total, stream)
+            quiet.update(1)
+            quiet.finish()
+        self.assertEqual(tty.getvalue(), shown)
+
+
+class TestCheck(RecoveryCacheTestCase):
+    NOW = CACHE_FIXTURE_TIME
+
+    def check(self, *args):
+        rc, out, err = cli("check", "--now", str(self.NOW), *args)
+        return rc, out.decode(), err
+
+    def test_healthy_1000_and_with_catalog(self):
+        import time
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(1000)
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                             for e in entries).encode() + b"NoKey|\n")
+        start = time.perf_counter()
+        rc, out, err = self.check("--cache", path, "--kek", old, "--catalog", export)
+        self.assertLess(time.perf_counter() - start, 10)
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertEqual(out.splitlines(), [
+            "check: crypto cache %s: 1000 entries, 1000 wrapped, 0 not wrapped, unwrapped with "
+            "KEK file %s" % (path, old),
+            "check: next expiry %s (volume Vol00999); window 7 days"
+            % bscrypto._local_time(self.NOW - 999 + 60 * DAY),
+            "check: catalog export %s: 1000 volumes with a key, 1000 of them in the cache with "
+            "the same key; 1 without a key" % export,
+            "check: healthy"])
+
+    def test_problems(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(6)
+        entries[1] = entries[1]._replace(added=self.NOW - 55 * DAY)          # expires in 5 days
+        entries[2] = entries[2]._replace(added=self.NOW - 61 * DAY)          # expired
+        entries[3] = entries[3]._replace(encryption_key=bscrypto.wrap_passphrase(b"x", b"y" * 32))
+        entries[4] = entries[4]._replace(encryption_key="short")
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", ("Vol00000|%s\nVol00005|%s\nMissing|%s\nVol00000x|bad*\n"
+                                      % (entries[0].encryption_key,
+                                         bscrypto.wrap_passphrase(OLD_KEK, b"d" * 32),
+                                         entries[0].encryption_key)).encode())
+        rc, out, err = self.check("--cache", path, "-w", old, "--catalog", export)
+        self.assertEqual(rc, 1, err)
+        problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+        self.assertEqual(problems, [
+            "problem: volume Vol00001: expires %s, within 7 days"
+            % bscrypto._local_time(self.NOW + 5 * DAY),
+            "problem: volume Vol00002: expired %s (Bareos drops it at its next cache update)"
+            % bscrypto._local_time(self.NOW - DAY),
+            "problem: volume Vol00003: cache key fails the integrity check: does not unwrap with "
+            "the KEK",
+            "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
+            "cannot encode whole bytes",
+            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: contains '*'",
+            "problem: volume Vol00005: the cache holds a different key than the catalog",
+            "problem: volume Missing: has a key in the catalog but is not in the cache"])
+        self.assertTrue(out.endswith("check: 7 problems\n"))
+        rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
+        self.assertEqual(out.count("problem: "), 3)          # expired, bad KEK, bad key
+
+    def test_expiry_window_boundary(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        at_limit = self.NOW - 53 * DAY                           # expires exactly in 7 days
+        entries = self.make(3)
+        entries[0] = entries[0]._replace(added=at_limit)
+        entries[1] = entries[1]._replace(added=at_limit - 1)     # one second sooner
+        entries[2] = entries[2]._replace(added=self.NOW - 60 * DAY)   # Bareos keeps it (not <)
+        bscrypto.write_cache(path, entries)
+        rc, out, _ = self.check("--cache", path, "-w", old)
+        self.assertEqual(rc, 1)
+        self.assertEqual([line.split(":")[1] for line in out.splitlines()
+                          if line.startswith("problem:")], [" volume Vol00001", " volume Vol00002"])
+        self.assertIn("Vol00002: expires %s, within 7 days" % bscrypto._local_time(self.NOW), out)
+        rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
+        self.assertEqual((rc, out.count("problem:")), (0, 0), out)
+
+    def test_same_passphrase_in_another_form_is_the_same_key(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, [bscrypto.CacheEntry("V", bscrypto.b64encode(b"q" * 32),
+                                                        self.NOW)])
+        export = self.write("m.txt", ("V|%s\n" % bscrypto.wrap_passphrase(OLD_KEK, b"q" * 32))
+                            .encode())
+        rc, out, _ = self.check("--cache", path, "-w", old, "--catalog", export)
+        self.assertEqual(rc, 0, out)
+        self.assertIn("0 wrapped, 1 not wrapped", out)
+
+    def test_could_not_check(self):
+        old, _ = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        damaged = self.write("bad.cryptoc", b"BAREOS Crypto Cache\n" + b"\0" * 5)
+        for args, text in ((["--cache", self.path("none"), "-w", old], "does not exist"),
+                           (["--cache", damaged, "-w", old], "not a crypto cache"),
+                           (["--cache", path, "-w", self.path("none")], "cannot read KEK file"),
+                           (["--cache", path], "2 distinct keys look wrapped: give the KEK"),
+                           (["--cache", path, "-w", old, "--kek-from", old], "not both"),
+                           (["--cache", path, "-w", old, "--catalog", self.path("none")],
+                            "cannot read catalog export"),
+                           (["--cache", path, "-w", old, "--max-age-days", "-1"], "0 or more")):
+            rc, out, err = self.check(*args)
+            self.assertEqual((rc, out), (2, ""), (args, err))
+            self.assertTrue(err.startswith("bscrypto: check: could not check: "), err)
+            self.assertIn(text, err)
+            self.assertEqual(err.count("\n"), 1)
+        rc, _, _ = self.check("-w", old)                     # argparse: --cache missing
+        self.assertEqual(rc, 2)
+        empty = self.path("empty.cryptoc")
+        bscrypto.write_cache(empty, [])
+        rc, out, _ = self.check("--cache", empty)
+        self.assertEqual(rc, 1)
+        self.assertIn("problem: the cache holds no entries", out)
+
+
+class TestBackupCache(RecoveryCacheTestCase):
+    def test_verified_copy_and_pruning(self):
+        path = self.path("bareos-sd.9103.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        os.chmod(path, 0o644)
+        backups = os.path.join(self.tmp, "backups")
+        os.mkdir(backups)
+        own = ["bareos-sd.9103.cryptoc.2020010%dT000000Z.bak" % d for d in range(1, 6)]
+        own.append("bareos-sd.9103.cryptoc.20200105T000000Z.1.bak")
+        foreign = ["bareos-sd.9104.cryptoc.20190101T000000Z.bak", "notes.txt",
+                   "bareos-sd.9103.cryptoc.20200101T000000Z.bak.keep",
+                   "x.bareos-sd.9103.cryptoc.20200101T000000Z.bak", "bareos-sd.9103.cryptoc"]
+        for name in own + foreign:
+            with open(os.path.join(backups, name), "wb") as f:
+                f.write(b"old")
+        rc, out, err = cli("backup-cache", path, backups, "--keep", "3")
+        self.assertEqual(rc, 0, err)
+        made = [n for n in os.listdir(backups) if n not in own + foreign]
+        self.assertEqual(len(made), 1)
+        new = os.path.join(backups, made[0])
+        self.assertRegex(made[0], r"^bareos-sd\.9103\.cryptoc\.\d{8}T\d{6}Z\.bak$")
+        self.assertEqual(read_bytes(new), read_bytes(path))
+        self.assertEqual(stat.S_IMODE(os.stat(new).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(backups)),
+                         sorted(foreign + own[-2:] + made))
+        self.assertIn("-> %s (3 entries, %d bytes, mode 0600, read back and verified); 4 older "
+                      "copies removed, keeping 3" % (new, os.path.getsize(path)), out.decode())
+        # A second copy in the same second gets a counter and is the newest.
+        rc, out, err = cli("backup-cache", path, backups, "--keep", "1")
+        self.assertEqual(rc, 0, err)
+        left = sorted(set(os.listdir(backups)) - set(foreign))
+        self.assertEqual(len(left), 1)
+        self.assertEqual(read_bytes(os.path.join(backups, left[0])), read_bytes(path))
+
+    def test_refusals_leave_old_copies(self):
+        backups = os.path.join(self.tmp, "b")
+        os.mkdir(backups)
+        good = os.path.join(backups, "c.cryptoc.20200101T000000Z.bak")
+        with open(good, "wb") as f:
+            f.write(b"old good copy")
+        damaged = self.write("c.cryptoc", b"BAREOS Crypto Cache\n")
+        rc, _, err = cli("backup-cache", damaged, backups, "--keep", "1")
+        self.assertEqual(rc, bscrypto.EXIT_CACHE, err)
+        self.assertEqual(os.listdir(backups), [os.path.basename(good)])
+        for args, code in (([damaged, self.path("nodir")], bscrypto.EXIT_CACHE),
+                           ([damaged, backups, "--keep", "0"], bscrypto.EXIT_USAGE),
+                           ([self.path("none"), backups], bscrypto.EXIT_CACHE)):
+            self.assertEqual(cli("backup-cache", *args)[0], code, args)
+        self.assertEqual(os.listdir(backups), [os.path.basename(good)])
+
+    def test_copy_that_does_not_read_back_is_removed(self):
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        backups = os.path.join(self.tmp, "b")
+        os.mkdir(backups)
+        real = bscrypto._replace_file
+
+        def torn(target, data, like=None, mode=0o640):
+            real(target, bytes(data[:-1]) + b"X", like, mode)
+        with mock.patch.object(bscrypto, "_replace_file", torn):
+            rc, _, err = cli("backup-cache", path, backups)
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertIn("does not read back the same", err)
+        self.assertEqual(os.listdir(backups), [])
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------

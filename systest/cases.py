@@ -27,6 +27,17 @@ TAPE = "/dev/nst0"
 BLOCKS = [1, 512, 1001, 64512, 65536]
 
 
+# The load case: a Bareos tape as the storage daemon writes it.  The label
+# block goes first, unencrypted (Bareos's scsicrypto plugin loads the key only
+# after the label), made with the test suite's label builder.
+LOAD_VOLUME = "LOADTEST01"
+WRITE_LABEL = ("cd /work && python3 -c \"import fcntl, os, struct, test_bscrypto as t; "
+               "fd = os.open('%s', os.O_RDWR); "
+               "fcntl.ioctl(fd, 0x40086D01, struct.pack('hi', 20, 0)); "   # MTSETBLK 0
+               "os.write(fd, t.build_label_block(VolumeName='%s')); os.close(fd)\""
+               % (TAPE, LOAD_VOLUME))
+
+
 def bscrypto(*args, **checks):
     """A bscrypto.py command line run from the payload directory /work."""
     return dict(run=["python3", "bscrypto.py"] + list(args), **checks)
@@ -91,6 +102,37 @@ CASES = [
         {"tape": "rewind"},
         bscrypto("-v", TAPE, rc=0, stdout_re=r"no valid key"),
         {"tape": "read_fails", "errno": "EIO"},
+        {"tape": "rewind"},
+    ]},
+
+    {"name": "tcmu-load", "needs": ["tcmu-attach"], "steps": [
+        bscrypto("-g", "/tmp/load-kek.key", rc=0),
+        bscrypto("-g", "/tmp/load-other.key", rc=0),
+        bscrypto("-g", "/tmp/load-vol.key", "-w", "/tmp/load-kek.key", rc=0),
+        bscrypto("clear-key", TAPE, rc=0),
+        {"tape": "rewind"},
+        {"sh": WRITE_LABEL},                       # label, then a filemark on close
+        bscrypto("set-key", TAPE, "/tmp/load-vol.key", "-w", "/tmp/load-kek.key", rc=0),
+        {"tape": "write", "blocks": BLOCKS},       # encrypted with Bareos's key bytes
+        bscrypto("clear-key", TAPE, rc=0),
+        # The catalog's row for the volume, as psql -A -t -F '|' prints it.
+        {"sh": "printf '%s|%%s\\n' \"$(cat /tmp/load-vol.key)\" > /tmp/media.txt" % LOAD_VOLUME},
+        bscrypto("populate-cache", "/tmp/load.cryptoc", "--from-catalog", "/tmp/media.txt",
+                 rc=0, stdout_has=["1 read, 1 added"]),
+        {"tape": "rewind"},
+        {"tape": "fsf", "count": 1},
+        {"tape": "read_fails", "errno": "EIO"},   # no key: unreadable
+        bscrypto("load", TAPE, "--cache", "/tmp/load.cryptoc", "--kek", "/tmp/load-other.key",
+                 rc=3, stderr_has=["integrity check failed for volume %s: wrong KEK?"
+                                   % LOAD_VOLUME], stderr_max_lines=1),
+        bscrypto("load", TAPE, "--cache", "/tmp/load.cryptoc", "--kek", "/tmp/load-kek.key",
+                 rc=0, stdout_has=["volume %s (from the tape label" % LOAD_VOLUME,
+                                   "wrapped (54 characters)",
+                                   "encryption Encrypt, decryption Mixed"]),
+        {"tape": "rewind"},
+        {"tape": "fsf", "count": 1},
+        {"tape": "read", "blocks": BLOCKS},        # the key load put in makes them readable
+        bscrypto("clear-key", TAPE, rc=0),
         {"tape": "rewind"},
     ]},
 ]
