@@ -5772,7 +5772,9 @@ def main(argv=None):
         return 130
     except SystemExit as e:  # argparse: --help and --version exit 0, usage errors 2
         if e.code == 2:
-            return EXIT_USAGE  # 2 is ours for key-file errors; Bareos says 1
+            # 2 is ours for key-file errors and Bareos says 1; `check` promises
+            # cron 2 ("could not check") for bad arguments too.
+            return CHECK_UNABLE if argv[:1] == ["check"] else EXIT_USAGE
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except Exception as e:
         if DEBUG_LEVEL:

@@ -4904,14 +4904,14 @@ class TestLegacyCommandLine(unittest.TestCase):
             self.skipTest("README.md not beside the tests")
         with open(readme) as f:
             text = f.read()
-        for name in bscrypto._command_names():
-            self.assertIn("`%s" % name, text, "README lacks command %s" % name)
-        for action in bscrypto._legacy_parser()._actions:
-            for flag in action.option_strings:
-                if flag not in ("-h", "--help"):
-                    self.assertIn(flag, text, "README lacks option %s" % flag)
-        for code, _ in bscrypto.EXIT_CODES:
-            self.assertIn("| %d |" % code, text, "README lacks exit code %d" % code)
+        missing = ["command %s" % name for name in bscrypto._command_names()
+                   if "`%s" % name not in text]
+        missing += ["option %s" % flag for action in bscrypto._legacy_parser()._actions
+                    for flag in action.option_strings
+                    if flag not in ("-h", "--help") and flag not in text]
+        missing += ["exit code %d" % code for code, _ in bscrypto.EXIT_CODES
+                    if "| %d |" % code not in text]
+        self.assertEqual(missing, [], "README.md lacks these")
 
     def test_unknown_option_is_usage_error(self):
         for args in (["--no-such-option"], ["generate"], ["-d", "x", "-g", "-"]):
