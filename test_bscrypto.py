@@ -5054,16 +5054,23 @@ def bench_startup():
         with open(key, "wb") as f:
             f.write(bscrypto.make_key_text(bscrypto.generate_passphrase(), read_bytes(kek)))
         cmds = {"argparse": [sys.executable, "-c", "import argparse"],
-                "show": [sys.executable, SCRIPT, "-k", key, "-w", kek]}
+                "show": [sys.executable, SCRIPT, "-k", key, "-w", kek],
+                # As a module the interpreter keeps the compiled bytecode in
+                # __pycache__; a script is compiled again on every run.
+                "module": [sys.executable, "-m", "bscrypto", "-k", key, "-w", kek]}
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         times = {name: [] for name in cmds}
         for _ in range(15):
             for name, cmd in cmds.items():
                 start = time.perf_counter()
-                subprocess.check_call(cmd, stdout=subprocess.DEVNULL)
+                subprocess.check_call(cmd, stdout=subprocess.DEVNULL, cwd=HERE, env=env)
                 times[name].append(time.perf_counter() - start)
         med = {name: statistics.median(v) for name, v in times.items()}
         return {"start -k -w ms": med["show"] * 1000, "import argparse ms": med["argparse"] * 1000,
-                "start x argparse": med["show"] / med["argparse"]}
+                "start x argparse": med["show"] / med["argparse"],
+                "-m bscrypto ms": med["module"] * 1000,
+                "-m x argparse": med["module"] / med["argparse"]}
     finally:
         import shutil
         shutil.rmtree(tmp)
