@@ -3799,6 +3799,28 @@ def _selftest_checks():
     checks.append(("Bareos bscrypto wrapped key (reference fixture)", bareos_wrap))
     checks.append(("Bareos base64: no padding, stop at space, reject junk", base64_rules))
     checks.append(("passphrase alphabet and drive key bytes", passphrase_rules))
+
+    def bareos_key_page():
+        # FORMATS.md section 6: Bareos's CDB and page for loading a key.
+        cdb = cdb_security_protocol_out(0x20, SET_DATA_ENCRYPTION_PAGE, 52)
+        assert cdb.hex() == "b52000100000000000340000", "CDB"
+        page = bareos_set_key_page(b"K" * 32)
+        assert page == bytes.fromhex("0010003040000203010000" + "00" * 7 + "0020") \
+            + b"K" * 31 + b"\0", "set page"
+        assert bareos_clear_key_page()[6:8] == b"\0\0", "clear page modes"
+
+    def cache_round_trip():
+        entries = [CacheEntry("Vol0001", "xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB", 1764092524),
+                   CacheEntry("Full-0003", "simplekey", 1764092525)]
+        for layout in CACHE_LAYOUTS:
+            data = bytes(build_cache(entries, layout))
+            assert data.startswith(CACHE_ID), layout.name
+            cache, trailing = parse_cache(data)
+            assert (list(cache.entries), cache.layout.name, trailing) == \
+                (entries, layout.name, 0), layout.name
+
+    checks.append(("Bareos Set Data Encryption page and CDB (FORMATS.md 6)", bareos_key_page))
+    checks.append(("crypto cache write and read, every host layout", cache_round_trip))
     return checks
 
 
