@@ -363,16 +363,19 @@ def b64decode(text):
     """Decode Bareos base64: stops at the first space, padding optional.
 
     Bareos decodes invalid characters as zero bits; we refuse them instead,
-    because a mistyped key silently becomes a different key.
+    because a mistyped key silently becomes a different key.  The message
+    gives positions, never the characters: they are key material.
     """
     import binascii
     if isinstance(text, str):
-        text = text.encode("latin-1")
+        text = text.encode("ascii", "replace")      # any other character is refused below
     text = text.split(b" ", 1)[0].rstrip(b"=")
-    bad = set(text) - _B64_ALPHABET
+    bad = [i for i, c in enumerate(text, 1) if c not in _B64_ALPHABET]
     if bad:
-        raise ValueError("not base64: contains %s" % ", ".join(
-            repr(chr(c)) for c in sorted(bad)[:3]))
+        raise ValueError("not base64: %d of its %d characters %s outside the base64 alphabet "
+                         "(the first at position %d)" % (len(bad), len(text),
+                                                          "is" if len(bad) == 1 else "are",
+                                                          bad[0]))
     if len(text) % 4 == 1:
         raise ValueError("not base64: %d characters cannot encode whole bytes" % len(text))
     return binascii.a2b_base64(text + b"=" * (-len(text) % 4))

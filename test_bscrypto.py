@@ -242,6 +242,29 @@ class TestBase64(unittest.TestCase):
     def test_rejects_impossible_length(self):
         self.assertRaises(ValueError, bscrypto.b64decode, "abcde")
 
+    def test_message_never_shows_the_characters(self):
+        # A raw passphrase given where base64 is expected is a real key: its
+        # symbols must not reach an error message (or a cron mail from check).
+        for bad, first in (("abc*", 4), ("a!b@c#d$", 2), ("ab\u20acd", 3), ("ab\udcffd", 3)):
+            with self.assertRaises(ValueError) as cm:
+                bscrypto.b64decode(bad)
+            message = str(cm.exception)
+            self.assertIn("not base64", message)
+            self.assertIn("position %d" % first, message)
+            for c in set(bad) - set("abcd"):
+                self.assertNotIn(c, message)
+            self.assertNotIn("codec", message)
+        key = b"Xk!9@q#L$w%e^r&t*y=u|i[o]p{a}s;d<f>g?h~j"[:32]     # Bareos symbols
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "raw.key")
+            with open(path, "wb") as f:
+                f.write(key)
+            rc, out, err = cli("-k", path, "-b")
+        self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
+        self.assertIn("is not base64", err)
+        for c in "!@#$%^&*=|[]{};<>?~":
+            self.assertNotIn(c, err)
+
     def test_round_trip_random(self):
         rng = random.Random(4)
         for n in range(0, 70):
@@ -4724,7 +4747,8 @@ class TestCheck(RecoveryCacheTestCase):
             "the KEK",
             "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
             "cannot encode whole bytes",
-            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: contains '*'",
+            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: 1 of its 4 "
+            "characters is outside the base64 alphabet (the first at position 4)",
             "problem: volume Vol00005: the cache holds a different key than the catalog",
             "problem: volume Missing: has a key in the catalog but is not in the cache"])
         self.assertTrue(out.endswith("check: 7 problems\n"))
