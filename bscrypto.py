@@ -5759,10 +5759,35 @@ def _run_command(argv):
     return ns.run(ns)
 
 
+_ASCII_STDOUT = None
+
+
+def _utf8_stdout():
+    """In the C locale (cron, rescue shells) Python 3.6, or 3.7+ with locale
+    coercion and UTF-8 mode off, writes stdout as ASCII: one non-ASCII volume
+    name in `check` or `label` output ended in an internal error.  Write
+    UTF-8 there, as Bareos writes the bytes it has."""
+    global _ASCII_STDOUT
+    out = sys.stdout
+    try:
+        import codecs
+        if codecs.lookup(out.encoding).name != "ascii":
+            return
+        buffer = out.buffer
+    except (AttributeError, LookupError, TypeError):
+        return
+    import io
+    out.flush()
+    _ASCII_STDOUT = out         # kept: collecting it would close the shared buffer
+    sys.stdout = io.TextIOWrapper(buffer, "utf-8", "surrogateescape",
+                                  line_buffering=out.line_buffering)
+
+
 def main(argv=None):
     """Entry point: returns the exit status instead of exiting."""
     if argv is None:
         argv = sys.argv[1:]
+    _utf8_stdout()
     try:
         if argv and not argv[0].startswith("-") and argv[0] in _command_names():
             return _run_command(argv)

@@ -3568,6 +3568,19 @@ class TestLabelCommand(TempDirTestCase):
         self.assertEqual(cli("label", "--name", p)[1], b"Full-0042\n")
         self.assertNotEqual(cli("label", "--name", "--json", p)[0], 0)
 
+    def test_non_ascii_name_in_the_c_locale(self):
+        # Cron and rescue shells run in the C locale, where Python 3.6 (and
+        # 3.7+ without coercion and UTF-8 mode) give stdout the ASCII codec.
+        p = self.write("vol", build_label_block(VolumeName="V\u00f6l-1", PoolName="P\u00f6\u00f6l"))
+        env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+        env.pop("PYTHONIOENCODING", None)
+        for args in (["label", p], ["label", "--name", p]):
+            child = subprocess.Popen([sys.executable, SCRIPT] + args, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = child.communicate()
+            self.assertEqual((child.returncode, err), (0, b""), args)
+            self.assertIn("V\u00f6l-1\n".encode("utf-8"), out)
+
     def test_large_block_in_a_file(self):
         # Longer than the first 64 KiB read: the rest of the block is read too.
         size = len(build_label_block()) + 100000
