@@ -471,12 +471,18 @@ def write_private_file(path, data, force=False, mode=0o600):
     A temporary file in the same directory is written, fsynced and renamed,
     so a crash leaves the old file or the new one, never a torn key.
     """
+    import stat
     try:
-        if os.path.getsize(path) > 0 and not force:
-            raise KeyFileError("%s already exists and is not empty; a lost key is lost "
-                               "data: choose another name or add --force" % path)
+        st = os.stat(path)
     except OSError:
-        pass
+        st = None
+    # The rename would replace a device node, FIFO or /dev/stdout link by a file.
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise KeyFileError("%s exists and is not a regular file; write the key to a new file "
+                           "(or '-' for stdout)" % path)
+    if st is not None and st.st_size > 0 and not force:
+        raise KeyFileError("%s already exists and is not empty; a lost key is lost "
+                           "data: choose another name or add --force" % path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:

@@ -422,6 +422,21 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(cli("-g", p, "--force")[0], 0)
         self.assertEqual(len(read_bytes(p)), 32)  # truncated, no stale tail
 
+    def test_never_replaces_a_node_that_is_not_a_file(self):
+        # `-g /dev/stdout` as root renamed a file over the /dev/stdout link.
+        fifo, link = self.path("fifo"), self.path("stdout")
+        os.mkfifo(fifo)
+        os.symlink(os.devnull, link)
+        for p in (fifo, link, self.tmp):
+            for args in (["-g", p], ["-g", p, "--force"], ["generate", p, "-b", "--force"]):
+                rc, out, err = cli(*args)
+                self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""), err)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertEqual(os.readlink(link), os.devnull)
+        rc, _, err = cli("-g", link, "--force")
+        self.assertEqual(err, "bscrypto: %s exists and is not a regular file; write the key to "
+                              "a new file (or '-' for stdout)\n" % link)
+
     def test_empty_existing_file_is_replaced(self):
         p = self.write("k", b"", mode=0o644)
         self.assertEqual(cli("-g", p)[0], 0)
