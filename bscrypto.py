@@ -363,16 +363,19 @@ def b64decode(text):
     """Decode Bareos base64: stops at the first space, padding optional.
 
     Bareos decodes invalid characters as zero bits; we refuse them instead,
-    because a mistyped key silently becomes a different key.
+    because a mistyped key silently becomes a different key.  The message
+    gives positions, never the characters: they are key material.
     """
     import binascii
     if isinstance(text, str):
-        text = text.encode("latin-1")
+        text = text.encode("ascii", "replace")      # any other character is refused below
     text = text.split(b" ", 1)[0].rstrip(b"=")
-    bad = set(text) - _B64_ALPHABET
+    bad = [i for i, c in enumerate(text, 1) if c not in _B64_ALPHABET]
     if bad:
-        raise ValueError("not base64: contains %s" % ", ".join(
-            repr(chr(c)) for c in sorted(bad)[:3]))
+        raise ValueError("not base64: %d of its %d characters %s outside the base64 alphabet "
+                         "(the first at position %d)" % (len(bad), len(text),
+                                                          "is" if len(bad) == 1 else "are",
+                                                          bad[0]))
     if len(text) % 4 == 1:
         raise ValueError("not base64: %d characters cannot encode whole bytes" % len(text))
     return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
@@ -468,12 +471,18 @@ def write_private_file(path, data, force=False, mode=0o600):
     A temporary file in the same directory is written, fsynced and renamed,
     so a crash leaves the old file or the new one, never a torn key.
     """
+    import stat
     try:
-        if os.path.getsize(path) > 0 and not force:
-            raise KeyFileError("%s already exists and is not empty; a lost key is lost "
-                               "data: choose another name or add --force" % path)
+        st = os.stat(path)
     except OSError:
-        pass
+        st = None
+    # The rename would replace a device node, FIFO or /dev/stdout link by a file.
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise KeyFileError("%s exists and is not a regular file; write the key to a new file "
+                           "(or '-' for stdout)" % path)
+    if st is not None and st.st_size > 0 and not force:
+        raise KeyFileError("%s already exists and is not empty; a lost key is lost "
+                           "data: choose another name or add --force" % path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:
@@ -5778,10 +5787,35 @@ def _run_command(argv):
     return ns.run(ns)
 
 
+_ASCII_STDOUT = None
+
+
+def _utf8_stdout():
+    """In the C locale (cron, rescue shells) Python 3.6, or 3.7+ with locale
+    coercion and UTF-8 mode off, writes stdout as ASCII: one non-ASCII volume
+    name in `check` or `label` output ended in an internal error.  Write
+    UTF-8 there, as Bareos writes the bytes it has."""
+    global _ASCII_STDOUT
+    out = sys.stdout
+    try:
+        import codecs
+        if codecs.lookup(out.encoding).name != "ascii":
+            return
+        buffer = out.buffer
+    except (AttributeError, LookupError, TypeError):
+        return
+    import io
+    out.flush()
+    _ASCII_STDOUT = out         # kept: collecting it would close the shared buffer
+    sys.stdout = io.TextIOWrapper(buffer, "utf-8", "surrogateescape",
+                                  line_buffering=out.line_buffering)
+
+
 def main(argv=None):
     """Entry point: returns the exit status instead of exiting."""
     if argv is None:
         argv = sys.argv[1:]
+    _utf8_stdout()
     try:
         if argv and not argv[0].startswith("-") and argv[0] in _command_names():
             return _run_command(argv)

@@ -242,6 +242,29 @@ class TestBase64(unittest.TestCase):
     def test_rejects_impossible_length(self):
         self.assertRaises(ValueError, bscrypto.b64decode, "abcde")
 
+    def test_message_never_shows_the_characters(self):
+        # A raw passphrase given where base64 is expected is a real key: its
+        # symbols must not reach an error message (or a cron mail from check).
+        for bad, first in (("abc*", 4), ("a!b@c#d$", 2), ("ab\u20acd", 3), ("ab\udcffd", 3)):
+            with self.assertRaises(ValueError) as cm:
+                bscrypto.b64decode(bad)
+            message = str(cm.exception)
+            self.assertIn("not base64", message)
+            self.assertIn("position %d" % first, message)
+            for c in set(bad) - set("abcd"):
+                self.assertNotIn(c, message)
+            self.assertNotIn("codec", message)
+        key = b"Xk!9@q#L$w%e^r&t*y=u|i[o]p{a}s;d<f>g?h~j"[:32]     # Bareos symbols
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "raw.key")
+            with open(path, "wb") as f:
+                f.write(key)
+            rc, out, err = cli("-k", path, "-b")
+        self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
+        self.assertIn("is not base64", err)
+        for c in "!@#$%^&*=|[]{};<>?~":
+            self.assertNotIn(c, err)
+
     def test_round_trip_random(self):
         rng = random.Random(4)
         for n in range(0, 70):
@@ -398,6 +421,21 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(read_bytes(p), b"precious-kek")
         self.assertEqual(cli("-g", p, "--force")[0], 0)
         self.assertEqual(len(read_bytes(p)), 32)  # truncated, no stale tail
+
+    def test_never_replaces_a_node_that_is_not_a_file(self):
+        # `-g /dev/stdout` as root renamed a file over the /dev/stdout link.
+        fifo, link = self.path("fifo"), self.path("stdout")
+        os.mkfifo(fifo)
+        os.symlink(os.devnull, link)
+        for p in (fifo, link, self.tmp):
+            for args in (["-g", p], ["-g", p, "--force"], ["generate", p, "-b", "--force"]):
+                rc, out, err = cli(*args)
+                self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""), err)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertEqual(os.readlink(link), os.devnull)
+        rc, _, err = cli("-g", link, "--force")
+        self.assertEqual(err, "bscrypto: %s exists and is not a regular file; write the key to "
+                              "a new file (or '-' for stdout)\n" % link)
 
     def test_empty_existing_file_is_replaced(self):
         p = self.write("k", b"", mode=0o644)
@@ -3545,6 +3583,19 @@ class TestLabelCommand(TempDirTestCase):
         self.assertEqual(cli("label", "--name", p)[1], b"Full-0042\n")
         self.assertNotEqual(cli("label", "--name", "--json", p)[0], 0)
 
+    def test_non_ascii_name_in_the_c_locale(self):
+        # Cron and rescue shells run in the C locale, where Python 3.6 (and
+        # 3.7+ without coercion and UTF-8 mode) give stdout the ASCII codec.
+        p = self.write("vol", build_label_block(VolumeName="V\u00f6l-1", PoolName="P\u00f6\u00f6l"))
+        env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+        env.pop("PYTHONIOENCODING", None)
+        for args in (["label", p], ["label", "--name", p]):
+            child = subprocess.Popen([sys.executable, SCRIPT] + args, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = child.communicate()
+            self.assertEqual((child.returncode, err), (0, b""), args)
+            self.assertIn("V\u00f6l-1\n".encode("utf-8"), out)
+
     def test_large_block_in_a_file(self):
         # Longer than the first 64 KiB read: the rest of the block is read too.
         size = len(build_label_block()) + 100000
@@ -4724,7 +4775,8 @@ class TestCheck(RecoveryCacheTestCase):
             "the KEK",
             "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
             "cannot encode whole bytes",
-            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: contains '*'",
+            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: 1 of its 4 "
+            "characters is outside the base64 alphabet (the first at position 4)",
             "problem: volume Vol00005: the cache holds a different key than the catalog",
             "problem: volume Missing: has a key in the catalog but is not in the cache"])
         self.assertTrue(out.endswith("check: 7 problems\n"))
