@@ -49,7 +49,7 @@ bench: devlib  ## performance figures, side by side, on every interpreter found
 	$(PYTHON) test_bscrypto.py --bench $(PYTHONS)
 
 fuzz:  ## the long fuzz and crash runs
-	BSCRYPTO_FUZZ=full $(PYTHON) test_bscrypto.py -k Fuzz -k Crash
+	BSCRYPTO_FUZZ=full $(PYTHON) test_bscrypto.py -k Fuzz -k Crash -k fuzz
 
 systest:  ## the real-kernel test in a QEMU guest (needs qemu; see systest/README.md)
 	$(PYTHON) systest/run.py

@@ -2584,6 +2584,104 @@ class TestBareosStatusText(unittest.TestCase):
                 nbes(0, value, value, 0, 0, 0, 0, ())))
 
 
+def _mutations(rng, seeds, count):
+    """count mutated copies of the seeds: byte flips, inserts, deletes, truncation."""
+    for _ in range(count):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            pos = rng.randrange(len(data) + 1)
+            if op < 0.5 and data:
+                data[min(pos, len(data) - 1)] = rng.getrandbits(8)
+            elif op < 0.7:
+                data[pos:pos] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 8)))
+            elif op < 0.85:
+                del data[pos:pos + rng.randint(1, 8)]
+            else:
+                data = data[:pos]
+        yield bytes(data)
+
+
+class TestParserFuzz(unittest.TestCase):
+    """Pages, sense and text inputs mutated at random (fixed seed): each parser
+    returns a record or raises ValueError/BscryptoError, and every record it
+    returns renders (Bareos text, JSON dictionaries) without an exception.
+    BSCRYPTO_FUZZ=full (make fuzz) runs ten times as many cases."""
+
+    COUNT = 20000 if FUZZ_FULL else 2000
+
+    def drive_pages(self):
+        pages = []
+        for profile in ("ibm", "hp", "quantum", "library"):
+            drive = EmulatedTapeDrive(profile)
+            for page in (0x0000, 0x0010, 0x0020, 0x0021):
+                status, data, _ = drive.execute(
+                    bscrypto.cdb_security_protocol_in(0x20, page, 8196), b"", 8196)
+                self.assertEqual(status, 0, (profile, page))
+                pages.append(data)
+            status, data, _ = drive.execute(bytes([0x12, 0, 0, 0, 96, 0]), b"", 96)
+            pages.append(data)
+        return pages
+
+    def test_pages(self):
+        parsers = (bscrypto.parse_supported_security_protocols,
+                   bscrypto.parse_security_protocol_pages,
+                   bscrypto.parse_data_encryption_capabilities,
+                   bscrypto.parse_data_encryption_status,
+                   bscrypto.parse_next_block_encryption_status, bscrypto.parse_inquiry)
+        renderers = {"DataEncryptionStatus": (bscrypto.format_drive_status_bareos,
+                                              bscrypto.drive_status_dict),
+                     "NextBlockEncryptionStatus": (bscrypto.format_volume_status_bareos,
+                                                   bscrypto.next_block_status_dict)}
+        rng = random.Random(41)
+        parsed = 0
+        for data in _mutations(rng, self.drive_pages(), self.COUNT):
+            for parse in parsers:
+                try:
+                    record = parse(data)
+                except (ValueError, bscrypto.BscryptoError):
+                    continue
+                parsed += 1
+                for render in renderers.get(type(record).__name__, ()):
+                    render(record)
+                for a in getattr(record, "algorithms", ()):
+                    bscrypto.format_algorithm(a)
+                    bscrypto.algorithm_dict(a)
+        self.assertGreater(parsed, self.COUNT // 4)  # the mutations reach the field parsing
+
+    def test_sense(self):
+        seeds = [bytes.fromhex("700005000000000a0000000020000000000000"),
+                 bytes.fromhex("f00003000000000a00000000110000000000"),
+                 bytes.fromhex("7200052400000008020600000000c0000200"),
+                 bytes.fromhex("7000070000000000000000007401")]
+        rng = random.Random(42)
+        decoded = 0
+        for data in _mutations(rng, seeds, self.COUNT):
+            try:
+                sense = bscrypto.parse_sense(data)
+            except ValueError:
+                continue
+            decoded += 1
+            self.assertIsInstance(bscrypto.sense_text(sense), str)
+        self.assertGreater(decoded, self.COUNT // 2)
+
+    def test_text_inputs(self):
+        catalog = (b"VolumeName,EncryptionKey\r\nVol1,xDKY4DNAShB+DvcIxsManYmT3M+82iYGVwv+JXl01"
+                   b"/sPLk5q7VCrTw\r\nVol2,\r\n")
+        psql = b"Vol1|xDKY4DNAShB+DvcIxsManYmT3M+82iYGVwv+JXl01/sPLk5q7VCrTw\nVol2|\n"
+        config = (b'Director {\n  Name = "dir-a"; Password = "x"\n'
+                  b'  Key Encryption Key = "RZrW?;%Ot2\\"csX|#9c"  # comment\n}\n'
+                  b'@/etc/bareos/other.conf\n')
+        rng = random.Random(43)
+        for data in _mutations(rng, [catalog, psql, config], self.COUNT):
+            text = data.decode("latin-1")
+            for parse in (bscrypto.parse_catalog_export, bscrypto.parse_config_keks):
+                try:
+                    parse(text)
+                except (ValueError, bscrypto.BscryptoError):
+                    pass
+
+
 class TestSense(unittest.TestCase):
     def test_fixed_format_with_field_pointer(self):
         s = bscrypto.parse_sense(fixed_sense(5, 0x26, 0x00, field=(False, 8, None)))
