@@ -3563,17 +3563,23 @@ _CATALOG_EXPORT_FIELDS = "entries read skipped bad format"
 _CATALOG_NULLS = ("", "NULL", "\\N")
 
 
-def _catalog_rows(text, delimiter):
+def _catalog_rows(text, delimiter, source="catalog export"):
     """(line number, [cells]) of each non-blank line."""
     if delimiter == ",":
         import csv
         import io
         reader = csv.reader(io.StringIO(text, newline=""))
         start = 1
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # a NUL byte (before 3.11), a broken quote
+                raise KeyFileError("%s line %d is not valid CSV (%s): is it a catalog "
+                                   "export?" % (source, reader.line_num, e))
             yield start, row
             start = reader.line_num + 1
-        return
     for number, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
         if line.strip():
@@ -3609,7 +3615,7 @@ def parse_catalog_export(text, source="catalog export"):
     read = skipped = 0
     bad = []
     header_done = False
-    for number, cells in _catalog_rows(text, delimiter):
+    for number, cells in _catalog_rows(text, delimiter, source):
         cells = [c.strip() for c in cells]
         if not any(cells):
             continue

@@ -2602,6 +2602,19 @@ def _mutations(rng, seeds, count):
         yield bytes(data)
 
 
+class TestCatalogExportDamage(unittest.TestCase):
+    def test_nul_byte_in_csv_is_one_line_error(self):
+        # Python < 3.11's csv module raises on NUL; found by TestParserFuzz on 3.10.
+        text = "VolumeName,EncryptionKey\nVol1,ab\x00cd\n"
+        try:
+            export = bscrypto.parse_catalog_export(text, "media.csv")
+        except bscrypto.KeyFileError as e:
+            self.assertIn("media.csv line 2 is not valid CSV", str(e))
+        else:
+            self.assertEqual(export.entries, [])
+            self.assertEqual([n for n, _ in export.bad], [2])
+
+
 class TestParserFuzz(unittest.TestCase):
     """Pages, sense and text inputs mutated at random (fixed seed): each parser
     returns a record or raises ValueError/BscryptoError, and every record it
