@@ -3632,19 +3632,7 @@ class TestVolumeLabel(unittest.TestCase):
         if os.path.isdir(FIXTURES):
             seeds.append(read_bytes(fixture(*LABEL_FIXTURE)))
         parsed = failed = 0
-        for _ in range(3000):
-            data = bytearray(rng.choice(seeds))
-            for _ in range(rng.randint(1, 4)):
-                op = rng.random()
-                pos = rng.randrange(len(data) + 1)
-                if op < 0.5 and data:
-                    data[min(pos, len(data) - 1)] = rng.getrandbits(8)
-                elif op < 0.7:
-                    data[pos:pos] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 8)))
-                elif op < 0.85:
-                    del data[pos:pos + rng.randint(1, 8)]
-                else:
-                    data = data[:pos]
+        for data in _mutations(rng, seeds, 30000 if FUZZ_FULL else 3000):
             if rng.random() < 0.7:
                 data = recrc(data)     # get past the CRC to reach the field parsing
             try:
