@@ -1392,6 +1392,10 @@ class ScsiTransport(object):
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
         raise NotImplementedError
 
+    def _seconds(self, timeout):
+        """This command's timeout: its own, else the transport's."""
+        return self.timeout if timeout is None else timeout
+
     def close(self):
         pass
 
@@ -1479,11 +1483,17 @@ def _open_device(device):
 
 
 class _IoctlTransport(ScsiTransport):
-    """Common part of the ioctl transports: open, close, the ioctl call."""
+    """Common part of the ioctl transports: open, close, the ioctl call.
+
+    A subclass names its request structure in STRUCT: (name, C fields).
+    """
+
+    STRUCT = None
 
     def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
         ScsiTransport.__init__(self, device, timeout)
         self._ioctl = ioctl
+        self.layout = c_struct_layout(*self.STRUCT)
         self.fd = _open_device(device)
 
     def close(self):
@@ -1524,9 +1534,7 @@ def _address(buf):
 class LinuxSgTransport(_IoctlTransport):
     """Linux SG_IO: works on /dev/sgN and on the st nodes /dev/nstN."""
 
-    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
-        _IoctlTransport.__init__(self, device, timeout, ioctl)
-        self.layout = c_struct_layout("sg_io_hdr", SG_IO_HDR_FIELDS)
+    STRUCT = ("sg_io_hdr", SG_IO_HDR_FIELDS)
 
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
         cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
@@ -1536,7 +1544,7 @@ class LinuxSgTransport(_IoctlTransport):
             direction, length = SG_DXFER_FROM_DEV, data_in_len
         else:
             direction, length = SG_DXFER_NONE, 0
-        seconds = self.timeout if timeout is None else timeout
+        seconds = self._seconds(timeout)
         header = bytearray(pack_c_struct(self.layout, {
             "interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
             "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length, "dxferp": _address(data_buf),
@@ -1558,9 +1566,7 @@ class LinuxSgTransport(_IoctlTransport):
 class SolarisUscsiTransport(_IoctlTransport):
     """Solaris/illumos USCSICMD; needs root or PRIV_SYS_DEVICES."""
 
-    def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
-        _IoctlTransport.__init__(self, device, timeout, ioctl)
-        self.layout = c_struct_layout("uscsi_cmd", USCSI_CMD_FIELDS)
+    STRUCT = ("uscsi_cmd", USCSI_CMD_FIELDS)
 
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
         import errno
@@ -1568,7 +1574,7 @@ class SolarisUscsiTransport(_IoctlTransport):
         flags = USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if data_in_len and not data_out
                                                  else USCSI_WRITE)
         length = len(data_out) if data_out else data_in_len
-        seconds = self.timeout if timeout is None else timeout
+        seconds = self._seconds(timeout)
         request = bytearray(pack_c_struct(self.layout, {
             "uscsi_flags": flags, "uscsi_timeout": min(int(seconds + 0.999), 32767),
             "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
@@ -1593,16 +1599,17 @@ class SolarisUscsiTransport(_IoctlTransport):
 class BsdScsireqTransport(_IoctlTransport):
     """NetBSD and OpenBSD SCIOCCOMMAND (OpenBSD: at most 64 KiB, read-write open)."""
 
+    STRUCT = ("scsireq", SCSIREQ_FIELDS)
+
     def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
         _IoctlTransport.__init__(self, device, timeout, ioctl)
-        self.layout = c_struct_layout("scsireq", SCSIREQ_FIELDS)
         self.request = bsd_iowr("Q", 1, self.layout.size)
 
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
         _, data_buf, _ = self._buffers(cdb, data_out, data_in_len)
         length = len(data_out) if data_out else data_in_len
         flags = SCCMD_WRITE if data_out else (SCCMD_READ if data_in_len else 0)
-        seconds = self.timeout if timeout is None else timeout
+        seconds = self._seconds(timeout)
         request = bytearray(pack_c_struct(self.layout, {
             "flags": flags, "timeout": int(seconds * 1000), "cmd": bytes(cdb),
             "cmdlen": len(cdb), "databuf": _address(data_buf), "datalen": length,
@@ -1660,7 +1667,7 @@ class CamcontrolTransport(ScsiTransport):
 
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
         import re
-        seconds = self.timeout if timeout is None else timeout
+        seconds = self._seconds(timeout)
         argv = [self.camcontrol, "cmd", self.device, "-v", "-t", str(int(seconds + 0.999)),
                 "-c", " ".join("%02x" % b for b in bytearray(cdb))]
         if data_out:
