@@ -1257,12 +1257,14 @@ _RECORD_FIELDS = {
 _RECORDS = {}
 
 
-def _record(name):
-    """The namedtuple class `name` (see _RECORD_FIELDS), built once on first use."""
+def _record(name, fields=None):
+    """The namedtuple class `name`, built once on first use (building one costs
+    about a millisecond on Python 3.6, and most runs never need most of them).
+    fields defaults to _RECORD_FIELDS[name]."""
     cls = _RECORDS.get(name)
     if cls is None:
         from collections import namedtuple
-        cls = _RECORDS[name] = namedtuple(name, _RECORD_FIELDS[name])
+        cls = _RECORDS[name] = namedtuple(name, fields or _RECORD_FIELDS[name])
     return cls
 
 
@@ -2746,19 +2748,6 @@ _VOLUME_LABEL_FIELDS = ("LabelType LabelSize Id VerNum label_btime write_btime "
                         "label_date label_time write_date write_time "
                         + " ".join(name for name, _ in _LABEL_STRINGS) + " block record")
 
-_RECORD_TYPES = {}
-
-
-def _record_type(name, fields):
-    """A namedtuple class made on first use: making one costs about a
-    millisecond on Python 3.6, and most runs never need these."""
-    cls = _RECORD_TYPES.get(name)
-    if cls is None:
-        from collections import namedtuple
-        cls = _RECORD_TYPES[name] = namedtuple(name, fields)
-    return cls
-
-
 class _LabelReader(object):
     """Bounds-checked reads over the label data (Bareos's unserialisers do
     not check bounds; a damaged block must not read past its record)."""
@@ -2861,7 +2850,7 @@ def parse_label_block(data, check_crc=True):
                             % (block_len, len(data)), EXIT_LABEL)
     block = data[:block_len]
     computed = zlib.crc32(block[4:]) & 0xFFFFFFFF
-    block_header = _record_type("BlockHeader", _BLOCK_HEADER_FIELDS)(
+    block_header = _record("BlockHeader", _BLOCK_HEADER_FIELDS)(
         block_id.decode(), checksum, block_len, block_number, session_id, session_time, computed)
     # A stored 0 is what a device with "Block Checksum = no" writes; such a
     # reader does not check, so neither does this.
@@ -2877,7 +2866,7 @@ def parse_label_block(data, check_crc=True):
         rec = struct.unpack_from(">IIiiI", block, header_length)
     else:
         rec = (session_id, session_time) + struct.unpack_from(">iiI", block, header_length)
-    record = _record_type("RecordHeader", _RECORD_HEADER_FIELDS)(*rec)
+    record = _record("RecordHeader", _RECORD_HEADER_FIELDS)(*rec)
     if record.FileIndex not in (PRE_LABEL, VOL_LABEL):
         what = LABEL_TYPE_NAMES.get(record.FileIndex, "a data record")
         raise _not_a_volume("the first record is FileIndex %d (%s), not a volume label"
@@ -2902,7 +2891,7 @@ def parse_label_block(data, check_crc=True):
         raise BscryptoError("volume %r has label version %d; Bareos reads versions %s"
                             % (strings[0], ver_num, ", ".join(str(v) for v in LABEL_VERSIONS)),
                             EXIT_LABEL)
-    return _record_type("VolumeLabel", _VOLUME_LABEL_FIELDS)(
+    return _record("VolumeLabel", _VOLUME_LABEL_FIELDS)(
         record.FileIndex, record.data_len, _label_text(label_id), ver_num,
         label_btime, write_btime, label_date, label_time, write_date, write_time,
         *(strings + [block_header, record]))
@@ -3366,7 +3355,7 @@ def parse_config_keks(text, path="config"):
     """Director resources with a Key Encryption Key in one configuration
     text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
     of each @include])."""
-    ConfigKek = _record_type("ConfigKek", _CONFIG_KEK_FIELDS)
+    ConfigKek = _record("ConfigKek", _CONFIG_KEK_FIELDS)
     keks = []
     includes = []
     depth = 0
@@ -3667,7 +3656,7 @@ def parse_catalog_export(text, source="catalog export"):
         seen[volume] = (number, key)
         entries.append((volume, key))
     fmt = {"|": "psql", "\t": "tab-separated", ",": "csv"}[delimiter]
-    return _record_type("CatalogExport", _CATALOG_EXPORT_FIELDS)(entries, read, skipped, bad, fmt)
+    return _record("CatalogExport", _CATALOG_EXPORT_FIELDS)(entries, read, skipped, bad, fmt)
 
 
 def read_catalog_export(path):
