@@ -5268,10 +5268,17 @@ def _parser_class():
 
         class Parser(argparse.ArgumentParser):
             raw_formatter = RawFormatter
+            # Exit status for a usage error: Bareos's 1, not argparse's 2
+            # (2 is ours for key-file errors); a command may promise another.
+            usage_exit = EXIT_USAGE
 
             def __init__(self, *args, **kwargs):
                 kwargs.setdefault("formatter_class", Formatter)
                 argparse.ArgumentParser.__init__(self, *args, **kwargs)
+
+            def error(self, message):
+                self.print_usage(sys.stderr)
+                self.exit(self.usage_exit, "%s: error: %s\n" % (self.prog, message))
 
         _PARSER_CLASS = Parser
     return _PARSER_CLASS
@@ -5702,6 +5709,7 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--now", metavar="EPOCH", type=int,
                    help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else the "
                         "clock)")
+    p.usage_exit = CHECK_UNABLE  # cron: bad arguments are "could not check", not "problems"
     p.set_defaults(run=_run_check)
 
     p = sub.add_parser(
@@ -5828,11 +5836,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("bscrypto: interrupted\n")
         return 130
-    except SystemExit as e:  # argparse: --help and --version exit 0, usage errors 2
-        if e.code == 2:
-            # 2 is ours for key-file errors and Bareos says 1; `check` promises
-            # cron 2 ("could not check") for bad arguments too.
-            return CHECK_UNABLE if argv[:1] == ["check"] else EXIT_USAGE
+    except SystemExit as e:  # argparse: --help, --version, usage errors (Parser.error)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except Exception as e:
         if DEBUG_LEVEL:
