@@ -5790,8 +5790,7 @@ def _commands_epilog():
     return "\n".join(lines)
 
 
-def _run_command(argv):
-    parser, _ = _command_parser()
+def _run_command(parser, argv):
     ns = parser.parse_args(argv)
     _set_debug(ns.debug)
     return ns.run(ns)
@@ -5827,8 +5826,10 @@ def main(argv=None):
         argv = sys.argv[1:]
     _utf8_stdout()
     try:
-        if argv and not argv[0].startswith("-") and argv[0] in _command_names():
-            return _run_command(argv)
+        if argv and not argv[0].startswith("-"):
+            parser, sub = _command_parser()  # built once, only for this face
+            if argv[0] in sub.choices:
+                return _run_command(parser, argv)
         return _run_legacy(argv)
     except BscryptoError as e:
         sys.stderr.write("bscrypto: %s\n" % e)
