@@ -465,6 +465,92 @@ def _read_stdin_bytes(limit):
     return data
 
 
+# Atomic replacement, shared by key files and the crypto cache.
+
+def _give_owner_of(original, fd):
+    """Give fd's file the owner of original (if it exists and differs); best effort."""
+    try:
+        st = os.stat(original)
+        mine = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (mine.st_uid, mine.st_gid):
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        pass
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass    # some filesystems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(directory, base):
+    """Temporary files of writers that died (killed mid-write) beside the file."""
+    prefix = "." + base + "."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix):].split(".")
+        if not (name.startswith(prefix) and name.endswith(".tmp") and len(parts) == 3
+                and parts[0].isdigit()):
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+            continue                    # its writer still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue                    # alive under another user
+        try:
+            os.unlink(os.path.join(directory, name))
+            debug(1, "removed %s left by a writer that died" % name)
+        except OSError:
+            pass
+
+
+def replace_file_atomically(path, data, mode=0o600, like=None):
+    """Write data to path by temp file in the same directory, fsync, rename,
+    fsync the directory: a crash leaves the old file or the new one, and
+    readers never see a partial file.  Owner and mode come from `like` when
+    given.  OSError on failure, with the temporary file removed.
+    """
+    import binascii
+    directory, base = os.path.split(path)
+    directory = directory or "."
+    _remove_stale_temps(directory, base)
+    tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        base, os.getpid(), binascii.hexlify(os.urandom(4)).decode("ascii")))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.fsync(fd)
+            if like is not None:
+                _give_owner_of(like, fd)
+                mode = os.stat(like).st_mode & 0o7777
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
 def write_private_file(path, data, force=False, mode=0o600):
     """Write a key file atomically, mode 0600, never clobbering a key silently.
 
@@ -483,21 +569,9 @@ def write_private_file(path, data, force=False, mode=0o600):
     if st is not None and st.st_size > 0 and not force:
         raise KeyFileError("%s already exists and is not empty; a lost key is lost "
                            "data: choose another name or add --force" % path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        replace_file_atomically(path, data, mode)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise KeyFileError("cannot write %s: %s" % (path, e.strerror or e))
 
 
@@ -1088,85 +1162,13 @@ def cache_lock(path):
     return _CacheLock(path)
 
 
-def _give_owner_of(original, fd):
-    """Give fd's file the owner of original (if it exists and differs); best effort."""
-    try:
-        st = os.stat(original)
-        mine = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (mine.st_uid, mine.st_gid):
-            os.fchown(fd, st.st_uid, st.st_gid)
-    except OSError:
-        pass
-
-
-def _fsync_directory(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass    # some filesystems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(directory, base):
-    """Temporary files of writers that died (killed mid-write) beside the cache."""
-    prefix = "." + base + "."
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        parts = name[len(prefix):].split(".")
-        if not (name.startswith(prefix) and name.endswith(".tmp") and len(parts) == 3
-                and parts[0].isdigit()):
-            continue
-        try:
-            os.kill(int(parts[0]), 0)
-            continue                    # its writer still runs
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue                    # alive under another user
-        try:
-            os.unlink(os.path.join(directory, name))
-            debug(1, "removed %s left by a writer that died" % name)
-        except OSError:
-            pass
-
-
 def _replace_file(path, data, like=None, mode=CACHE_NEW_FILE_MODE):
-    """Write data to path by temp file, fsync and rename; owner and mode from `like`."""
-    import binascii
-    directory, base = os.path.split(path)
-    directory = directory or "."
-    _remove_stale_temps(directory, base)
-    tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (
-        base, os.getpid(), binascii.hexlify(os.urandom(4)).decode("ascii")))
+    """replace_file_atomically for the cache: CacheError, the old file unchanged."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
-            os.fsync(fd)
-            if like is not None:
-                _give_owner_of(like, fd)
-                mode = os.stat(like).st_mode & 0o7777
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        replace_file_atomically(path, data, mode, like)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise CacheError("cannot write %s: %s; the old file is unchanged"
                          % (path, e.strerror or e))
-    _fsync_directory(directory)
 
 
 def backup_cache(path):
