@@ -123,8 +123,9 @@ def debug(level, message):
 # bytes and XORs one table entry per byte (the entry already holds SubBytes,
 # ShiftRows and MixColumns for that byte, placed in its output column); the
 # round key is folded into byte 0's table per key, so a round is 16 look-ups
-# and 15 XORs, no shifts or masks.  The 64 shared tables are built on first
-# use, so importing the module stays cheap.
+# and 15 XORs, no shifts or masks.  The 32 shared tables of each direction
+# are built on first use of that direction (an unwrap never encrypts), so
+# importing the module stays cheap.
 
 _SBOX = bytes.fromhex(
     "637c777bf26b6fc53001672bfed7ab76ca82c97dfa5947f0add4a2af9ca472c0"
@@ -137,51 +138,42 @@ _SBOX = bytes.fromhex(
     "e1f8981169d98e949b1e87e9ce5528df8ca1890dbfe6426841992d0fb054bb16"
 )
 
-_TABLES = None
+# decrypt (False/True) -> (round tables, final-round tables, column words by row).
+_TABLES = {}
 
 
-def _aes_tables():
-    """(enc rounds, enc final, dec rounds, dec final, InvMixColumns words)."""
-    global _TABLES
-    if _TABLES is None:
-        sbox = _SBOX
-        inv = bytearray(256)
-        for i, v in enumerate(sbox):
-            inv[v] = i
-        inv = bytes(inv)
+def _aes_tables(decrypt):
+    """The tables of one direction; the column words are InvMixColumns' when decrypting."""
+    tables = _TABLES.get(decrypt)
+    if tables is None:
         # GF(2^8) doubling as a translate table; composing it gives x4, x8.
         x2 = bytes((i << 1) ^ (0x11B if i & 0x80 else 0) for i in range(256))
-        x4 = x2.translate(x2)
-        x8 = x4.translate(x2)
-        s2 = sbox.translate(x2)
-        # MixColumns column for input row 0: (2s, s, s, 3s); InvMixColumns: (14, 9, 13, 11).
-        te = [a << 24 | s << 16 | s << 8 | (a ^ s) for s, a in zip(sbox, s2)]
-        td = [(e ^ f ^ d) << 24 | (e ^ i) << 16 | (e ^ f ^ i) << 8 | (e ^ d ^ i)
-              for i, d, f, e in zip(inv, inv.translate(x2), inv.translate(x4),
-                                    inv.translate(x8))]
-
-        def rotated(words, row):
-            # Row r of a column is the row-0 column rotated right by 8*r bits.
-            n = 8 * row
-            return [(w >> n | w << (32 - n)) & 0xFFFFFFFF for w in words] if n else words
-
-        def place(words_by_row, direction):
-            # Input byte p = 4*col + row; ShiftRows moves it to column
-            # (col - row) % 4, InvShiftRows to (col + row) % 4.
-            tables = []
-            for p in range(16):
-                col, row = divmod(p, 4)
-                shift = 32 * (3 - (col + direction * row) % 4)
-                tables.append([w << shift for w in words_by_row[row]])
-            return tuple(tables)
-
-        def final(box):
-            return [[b << (8 * (3 - row)) for b in box] for row in range(4)]
-
-        td_rows = [rotated(td, r) for r in range(4)]
-        _TABLES = (place([rotated(te, r) for r in range(4)], -1), place(final(sbox), -1),
-                   place(td_rows, 1), place(final(inv), 1), td_rows)
-    return _TABLES
+        if decrypt:
+            box = bytearray(256)
+            for i, v in enumerate(_SBOX):
+                box[v] = i
+            box = bytes(box)
+            x4 = x2.translate(x2)
+            # InvMixColumns column for input row 0: (14, 9, 13, 11) times InvS.
+            column = [(e ^ f ^ d) << 24 | (e ^ i) << 16 | (e ^ f ^ i) << 8 | (e ^ d ^ i)
+                      for i, d, f, e in zip(box, box.translate(x2), box.translate(x4),
+                                            box.translate(x4).translate(x2))]
+        else:
+            box = _SBOX
+            # MixColumns column for input row 0: (2, 1, 1, 3) times S.
+            column = [a << 24 | s << 16 | s << 8 | (a ^ s) for s, a in zip(box, box.translate(x2))]
+        # Row r of a column is the row-0 column rotated right by 8*r bits.
+        rows = [column] + [[(w >> n | w << (32 - n)) & 0xFFFFFFFF for w in column]
+                           for n in (8, 16, 24)]
+        # Input byte p = 4*col + row; ShiftRows moves it to column
+        # (col - row) % 4, InvShiftRows to (col + row) % 4.
+        direction = 1 if decrypt else -1
+        shifts = [32 * (3 - (p // 4 + direction * (p % 4)) % 4) for p in range(16)]
+        round_tables = tuple([w << shift for w in rows[p % 4]] for p, shift in enumerate(shifts))
+        final_tables = tuple([b << (shift + 8 * (3 - p % 4)) for b in box]
+                             for p, shift in enumerate(shifts))
+        tables = _TABLES[decrypt] = (round_tables, final_tables, rows)
+    return tables
 
 
 def _aes_rounds(x, first, round_tables, tables, final):
@@ -230,62 +222,74 @@ def _keyed_rounds(round_keys, tables, final):
     return (round_keys[0], keyed, tables, ([v ^ last for v in final[0]],) + tuple(final[1:]))
 
 
-# Key schedules by key: a KEK unwraps many keys, so expand it once.
+# Key schedules by (key, direction): a KEK unwraps many keys, so expand it once.
 _SCHEDULES = {}
 
 
-def _key_schedule(key):
-    sched = _SCHEDULES.get(key)
+def _key_schedule(key, decrypt):
+    """_aes_rounds arguments after the block, for one key and direction."""
+    sched = _SCHEDULES.get((key, decrypt))
     if sched is None:
-        if len(key) not in (16, 24, 32):
-            raise ValueError("AES key must be 16, 24 or 32 bytes")
-        enc_tables, enc_final, dec_tables, dec_final, td = _aes_tables()
+        round_tables, final_tables, columns = _aes_tables(decrypt)
         w = _expand_key(key)
         rounds = len(w) // 4
-        ek = [w[4 * r] << 96 | w[4 * r + 1] << 64 | w[4 * r + 2] << 32 | w[4 * r + 3]
-              for r in range(rounds)]
-        # Equivalent inverse cipher: reversed round keys, the middle ones
-        # through InvMixColumns (td[0..3] hold InvS, so S is applied first).
-        sbox = _SBOX
-        dk = [ek[-1]]
-        for r in range(rounds - 2, 0, -1):
-            k = 0
-            for word in w[4 * r:4 * r + 4]:
-                k = k << 32 | (td[0][sbox[word >> 24]] ^ td[1][sbox[word >> 16 & 255]]
-                               ^ td[2][sbox[word >> 8 & 255]] ^ td[3][sbox[word & 255]])
-            dk.append(k)
-        dk.append(ek[0])
-        sched = (_keyed_rounds(ek, enc_tables, enc_final), _keyed_rounds(dk, dec_tables, dec_final))
-        if len(_SCHEDULES) >= 16:
+        keys = [w[4 * r] << 96 | w[4 * r + 1] << 64 | w[4 * r + 2] << 32 | w[4 * r + 3]
+                for r in range(rounds)]
+        if decrypt:
+            # Equivalent inverse cipher: reversed round keys, the middle ones
+            # through InvMixColumns (the column words hold InvS, so S goes first).
+            sbox = _SBOX
+            middle = []
+            for r in range(rounds - 2, 0, -1):
+                k = 0
+                for word in w[4 * r:4 * r + 4]:
+                    k = k << 32 | (columns[0][sbox[word >> 24]] ^ columns[1][sbox[word >> 16 & 255]]
+                                   ^ columns[2][sbox[word >> 8 & 255]] ^ columns[3][sbox[word & 255]])
+                middle.append(k)
+            keys = [keys[-1]] + middle + [keys[0]]
+        sched = _keyed_rounds(keys, round_tables, final_tables)
+        if len(_SCHEDULES) >= 32:
             _SCHEDULES.clear()
-        _SCHEDULES[key] = sched
+        _SCHEDULES[key, decrypt] = sched
     return sched
 
 
 class AES(object):
-    """AES-128/192/256 on single 16-byte blocks (ECB); key schedule made once."""
+    """AES-128/192/256 on single 16-byte blocks (ECB); each direction's key
+    schedule is made on its first use, once per key."""
 
-    __slots__ = ("_enc", "_dec")
+    __slots__ = ("_key", "_enc", "_dec")
 
     def __init__(self, key):
-        self._enc, self._dec = _key_schedule(bytes(key))
+        key = bytes(key)
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES key must be 16, 24 or 32 bytes")
+        self._key, self._enc, self._dec = key, None, None
 
     def encrypt_int(self, block):
         """Encrypt one block given and returned as a 128-bit big-endian int."""
+        if self._enc is None:
+            self._enc = _key_schedule(self._key, False)
         return _aes_rounds(block, *self._enc)
 
     def decrypt_int(self, block):
         """Decrypt one block given and returned as a 128-bit big-endian int."""
+        if self._dec is None:
+            self._dec = _key_schedule(self._key, True)
         return _aes_rounds(block, *self._dec)
 
     def encrypt_block(self, block):
         if len(block) != 16:
             raise ValueError("AES block must be 16 bytes")
+        if self._enc is None:
+            self._enc = _key_schedule(self._key, False)
         return _aes_rounds(int.from_bytes(block, "big"), *self._enc).to_bytes(16, "big")
 
     def decrypt_block(self, block):
         if len(block) != 16:
             raise ValueError("AES block must be 16 bytes")
+        if self._dec is None:
+            self._dec = _key_schedule(self._key, True)
         return _aes_rounds(int.from_bytes(block, "big"), *self._dec).to_bytes(16, "big")
 
 

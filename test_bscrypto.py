@@ -5084,14 +5084,16 @@ class TestSelftest(unittest.TestCase):
         self.assertLess(elapsed, 1.0)
 
     def test_selftest_reports_a_broken_check(self):
-        saved = bscrypto._SBOX, bscrypto._TABLES, dict(bscrypto._SCHEDULES)
+        saved = bscrypto._SBOX, dict(bscrypto._TABLES), dict(bscrypto._SCHEDULES)
         bscrypto._SBOX = bytes([saved[0][0] ^ 1]) + saved[0][1:]
-        bscrypto._TABLES = None
+        bscrypto._TABLES.clear()
         bscrypto._SCHEDULES.clear()
         try:
             rc, out, _ = cli("selftest")
         finally:
-            bscrypto._SBOX, bscrypto._TABLES = saved[0], saved[1]
+            bscrypto._SBOX = saved[0]
+            bscrypto._TABLES.clear()
+            bscrypto._TABLES.update(saved[1])
             bscrypto._SCHEDULES.clear()
             bscrypto._SCHEDULES.update(saved[2])
         self.assertEqual(rc, 1)
@@ -5101,9 +5103,10 @@ class TestSelftest(unittest.TestCase):
 class TestStartup(unittest.TestCase):
     def test_import_does_no_work(self):
         code = ("import sys; sys.path.insert(0, %r); import bscrypto; "
-                "print(bscrypto._TABLES is None, 'argparse' in sys.modules)" % HERE)
+                "print(bscrypto._TABLES == {}, 'argparse' in sys.modules)" % HERE)
         out = subprocess.check_output([sys.executable, "-c", code])
         self.assertEqual(out.split(), [b"True", b"False"])
+
 
 
 # ---------------------------------------------------------------------------
