@@ -47,12 +47,13 @@ class _KeptBytesIO(io.BytesIO):
 
 
 class Captured(object):
-    """Run bscrypto.main in-process with stdin/stdout/stderr captured."""
+    """Run bscrypto.main (or main_func) in-process with stdin/stdout/stderr captured."""
 
-    def __init__(self, args, stdin=b"", tty=False):
+    def __init__(self, args, stdin=b"", tty=False, main_func=None):
         self.args = list(args)
         self.stdin = stdin
         self.tty = tty
+        self.main = main_func or bscrypto.main
 
     def run(self):
         out, err = _KeptBytesIO(), _KeptBytesIO()
@@ -63,7 +64,7 @@ class Captured(object):
         sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
         sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
         try:
-            rc = bscrypto.main(self.args)
+            rc = self.main(self.args)
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -5108,6 +5109,129 @@ class TestStartup(unittest.TestCase):
         self.assertEqual(out.split(), [b"True", b"False"])
 
 
+_SCRIPT_CODE = []
+
+
+def run_as_script(*args, **kw):
+    """(exit code, stdout, stderr, namespace): bscrypto.py run as `python3
+    bscrypto.py ARGS` would run it, in a fresh namespace named __main__ (so the
+    later sections are compiled only if the command needs them)."""
+    if not _SCRIPT_CODE:
+        with open(SCRIPT) as f:
+            _SCRIPT_CODE.append(compile(f.read(), SCRIPT, "exec"))
+    namespace = {"__name__": "__main__", "__file__": SCRIPT}
+
+    def script_main(argv):
+        saved = sys.argv
+        sys.argv = [SCRIPT] + argv
+        try:
+            exec(_SCRIPT_CODE[0], namespace)
+        except SystemExit as e:
+            return e.code
+        finally:
+            sys.argv = saved
+        raise AssertionError("the script did not exit")
+
+    rc, out, err = Captured(args, main_func=script_main, **kw).run()
+    return rc, out, err, namespace
+
+
+def unfold_later_sections(text):
+    """The file with _LATER_SOURCE's two quote lines made plain lines, so the
+    later sections are ordinary code at their own line numbers (for lint)."""
+    lines = text.split("\n")
+    start = lines.index("_LATER_SOURCE = r'''")
+    end = lines.index("'''", start)
+    lines[start] = "_LATER_SOURCE = \"\"  # unfolded: what follows is plain code"
+    lines[end] = "# (end of the unfolded later sections)"
+    return "\n".join(lines)
+
+
+class TestLaterSections(TempDirTestCase):
+    """The sections kept as source text and compiled on first use (issue 2)."""
+
+    def key_files(self):
+        kek = self.write("kek", b"0123456789abcdef0123456789abcdef\n")
+        plain = self.write("plain", b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB\n")
+        b64 = self.write("b64", bscrypto.make_key_text(b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB",
+                                                     base64=True) + b"\n")
+        wrapped = self.write("wrapped", bscrypto.make_key_text(
+            b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB", b"0123456789abcdef0123456789abcdef") + b"\n")
+        return kek, plain, b64, wrapped
+
+    def test_key_commands_never_compile_them_and_match_the_module(self):
+        kek, plain, b64, wrapped = self.key_files()
+        for args in (["-k", plain], ["-k", b64, "-b"], ["-k", wrapped, "-w", kek],
+                     ["-k", wrapped, "-w", plain], ["-k", self.path("missing")],
+                     ["-k", "-"], ["-g", kek], ["-g", "-", "-k", plain], [], ["-d", "x"],
+                     ["-e"], ["-s", plain]):
+            rc, out, err, namespace = run_as_script(*args, stdin=b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB")
+            self.assertFalse(namespace["_LATER_LOADED"], args)
+            self.assertNotIn("read_cache", namespace, args)
+            self.assertEqual((rc, out, err), cli(*args, stdin=b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB"),
+                             args)
+        for args in (["-g", "-"], ["-g", "-", "-b"], ["-g", "-", "-w", kek],
+                     ["-g", self.path("new"), "-w", kek]):
+            rc, out, err, namespace = run_as_script(*args)
+            self.assertEqual((rc, err), (0, ""), args)
+            self.assertFalse(namespace["_LATER_LOADED"], args)
+        text = read_bytes(self.path("new"))
+        self.assertEqual(len(bscrypto.unwrap_passphrase(b"0123456789abcdef", text)), 32)
+
+    def test_other_commands_compile_them_and_match_the_module(self):
+        cache = fixture("cache", "basic.cryptoc")
+        kek, plain, _, _ = self.key_files()
+        for args in (["-D", cache], ["dump-cache", cache, "--json"], ["lookup", "Vol0001", cache],
+                     ["--help"], ["dump-cache", "--help"], ["-k", plain, "-D", cache],
+                     ["show", plain], ["-e", self.path("no-such-drive")], ["no-such-command"]):
+            rc, out, err, namespace = run_as_script(*args)
+            self.assertTrue(namespace["_LATER_LOADED"], args)
+            self.assertEqual((rc, out, err), cli(*args), args)
+
+    def test_line_numbers_are_those_of_the_file(self):
+        with open(SCRIPT) as f:
+            lines = f.read().split("\n")
+        checked = 0
+        for name, obj in sorted(vars(bscrypto).items()):
+            for func in [obj] + (list(vars(obj).values()) if isinstance(obj, type) else []):
+                code = getattr(func, "__code__", None)
+                if code is None or code.co_filename != bscrypto.__file__:
+                    continue
+                line = lines[code.co_firstlineno - 1].strip()
+                self.assertTrue(line.startswith(("def %s(" % code.co_name, "@")),
+                                "%s: line %d is %r" % (name, code.co_firstlineno, line))
+                checked += 1
+        self.assertGreater(checked, 200)
+        self.assertGreater(bscrypto.read_cache.__code__.co_firstlineno, bscrypto._LATER_LINE)
+
+    def test_a_traceback_shows_the_real_source_line(self):
+        import traceback
+        try:
+            bscrypto.parse_cache(b"not a cache")
+        except bscrypto.CacheError:
+            frames = traceback.extract_tb(sys.exc_info()[2])
+        self.assertIn("raise", frames[-1].line)
+
+    def test_the_unfolded_file_is_the_same_module(self):
+        with open(SCRIPT) as f:
+            text = f.read()
+        unfolded = unfold_later_sections(text)
+        self.assertEqual(unfolded.count("\n"), text.count("\n"))
+        namespace = {"__name__": "bscrypto_unfolded", "__file__": SCRIPT}
+        exec(compile(unfolded, SCRIPT, "exec"), namespace)
+        ours = {k for k in vars(bscrypto) if not k.startswith("__")}
+        theirs = {k for k in namespace if not k.startswith("__")}
+        self.assertEqual(ours, theirs)
+        for name in ("read_cache", "op_load_volume", "main", "AES"):
+            self.assertEqual(getattr(getattr(bscrypto, name), "__code__", None) and
+                             getattr(bscrypto, name).__code__.co_firstlineno,
+                             getattr(namespace[name], "__code__", None) and
+                             namespace[name].__code__.co_firstlineno, name)
+
+    def test_legacy_layout_choices_name_every_layout(self):
+        self.assertEqual(bscrypto.CACHE_LAYOUT_NAMES,
+                         tuple(layout.name for layout in bscrypto.CACHE_LAYOUTS))
+
 
 # ---------------------------------------------------------------------------
 # Benchmarks (make bench): not tests; figures printed side by side
@@ -5196,7 +5320,8 @@ def bench_aes_and_unwrap():
 
 @bench
 def bench_startup():
-    """Whole process `bscrypto.py -k WRAPPED -w KEK` against `-c "import argparse"`."""
+    """Whole process `bscrypto.py -k WRAPPED -w KEK` against `-c "import argparse"`;
+    also `-D CACHE`, which compiles the later sections too."""
     import statistics
     import time
     tmp = tempfile.mkdtemp()
@@ -5207,11 +5332,15 @@ def bench_startup():
             f.write(bscrypto.generate_passphrase())
         with open(key, "wb") as f:
             f.write(bscrypto.make_key_text(bscrypto.generate_passphrase(), read_bytes(kek)))
+        cache = os.path.join(tmp, "cache")
+        bscrypto.op_populate_cache(cache, now=CACHE_FIXTURE_TIME, interactive=False,
+                                   stream=io.BytesIO(b"Vol0001\t%s\n" % read_bytes(key)))
         cmds = {"argparse": [sys.executable, "-c", "import argparse"],
                 "show": [sys.executable, SCRIPT, "-k", key, "-w", kek],
                 # As a module the interpreter keeps the compiled bytecode in
                 # __pycache__; a script is compiled again on every run.
-                "module": [sys.executable, "-m", "bscrypto", "-k", key, "-w", kek]}
+                "module": [sys.executable, "-m", "bscrypto", "-k", key, "-w", kek],
+                "dump": [sys.executable, SCRIPT, "-D", cache]}
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         times = {name: [] for name in cmds}
@@ -5224,7 +5353,8 @@ def bench_startup():
         return {"start -k -w ms": med["show"] * 1000, "import argparse ms": med["argparse"] * 1000,
                 "start x argparse": med["show"] / med["argparse"],
                 "-m bscrypto ms": med["module"] * 1000,
-                "-m x argparse": med["module"] / med["argparse"]}
+                "-m x argparse": med["module"] / med["argparse"],
+                "start -D x argparse": med["dump"] / med["argparse"]}
     finally:
         import shutil
         shutil.rmtree(tmp)
@@ -5331,6 +5461,10 @@ def _run_tests(argv):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--unfold"]:    # make lint: python3 test_bscrypto.py --unfold OUT
+        with open(SCRIPT) as f, open(sys.argv[2], "w") as out:
+            out.write(unfold_later_sections(f.read()))
+        sys.exit(0)
     if sys.argv[1:2] == ["--bench-child"]:
         sys.exit(_bench_child())
     if sys.argv[1:2] == ["--bench"]:
