@@ -5628,8 +5628,10 @@ def _load_later():
     """Compile and run the sections kept in _LATER_SOURCE, once."""
     global _LATER_LOADED
     if not _LATER_LOADED:
-        # Blank lines in front keep every line number that of this file.
-        code = compile("\n" * (_LATER_LINE - 1) + _LATER_SOURCE, __file__, "exec")
+        # Blank lines in front keep every line number that of this file
+        # (or "<string>" when another program execs the text without a name).
+        code = compile("\n" * (_LATER_LINE - 1) + _LATER_SOURCE,
+                       globals().get("__file__", "<string>"), "exec")
         exec(code, globals())
         _LATER_LOADED = True
 

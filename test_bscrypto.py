@@ -5188,6 +5188,14 @@ class TestLaterSections(TempDirTestCase):
             self.assertTrue(namespace["_LATER_LOADED"], args)
             self.assertEqual((rc, out, err), cli(*args), args)
 
+    def test_piped_to_a_remote_python(self):
+        # `ssh rescue-host python3 - selftest < bscrypto.py`: no file name.
+        with open(SCRIPT, "rb") as f:
+            proc = subprocess.run([sys.executable, "-", "selftest"], stdin=f,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual((proc.returncode, proc.stderr), (0, b""))
+        self.assertIn(b"selftest: all ", proc.stdout)
+
     def test_line_numbers_are_those_of_the_file(self):
         with open(SCRIPT) as f:
             lines = f.read().split("\n")
