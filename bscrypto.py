@@ -12,7 +12,7 @@ Sections, in the order data flows:
 
 import os
 import sys
-from collections import namedtuple
+from collections import namedtuple  # noqa: F401 (used by the later sections)
 
 __version__ = "1.0.0"
 
@@ -5619,6 +5619,45 @@ def _run_command(parser, argv):
     ns = parser.parse_args(argv)
     _set_debug(ns.debug)
     return ns.run(ns)
+
+
+def _run_legacy_ops(ns):
+    """The original flags, once they have passed Bareos's argument rules."""
+    # Bareos's order of precedence: cache, then key files, then the drive.
+    for dispatch in (_legacy_cache_ops, _legacy_key_ops, _legacy_drive_ops):
+        rc = dispatch(ns)
+        if rc is not None:
+            return rc
+    return EXIT_OK
+
+
+def _legacy_cache_ops(ns):
+    """-D, -p, -r (Bareos's order: the first one given runs)."""
+    if ns.dump_cache:
+        return op_dump_cache(ns.dump_cache, ns.json, ns.now)
+    if ns.populate_cachefile:
+        return op_populate_cache(ns.populate_cachefile, ns.now, ns.layout, ns.backup,
+                                 ns.skip_bad_lines)
+    if ns.reset_expiry_time:
+        return op_reset_cache(ns.reset_expiry_time, ns.now, ns.layout, ns.backup)
+    return None
+
+
+def _legacy_drive_ops(ns):
+    """-c, -e, -s, -v in Bareos's order; -s and -c print nothing on success."""
+    device, timeout = ns.device_name, ns.timeout
+    if ns.clear_encryption:
+        return op_clear_key(device, timeout=timeout)
+    if ns.drive_encryption_status:
+        op_drive_status(device, timeout=timeout)
+    if ns.set_encryption_key:
+        return op_set_key(device, ns.set_encryption_key, ns.wrap_unwrap_key, ns.base64,
+                          timeout=timeout)
+    if ns.volume_encryption_status:
+        op_volume_status(device, timeout=timeout)
+    if ns.drive_encryption_status or ns.volume_encryption_status:
+        return EXIT_OK
+    return None
 '''
 _LATER_LINE = sys._getframe().f_lineno - 1 - _LATER_SOURCE.count("\n")
 _LATER_LOADED = False
@@ -5710,7 +5749,7 @@ def _legacy_parser():
         @property
         def epilog(self):
             _load_later()
-            return _commands_epilog() + "\n\n" + _exit_code_epilog()
+            return _commands_epilog() + "\n\n" + _exit_code_epilog()  # noqa: F821 (later)
 
         @epilog.setter
         def epilog(self, value):
@@ -5792,14 +5831,10 @@ def _run_legacy(argv):
         if problem.startswith("Missing"):
             parser.print_usage(sys.stderr)
         return EXIT_USAGE
-    if not _key_file_ops_only(ns):
-        _load_later()
-    # Bareos's order of precedence: cache, then key files, then the drive.
-    for dispatch in (_legacy_cache_ops, _legacy_key_ops, _legacy_drive_ops):
-        rc = dispatch(ns)
-        if rc is not None:
-            return rc
-    return EXIT_OK
+    if _key_file_ops_only(ns):
+        return _legacy_key_ops(ns)
+    _load_later()
+    return _run_legacy_ops(ns)  # noqa: F821 (a later section)
 
 
 def _key_file_ops_only(ns):
@@ -5823,18 +5858,6 @@ def _legacy_key_ops(ns):
     return None
 
 
-def _legacy_cache_ops(ns):
-    """-D, -p, -r (Bareos's order: the first one given runs)."""
-    if ns.dump_cache:
-        return op_dump_cache(ns.dump_cache, ns.json, ns.now)
-    if ns.populate_cachefile:
-        return op_populate_cache(ns.populate_cachefile, ns.now, ns.layout, ns.backup,
-                                 ns.skip_bad_lines)
-    if ns.reset_expiry_time:
-        return op_reset_cache(ns.reset_expiry_time, ns.now, ns.layout, ns.backup)
-    return None
-
-
 def _timeout_arg(text):
     import argparse
     try:
@@ -5844,23 +5867,6 @@ def _timeout_arg(text):
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError("--timeout wants seconds, more than 0")
     return value
-
-
-def _legacy_drive_ops(ns):
-    """-c, -e, -s, -v in Bareos's order; -s and -c print nothing on success."""
-    device, timeout = ns.device_name, ns.timeout
-    if ns.clear_encryption:
-        return op_clear_key(device, timeout=timeout)
-    if ns.drive_encryption_status:
-        op_drive_status(device, timeout=timeout)
-    if ns.set_encryption_key:
-        return op_set_key(device, ns.set_encryption_key, ns.wrap_unwrap_key, ns.base64,
-                          timeout=timeout)
-    if ns.volume_encryption_status:
-        op_volume_status(device, timeout=timeout)
-    if ns.drive_encryption_status or ns.volume_encryption_status:
-        return EXIT_OK
-    return None
 
 
 _ASCII_STDOUT = None
@@ -5895,9 +5901,9 @@ def main(argv=None):
     try:
         if argv and not argv[0].startswith("-"):
             _load_later()
-            parser, sub = _command_parser()  # built once, only for this face
+            parser, sub = _command_parser()  # noqa: F821 (a later section; built once)
             if argv[0] in sub.choices:
-                return _run_command(parser, argv)
+                return _run_command(parser, argv)  # noqa: F821 (a later section)
         return _run_legacy(argv)
     except BscryptoError as e:
         sys.stderr.write("bscrypto: %s\n" % e)
