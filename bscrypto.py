@@ -7,7 +7,11 @@ first, then ``bscrypto.py --help``.
 
 Sections, in the order data flows:
     constants and errors; AES and RFC 3394 key wrap; encodings and passphrases;
-    key files; crypto cache; SCSI transport; SSC pages; operations; CLI.
+    key files; crypto cache; SCSI transport; SSC pages; volume label;
+    operations; CLI.
+From the crypto cache to the subcommand parsers the code sits in the string
+_LATER_SOURCE, compiled on first use so that the key commands start fast
+(see "Sections compiled on first use" below).
 """
 
 import os
