@@ -664,7 +664,8 @@ def _stdout_bytes():
 # volume label, their operations and the subcommand parsers -- is kept below
 # as source text, in the same order and at the same line numbers as if it
 # were plain code, and compiled into this module the first time something
-# needs it: by _load_later() in main(), or at once when imported as a module.
+# needs it: by _load_later() in main(), or by the module's __getattr__ when
+# another program (or the tests) imports the file and uses one of its names.
 # Tracebacks and the debugger show the real lines of this file.  `make lint`
 # runs ruff and vermin on the file with the two quote lines commented out,
 # and the tests check that the result is the same module.
@@ -5679,8 +5680,18 @@ def _load_later():
         _LATER_LOADED = True
 
 
-if __name__ != "__main__":
-    _load_later()  # imported (tests, other programs): the whole API, as plain code would be
+def __getattr__(name):
+    """Imported on Python 3.7+ (PEP 562): the first use of a name from the
+    later sections, e.g. bscrypto.read_cache, compiles them; import stays cheap."""
+    if not name.startswith("__") and not _LATER_LOADED:
+        _load_later()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+if __name__ != "__main__" and sys.version_info < (3, 7):
+    _load_later()  # Python 3.6 has no module __getattr__: the whole API at import
 
 
 # ---------------------------------------------------------------------------
