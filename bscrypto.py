@@ -278,31 +278,32 @@ class AES(object):
             raise ValueError("AES key must be 16, 24 or 32 bytes")
         self._key, self._enc, self._dec = key, None, None
 
+    def _schedule(self, decrypt):
+        if decrypt:
+            self._dec = _key_schedule(self._key, True)
+            return self._dec
+        self._enc = _key_schedule(self._key, False)
+        return self._enc
+
     def encrypt_int(self, block):
         """Encrypt one block given and returned as a 128-bit big-endian int."""
-        if self._enc is None:
-            self._enc = _key_schedule(self._key, False)
-        return _aes_rounds(block, self._enc)
+        return _aes_rounds(block, self._enc or self._schedule(False))
 
     def decrypt_int(self, block):
         """Decrypt one block given and returned as a 128-bit big-endian int."""
-        if self._dec is None:
-            self._dec = _key_schedule(self._key, True)
-        return _aes_rounds(block, self._dec)
+        return _aes_rounds(block, self._dec or self._schedule(True))
 
     def encrypt_block(self, block):
         if len(block) != 16:
             raise ValueError("AES block must be 16 bytes")
-        if self._enc is None:
-            self._enc = _key_schedule(self._key, False)
-        return _aes_rounds(int.from_bytes(block, "big"), self._enc).to_bytes(16, "big")
+        x = int.from_bytes(block, "big")
+        return _aes_rounds(x, self._enc or self._schedule(False)).to_bytes(16, "big")
 
     def decrypt_block(self, block):
         if len(block) != 16:
             raise ValueError("AES block must be 16 bytes")
-        if self._dec is None:
-            self._dec = _key_schedule(self._key, True)
-        return _aes_rounds(int.from_bytes(block, "big"), self._dec).to_bytes(16, "big")
+        x = int.from_bytes(block, "big")
+        return _aes_rounds(x, self._dec or self._schedule(True)).to_bytes(16, "big")
 
 
 # RFC 3394 section 2.2.3.1 default initial value.
