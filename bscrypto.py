@@ -5303,9 +5303,7 @@ def _add_cache_commands(sub, common):
         p.add_argument("--layout", choices=layouts,
                        help="write this layout (default: this host's, %s)"
                             % host_cache_layout().name)
-        p.add_argument("--now", metavar="EPOCH", type=int,
-                       help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else "
-                            "the clock)")
+        p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
 
     p = sub.add_parser("dump-cache", parents=[common], help="print the crypto cache (as -D)",
                        description="Print the cache as Bareos's bscrypto -D does (local "
@@ -5537,9 +5535,7 @@ def _add_recovery_commands(sub, common):
                         % DEFAULT_CHECK_DAYS)
     p.add_argument("--catalog", metavar="EXPORT",
                    help="catalog export whose volumes must all be cached with the same key")
-    p.add_argument("--now", metavar="EPOCH", type=int,
-                   help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else the "
-                        "clock)")
+    p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
     p.usage_exit = CHECK_UNABLE  # cron: bad arguments are "could not check", not "problems"
     p.set_defaults(run=_run_check)
 
@@ -5704,6 +5700,10 @@ if __name__ != "__main__" and sys.version_info < (3, 7):
 # subcommand name selects the second face.
 
 
+# --now on every command that writes or judges times (resolve_now() reads it).
+NOW_HELP = "take this Unix time as now (default $SOURCE_DATE_EPOCH, else the clock)"
+
+
 def _exit_code_epilog():
     return "exit codes:\n" + "\n".join("  %-3d %s" % c for c in EXIT_CODES)
 
@@ -5804,8 +5804,7 @@ def _legacy_parser():
     # Crypto cache options (bscrypto.py additions, for -D, -p and -r).
     a("--json", action="store_true", help="-D: print the cache as JSON")
     a("--backup", action="store_true", help="-p, -r: first keep a timestamped copy of the cache")
-    a("--now", metavar="EPOCH", type=int,
-      help="take this Unix time as now (default $SOURCE_DATE_EPOCH, else the clock)")
+    a("--now", metavar="EPOCH", type=int, help=NOW_HELP)
     a("--layout", choices=CACHE_LAYOUT_NAMES,
       help="-p, -r: write this cache layout (default: this host's)")
     a("--skip-bad-lines", action="store_true",
