@@ -28,17 +28,10 @@ $(VENV)/lint/bin/ruff:
 	$(PYTHON) -m venv $(VENV)/lint
 	$(VENV)/lint/bin/pip install --quiet ruff vermin
 
-# bscrypto.py keeps its later sections as source text (compiled on first use,
-# for start-up time): ruff checks the file as it is, then ruff and vermin read
-# it with those sections unfolded into plain code (same line numbers).
-UNFOLDED := $(VENV)/lint/unfolded/bscrypto.py
-
 lint: $(VENV)/lint/bin/ruff  ## ruff, and vermin proving Python 3.6 suffices
-	@mkdir -p $(dir $(UNFOLDED))
-	$(PYTHON) test_bscrypto.py --unfold $(UNFOLDED)
-	$(VENV)/lint/bin/ruff check --isolated --select E,F,W,B --ignore B904 --line-length 110 --target-version py37 bscrypto.py $(UNFOLDED) test_bscrypto.py systest
-	$(VENV)/lint/bin/vermin --no-tips --violations -t=3.6- --backport argparse --eval-annotations $(UNFOLDED)
-	$(VENV)/lint/bin/vermin --no-tips -t=3.6- $(UNFOLDED) | tail -1
+	$(VENV)/lint/bin/ruff check --isolated --select E,F,W,B --ignore B904 --line-length 110 --target-version py37 bscrypto.py test_bscrypto.py systest
+	$(VENV)/lint/bin/vermin --no-tips --violations -t=3.6- --backport argparse --eval-annotations bscrypto.py
+	$(VENV)/lint/bin/vermin --no-tips -t=3.6- bscrypto.py | tail -1
 
 devlib:  ## dev-only packages per interpreter (pyaes for bench, cryptography oracle)
 	@for py in $(PYTHONS); do \

@@ -9,14 +9,11 @@ Sections, in the order data flows:
     constants and errors; AES and RFC 3394 key wrap; encodings and passphrases;
     key files; crypto cache; SCSI transport; SSC pages; volume label;
     operations; CLI.
-From the crypto cache to the subcommand parsers the code sits in the string
-_LATER_SOURCE, compiled on first use so that the key commands start fast
-(see "Sections compiled on first use" below).
 """
 
 import os
 import sys
-from collections import namedtuple  # noqa: F401 (used by the later sections)
+from collections import namedtuple
 
 __version__ = "1.0.0"
 
@@ -653,24 +650,6 @@ def _stdout_bytes():
     return getattr(sys.stdout, "buffer", sys.stdout)
 
 
-# ---------------------------------------------------------------------------
-# Sections compiled on first use
-# ---------------------------------------------------------------------------
-#
-# A script is compiled from source on every run (a module's bytecode is
-# cached, a script's is not), and compiling is ~10 microseconds a line here.
-# Compiling all of this file cost more than the whole `python3 -c "import
-# argparse"` the key commands are measured against (issue 2).  So everything
-# that -g, -k, -w and -b never use -- the crypto cache, SCSI, SSC pages, the
-# volume label, their operations and the subcommand parsers -- is kept below
-# as source text, in the same order and at the same line numbers as if it
-# were plain code, and compiled into this module the first time something
-# needs it: by _load_later() in main(), or by the module's __getattr__ when
-# another program (or the tests) imports the file and uses one of its names.
-# Tracebacks and the debugger show the real lines of this file.  `make lint`
-# runs ruff and vermin on the file with the two quote lines commented out,
-# and the tests check that the result is the same module.
-_LATER_SOURCE = r'''
 # ---------------------------------------------------------------------------
 # Crypto cache
 # ---------------------------------------------------------------------------
@@ -5660,35 +5639,6 @@ def _legacy_drive_ops(ns):
     if ns.drive_encryption_status or ns.volume_encryption_status:
         return EXIT_OK
     return None
-'''
-_LATER_LINE = sys._getframe().f_lineno - 1 - _LATER_SOURCE.count("\n")
-_LATER_LOADED = False
-
-
-def _load_later():
-    """Compile and run the sections kept in _LATER_SOURCE, once."""
-    global _LATER_LOADED
-    if not _LATER_LOADED:
-        # Blank lines in front keep every line number that of this file
-        # (or "<string>" when another program execs the text without a name).
-        code = compile("\n" * (_LATER_LINE - 1) + _LATER_SOURCE,
-                       globals().get("__file__", "<string>"), "exec")
-        exec(code, globals())
-        _LATER_LOADED = True
-
-
-def __getattr__(name):
-    """Imported on Python 3.7+ (PEP 562): the first use of a name from the
-    later sections, e.g. bscrypto.read_cache, compiles them; import stays cheap."""
-    if not name.startswith("__") and not _LATER_LOADED:
-        _load_later()
-        if name in globals():
-            return globals()[name]
-    raise AttributeError("module %r has no attribute %r" % (__name__, name))
-
-
-if __name__ != "__main__" and sys.version_info < (3, 7):
-    _load_later()  # Python 3.6 has no module __getattr__: the whole API at import
 
 
 # ---------------------------------------------------------------------------
@@ -5764,8 +5714,7 @@ def _legacy_parser():
         # when help is shown, not on every run.
         @property
         def epilog(self):
-            _load_later()
-            return _commands_epilog() + "\n\n" + _exit_code_epilog()  # noqa: F821 (later)
+            return _commands_epilog() + "\n\n" + _exit_code_epilog()
 
         @epilog.setter
         def epilog(self, value):
@@ -5846,18 +5795,7 @@ def _run_legacy(argv):
         if problem.startswith("Missing"):
             parser.print_usage(sys.stderr)
         return EXIT_USAGE
-    if _key_file_ops_only(ns):
-        return _legacy_key_ops(ns)
-    _load_later()
-    return _run_legacy_ops(ns)  # noqa: F821 (a later section)
-
-
-def _key_file_ops_only(ns):
-    """-g or -k with nothing from the cache or the drive: no later section runs."""
-    return bool((ns.generate_passphrase or ns.show_keyfile)
-                and not (ns.dump_cache or ns.populate_cachefile or ns.reset_expiry_time
-                         or ns.clear_encryption or ns.set_encryption_key
-                         or ns.drive_encryption_status or ns.volume_encryption_status))
+    return _run_legacy_ops(ns)
 
 
 def _set_debug(level):
@@ -5915,10 +5853,9 @@ def main(argv=None):
     _utf8_stdout()
     try:
         if argv and not argv[0].startswith("-"):
-            _load_later()
-            parser, sub = _command_parser()  # noqa: F821 (a later section; built once)
+            parser, sub = _command_parser()
             if argv[0] in sub.choices:
-                return _run_command(parser, argv)  # noqa: F821 (a later section)
+                return _run_command(parser, argv)
         return _run_legacy(argv)
     except BscryptoError as e:
         sys.stderr.write("bscrypto: %s\n" % e)

@@ -18,8 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bscrypto  # noqa: E402
 
-bscrypto._load_later()  # the tests use every section (and vars() sees no lazy names)
-
 # The shared reference fixtures sit beside the project (../shared/reference).
 REFERENCE = os.environ.get("BSCRYPTO_REFERENCE",
                            os.path.join(HERE, "..", "shared", "reference"))
@@ -5106,103 +5104,9 @@ class TestSelftest(unittest.TestCase):
 class TestStartup(unittest.TestCase):
     def test_import_does_no_work(self):
         code = ("import sys; sys.path.insert(0, %r); import bscrypto; "
-                "print(bscrypto._TABLES == {}, 'argparse' in sys.modules, "
-                "bscrypto._LATER_LOADED)" % HERE)
+                "print(bscrypto._TABLES == {}, 'argparse' in sys.modules)" % HERE)
         out = subprocess.check_output([sys.executable, "-c", code])
-        # 3.6 has no module __getattr__, so it compiles the later sections at import.
-        self.assertEqual(out.split(), [b"True", b"False", str(sys.version_info < (3, 7)).encode()])
-
-    def test_a_later_name_loads_on_first_use(self):
-        code = ("import sys; sys.path.insert(0, %r); import bscrypto; "
-                "f = bscrypto.read_cache; print(bscrypto._LATER_LOADED, f.__name__); "
-                "print(hasattr(bscrypto, 'no_such_name'))" % HERE)
-        out = subprocess.check_output([sys.executable, "-c", code])
-        self.assertEqual(out.split(), [b"True", b"read_cache", b"False"])
-        code = ("import sys; sys.path.insert(0, %r); from bscrypto import CacheError, main; "
-                "print(CacheError.exit_code == 4, main(['-D', '/nonexistent/cache']))" % HERE)
-        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-        self.assertEqual(proc.stdout.split(), [b"True", b"4"], proc.stderr)
-
-
-_SCRIPT_CODE = []
-
-
-def run_as_script(*args, **kw):
-    """(exit code, stdout, stderr, namespace): bscrypto.py run as `python3
-    bscrypto.py ARGS` would run it, in a fresh namespace named __main__ (so the
-    later sections are compiled only if the command needs them)."""
-    if not _SCRIPT_CODE:
-        with open(SCRIPT) as f:
-            _SCRIPT_CODE.append(compile(f.read(), SCRIPT, "exec"))
-    namespace = {"__name__": "__main__", "__file__": SCRIPT}
-
-    def script_main(argv):
-        saved = sys.argv
-        sys.argv = [SCRIPT] + argv
-        try:
-            exec(_SCRIPT_CODE[0], namespace)
-        except SystemExit as e:
-            return e.code
-        finally:
-            sys.argv = saved
-        raise AssertionError("the script did not exit")
-
-    rc, out, err = Captured(args, main_func=script_main, **kw).run()
-    return rc, out, err, namespace
-
-
-def unfold_later_sections(text):
-    """The file with _LATER_SOURCE's two quote lines made plain lines, so the
-    later sections are ordinary code at their own line numbers (for lint)."""
-    lines = text.split("\n")
-    start = lines.index("_LATER_SOURCE = r'''")
-    end = lines.index("'''", start)
-    lines[start] = "_LATER_SOURCE = \"\"  # unfolded: what follows is plain code"
-    lines[end] = "# (end of the unfolded later sections)"
-    return "\n".join(lines)
-
-
-class TestLaterSections(TempDirTestCase):
-    """The sections kept as source text and compiled on first use (issue 2)."""
-
-    def key_files(self):
-        kek = self.write("kek", b"0123456789abcdef0123456789abcdef\n")
-        plain = self.write("plain", b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB\n")
-        b64 = self.write("b64", bscrypto.make_key_text(b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB",
-                                                     base64=True) + b"\n")
-        wrapped = self.write("wrapped", bscrypto.make_key_text(
-            b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB", b"0123456789abcdef0123456789abcdef") + b"\n")
-        return kek, plain, b64, wrapped
-
-    def test_key_commands_never_compile_them_and_match_the_module(self):
-        kek, plain, b64, wrapped = self.key_files()
-        for args in (["-k", plain], ["-k", b64, "-b"], ["-k", wrapped, "-w", kek],
-                     ["-k", wrapped, "-w", plain], ["-k", self.path("missing")],
-                     ["-k", "-"], ["-g", kek], ["-g", "-", "-k", plain], [], ["-d", "x"],
-                     ["-e"], ["-s", plain]):
-            rc, out, err, namespace = run_as_script(*args, stdin=b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB")
-            self.assertFalse(namespace["_LATER_LOADED"], args)
-            self.assertNotIn("read_cache", namespace, args)
-            self.assertEqual((rc, out, err), cli(*args, stdin=b"xVaU{?{s4MwjmW*BAiA8bVsy6*0nJOwB"),
-                             args)
-        for args in (["-g", "-"], ["-g", "-", "-b"], ["-g", "-", "-w", kek],
-                     ["-g", self.path("new"), "-w", kek]):
-            rc, out, err, namespace = run_as_script(*args)
-            self.assertEqual((rc, err), (0, ""), args)
-            self.assertFalse(namespace["_LATER_LOADED"], args)
-        text = read_bytes(self.path("new"))
-        self.assertEqual(len(bscrypto.unwrap_passphrase(b"0123456789abcdef", text)), 32)
-
-    def test_other_commands_compile_them_and_match_the_module(self):
-        cache = fixture("cache", "basic.cryptoc")
-        kek, plain, _, _ = self.key_files()
-        for args in (["-D", cache], ["dump-cache", cache, "--json"], ["lookup", "Vol0001", cache],
-                     ["--help"], ["dump-cache", "--help"], ["-k", plain, "-D", cache],
-                     ["show", plain], ["-e", self.path("no-such-drive")], ["no-such-command"]):
-            rc, out, err, namespace = run_as_script(*args)
-            self.assertTrue(namespace["_LATER_LOADED"], args)
-            self.assertEqual((rc, out, err), cli(*args), args)
+        self.assertEqual(out.split(), [b"True", b"False"])
 
     def test_piped_to_a_remote_python(self):
         # `ssh rescue-host python3 - selftest < bscrypto.py`: no file name.
@@ -5211,51 +5115,6 @@ class TestLaterSections(TempDirTestCase):
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertEqual((proc.returncode, proc.stderr), (0, b""))
         self.assertIn(b"selftest: all ", proc.stdout)
-
-    def test_line_numbers_are_those_of_the_file(self):
-        with open(SCRIPT) as f:
-            lines = f.read().split("\n")
-        checked = 0
-        for name, obj in sorted(vars(bscrypto).items()):
-            for func in [obj] + (list(vars(obj).values()) if isinstance(obj, type) else []):
-                code = getattr(func, "__code__", None)
-                if code is None or code.co_filename != bscrypto.__file__:
-                    continue
-                line = lines[code.co_firstlineno - 1].strip()
-                self.assertTrue(line.startswith(("def %s(" % code.co_name, "@")),
-                                "%s: line %d is %r" % (name, code.co_firstlineno, line))
-                checked += 1
-        self.assertGreater(checked, 200)
-        self.assertGreater(bscrypto.read_cache.__code__.co_firstlineno, bscrypto._LATER_LINE)
-
-    def test_a_traceback_shows_the_real_source_line(self):
-        import traceback
-        try:
-            bscrypto.parse_cache(b"not a cache")
-        except bscrypto.CacheError:
-            frame = traceback.extract_tb(sys.exc_info()[2])[-1]
-        with open(SCRIPT) as f:
-            lines = f.read().split("\n")
-        self.assertEqual((frame.filename, frame.name), (bscrypto.__file__, "_detect_layout"))
-        self.assertEqual(frame.line, lines[frame.lineno - 1].strip())
-        # 3.8+ name a statement's first line, older ones its last.
-        self.assertIn("raise CacheError(", "\n".join(lines[frame.lineno - 4:frame.lineno]))
-
-    def test_the_unfolded_file_is_the_same_module(self):
-        with open(SCRIPT) as f:
-            text = f.read()
-        unfolded = unfold_later_sections(text)
-        self.assertEqual(unfolded.count("\n"), text.count("\n"))
-        namespace = {"__name__": "bscrypto_unfolded", "__file__": SCRIPT}
-        exec(compile(unfolded, SCRIPT, "exec"), namespace)
-        ours = {k for k in vars(bscrypto) if not k.startswith("__")}
-        theirs = {k for k in namespace if not k.startswith("__")}
-        self.assertEqual(ours, theirs)
-        for name in ("read_cache", "op_load_volume", "main", "AES"):
-            self.assertEqual(getattr(getattr(bscrypto, name), "__code__", None) and
-                             getattr(bscrypto, name).__code__.co_firstlineno,
-                             getattr(namespace[name], "__code__", None) and
-                             namespace[name].__code__.co_firstlineno, name)
 
     def test_legacy_layout_choices_name_every_layout(self):
         self.assertEqual(bscrypto.CACHE_LAYOUT_NAMES,
@@ -5490,10 +5349,6 @@ def _run_tests(argv):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--unfold"]:    # make lint: python3 test_bscrypto.py --unfold OUT
-        with open(SCRIPT) as f, open(sys.argv[2], "w") as out:
-            out.write(unfold_later_sections(f.read()))
-        sys.exit(0)
     if sys.argv[1:2] == ["--bench-child"]:
         sys.exit(_bench_child())
     if sys.argv[1:2] == ["--bench"]:
