@@ -2294,15 +2294,9 @@ def parse_sense(data):
         field_pointer=field_pointer, fru=fru, raw=data)
 
 
-_ASC_TEXTS = None
-
-
 def asc_text(asc, ascq):
     """The T10 text of an additional sense code and qualifier."""
-    global _ASC_TEXTS
-    if _ASC_TEXTS is None:
-        _ASC_TEXTS = {int(line[:4], 16): line[5:] for line in _ASC_TABLE.splitlines() if line}
-    text = _ASC_TEXTS.get(asc << 8 | ascq)
+    text = ASC_NAMES.get(asc << 8 | ascq)
     if text is not None:
         return text
     if asc == 0x40 and ascq >= 0x80:
@@ -2328,414 +2322,6 @@ def sense_text(sense):
         if fp.bit_pointer_valid:
             text += " bit %d" % fp.bit_pointer
     return text
-
-
-# The additional sense codes every SSC-4 (tape) device may report (the T column
-# of T10's asc-num list) and the whole 74h security family, in T10's wording
-# as sg3_utils prints it.  Built into a dict on first use.
-_ASC_TABLE = """\
-0000 No additional sense information
-0001 Filemark detected
-0002 End-of-partition/medium detected
-0003 Setmark detected
-0004 Beginning-of-partition/medium detected
-0005 End-of-data detected
-0006 I/O process terminated
-0007 Programmable early warning detected
-0016 operation in progress
-0017 Cleaning requested
-0018 Erase operation in progress
-0019 Locate operation in progress
-001A Rewind operation in progress
-001B Set capacity operation in progress
-001C Verify operation in progress
-001D ATA pass through information available
-001E Conflicting SA creation request
-001F Logical unit transitioning to another power condition
-0020 Extended copy information available
-0300 Peripheral device write fault
-0301 No write current
-0302 Excessive write errors
-0400 Logical unit not ready, cause not reportable
-0401 Logical unit is in process of becoming ready
-0402 Logical unit not ready, initializing command required
-0403 Logical unit not ready, manual intervention required
-0404 Logical unit not ready, format in progress
-0405 Logical unit not ready, rebuild in progress
-0406 Logical unit not ready, recalculation in progress
-0407 Logical unit not ready, operation in progress
-0409 Logical unit not ready, self-test in progress
-040A Logical unit not accessible, asymmetric access state transition
-040B Logical unit not accessible, target port in standby state
-040C Logical unit not accessible, target port in unavailable state
-040E Logical unit not ready, security session in progress
-0410 Logical unit not ready, auxiliary memory not accessible
-0411 Logical unit not ready, notify (enable spinup) required
-0413 Logical unit not ready, SA creation in progress
-041C Logical unit not ready, additional power use not yet granted
-041F Logical unit not ready, microcode download required
-0420 Logical unit not ready, logical unit reset required
-0421 Logical unit not ready, hard reset required
-0422 Logical unit not ready, power cycle required
-0500 Logical unit does not respond to selection
-0700 Multiple peripheral devices selected
-0800 Logical unit communication failure
-0801 Logical unit communication time-out
-0802 Logical unit communication parity error
-0803 Logical unit communication CRC error (Ultra-DMA/32)
-0804 Unreachable copy target
-0900 Track following error
-0904 Head select fault
-0905 Vibration induced tracking error
-0A00 Error log overflow
-0B00 Warning
-0B01 Warning - specified temperature exceeded
-0B02 Warning - enclosure degraded
-0B03 Warning - background self-test failed
-0B04 Warning - background pre-scan detected medium error
-0B05 Warning - background medium scan detected medium error
-0B06 Warning - non-volatile cache now volatile
-0B07 Warning - degraded power to non-volatile cache
-0B08 Warning - power loss expected
-0B0A Warning - high critical temperature limit exceeded
-0B0B Warning - low critical temperature limit exceeded
-0B0C Warning - high operating temperature limit exceeded
-0B0D Warning - low operating temperature limit exceeded
-0B0E Warning - high critical humidity limit exceeded
-0B0F Warning - low critical humidity limit exceeded
-0B10 Warning - high operating humidity limit exceeded
-0B11 Warning - low operating humidity limit exceeded
-0B12 Warning - microcode security at risk
-0B13 Warning - microcode digital signature validation failure
-0C00 Write error
-0C04 Compression check miscompare error
-0C05 Data expansion occurred during compression
-0C06 Block not compressible
-0C0B Auxiliary memory write error
-0C0C Write error - unexpected unsolicited data
-0C0D Write error - not enough unsolicited data
-0C0E Multiple write errors
-0D00 Error detected by third party temporary initiator
-0D01 Third party device failure
-0D02 Copy target device not reachable
-0D03 Incorrect copy target device type
-0D04 Copy target device data underrun
-0D05 Copy target device data overrun
-0E00 Invalid information unit
-0E01 Information unit too short
-0E02 Information unit too long
-0E03 Invalid field in command information unit
-1001 Logical block guard check failed
-1002 Logical block application tag check failed
-1003 Logical block reference tag check failed
-1004 Logical block protection error on recover buffered data
-1005 Logical block protection method error
-1100 Unrecovered read error
-1101 Read retries exhausted
-1102 Error too long to correct
-1103 Multiple read errors
-1108 Incomplete block read
-1109 No gap found
-110A Miscorrected error
-110D De-compression CRC error
-110E Cannot decompress using declared algorithm
-1112 Auxiliary memory read error
-1113 Read error - failed retransmission request
-1400 Recorded entity not found
-1401 Record not found
-1402 Filemark or setmark not found
-1403 End-of-data not found
-1404 Block sequence error
-1405 Record not found - recommend reassignment
-1406 Record not found - data auto-reallocated
-1407 Locate operation failure
-1500 Random positioning error
-1501 Mechanical positioning error
-1502 Positioning error detected by read of medium
-1700 Recovered data with no error correction applied
-1701 Recovered data with retries
-1702 Recovered data with positive head offset
-1703 Recovered data with negative head offset
-1800 Recovered data with error correction applied
-1A00 Parameter list length error
-1B00 Synchronous data transfer error
-1D00 Miscompare during verify operation
-2000 Invalid command operation code
-2001 Access denied - initiator pending-enrolled
-2002 Access denied - no access rights
-2003 Access denied - invalid mgmt id key
-2004 Illegal command while in write capable state
-2006 Illegal command while in explicit address mode
-2007 Illegal command while in implicit address mode
-2008 Access denied - enrollment conflict
-2009 Access denied - invalid LU identifier
-200A Access denied - invalid proxy token
-200B Access denied - ACL LUN conflict
-200C Illegal command when not in append-only mode
-2100 Logical block address out of range
-2101 Invalid element address
-2300 Invalid token operation, cause not reportable
-2301 Invalid token operation, unsupported token type
-2302 Invalid token operation, remote token usage not supported
-2303 invalid token operation, remote rod token creation not supported
-2304 Invalid token operation, token unknown
-2305 Invalid token operation, token corrupt
-2306 Invalid token operation, token revoked
-2307 Invalid token operation, token expired
-2308 Invalid token operation, token cancelled
-2309 Invalid token operation, token deleted
-230A Invalid token operation, invalid token length
-2400 Invalid field in cdb
-2401 CDB decryption error
-2408 Invalid xcdb
-2500 Logical unit not supported
-2600 Invalid field in parameter list
-2601 Parameter not supported
-2602 Parameter value invalid
-2603 Threshold parameters not supported
-2604 Invalid release of persistent reservation
-2605 Data decryption error
-2606 Too many target descriptors
-2607 Unsupported target descriptor type code
-2608 Too many segment descriptors
-2609 Unsupported segment descriptor type code
-260A Unexpected inexact segment
-260B Inline data length exceeded
-260C Invalid operation for copy source or destination
-260D Copy segment granularity violation
-260E Invalid parameter while port is enabled
-2610 Data decryption key fail limit reached
-2611 Incomplete key-associated data set
-2612 Vendor specific key reference not found
-2614 Tape stream mirroring prevented
-2615 Copy source or copy destination not authorized
-2700 Write protected
-2701 Hardware write protected
-2702 Logical unit software write protected
-2703 Associated write protect
-2704 Persistent write protect
-2705 Permanent write protect
-2800 Not ready to ready change, medium may have changed
-2801 Import or export element accessed
-2900 Power on, reset, or bus device reset occurred
-2901 Power on occurred
-2902 SCSI bus reset occurred
-2903 Bus device reset function occurred
-2904 Device internal reset
-2905 Transceiver mode changed to single-ended
-2906 Transceiver mode changed to lvd
-2907 I_T nexus loss occurred
-2A00 Parameters changed
-2A01 Mode parameters changed
-2A02 Log parameters changed
-2A03 Reservations preempted
-2A04 Reservations released
-2A05 Registrations preempted
-2A06 Asymmetric access state changed
-2A07 Implicit asymmetric access state transition failed
-2A08 Priority changed
-2A0A Error history i_t nexus cleared
-2A0B Error history snapshot released
-2A0D Data encryption capabilities changed
-2A10 Timestamp changed
-2A11 Data encryption parameters changed by another i_t nexus
-2A12 Data encryption parameters changed by vendor specific event
-2A13 Data encryption key instance counter has changed
-2A14 SA creation capabilities data has changed
-2A15 Medium removal prevention preempted
-2B00 Copy cannot execute since host cannot disconnect
-2C00 Command sequence error
-2C07 Previous busy status
-2C08 Previous task set full status
-2C09 Previous reservation conflict status
-2C0B Not reserved
-2C13 Well known logical unit access required
-2D00 Overwrite error on update in place
-2F00 Commands cleared by another initiator
-2F02 Commands cleared by device server
-2F03 Some commands cleared by queuing layer event
-3000 Incompatible medium installed
-3001 Cannot read medium - unknown format
-3002 Cannot read medium - incompatible format
-3003 Cleaning cartridge installed
-3004 Cannot write medium - unknown format
-3005 Cannot write medium - incompatible format
-3006 Cannot format medium - incompatible medium
-3007 Cleaning failure
-300A Cleaning request rejected
-300C WORM medium - overwrite attempted
-300D WORM medium - integrity check
-3100 Medium format corrupted
-3300 Tape length error
-3400 Enclosure failure
-3500 Enclosure services failure
-3501 Unsupported enclosure function
-3502 Enclosure services unavailable
-3503 Enclosure services transfer failure
-3504 Enclosure services transfer refused
-3505 Enclosure services checksum error
-3700 Rounded parameter
-3900 Saving parameters not supported
-3A00 Medium not present
-3A01 Medium not present - tray closed
-3A02 Medium not present - tray open
-3A03 Medium not present - loadable
-3A04 Medium not present - medium auxiliary memory accessible
-3B00 Sequential positioning error
-3B01 Tape position error at beginning-of-medium
-3B02 Tape position error at end-of-medium
-3B08 Reposition error
-3B0C Position past beginning of medium
-3B0D Medium destination element full
-3B0E Medium source element empty
-3B11 Medium magazine not accessible
-3B12 Medium magazine removed
-3B13 Medium magazine inserted
-3B14 Medium magazine locked
-3B15 Medium magazine unlocked
-3B1C Too many logical objects on partition to support operation
-3D00 Invalid bits in identify message
-3E00 Logical unit has not self-configured yet
-3E01 Logical unit failure
-3E02 Timeout on logical unit
-3E03 Logical unit failed self-test
-3E04 Logical unit unable to update self-test log
-3F00 Target operating conditions have changed
-3F01 Microcode has been changed
-3F02 Changed operating definition
-3F03 Inquiry data has changed
-3F04 Component device attached
-3F05 Device identifier changed
-3F06 Redundancy group created or modified
-3F07 Redundancy group deleted
-3F08 Spare created or modified
-3F09 Spare deleted
-3F0A Volume set created or modified
-3F0B Volume set deleted
-3F0C Volume set deassigned
-3F0D Volume set reassigned
-3F0E Reported luns data has changed
-3F0F Echo buffer overwritten
-3F10 Medium loadable
-3F11 Medium auxiliary memory accessible
-3F12 iSCSI IP address added
-3F13 iSCSI IP address removed
-3F14 iSCSI IP address changed
-3F15 Inspect referrals sense descriptors
-3F16 Microcode has been changed without reset
-4300 Message error
-4400 Internal target failure
-4401 Persistent reservation information lost
-4471 ATA device failed Set Features
-4500 Select or reselect failure
-4600 Unsuccessful soft reset
-4700 SCSI parity error
-4701 Data phase CRC error detected
-4702 SCSI parity error detected during st data phase
-4703 Information unit iuCRC error detected
-4704 Asynchronous information protection error detected
-4705 Protocol service CRC error
-4706 Phy test function in progress
-477F Some commands cleared by iSCSI protocol event
-4800 Initiator detected error message received
-4900 Invalid message error
-4A00 Command phase error
-4B00 Data phase error
-4B01 Invalid target port transfer tag received
-4B02 Too much write data
-4B03 Ack/nak timeout
-4B04 Nak received
-4B05 Data offset error
-4B06 Initiator response timeout
-4B07 Connection lost
-4B08 Data-in buffer overflow - data buffer size
-4B09 Data-in buffer overflow - data buffer descriptor area
-4B0A Data-in buffer error
-4B0B Data-out buffer overflow - data buffer size
-4B0C Data-out buffer overflow - data buffer descriptor area
-4B0D Data-out buffer error
-4B0E PCIe fabric error
-4B0F PCIe completion timeout
-4B10 PCIe completer abort
-4B11 PCIe poisoned tlp received
-4B12 PCIe ecrc check failed
-4B13 PCIe unsupported request
-4B14 PCIe acs violation
-4B15 PCIe tlp prefix blocked
-4C00 Logical unit failed self-configuration
-4E00 Overlapped commands attempted
-5000 Write append error
-5001 Write append position error
-5002 Position error related to timing
-5100 Erase failure
-5200 Cartridge fault
-5300 Media load or eject failed
-5301 Unload tape failure
-5302 Medium removal prevented
-5304 Medium thread or unthread failure
-5502 Insufficient reservation resources
-5503 Insufficient resources
-5504 Insufficient registration resources
-5505 Insufficient access control resources
-5506 Auxiliary memory out of space
-5508 Maximum number of supplemental decryption keys exceeded
-550B Insufficient power for operation
-550C Insufficient resources to create rod
-550D Insufficient resources to create rod token
-5A00 Operator request or state change input
-5A01 Operator medium removal request
-5A02 Operator selected write protect
-5A03 Operator selected write permit
-5B00 Log exception
-5B01 Threshold condition met
-5B02 Log counter at maximum
-5B03 Log list codes exhausted
-5D00 Failure prediction threshold exceeded
-5DFF Failure prediction threshold exceeded (false)
-5E00 Low power condition on
-5E01 Idle condition activated by timer
-5E02 Standby condition activated by timer
-5E03 Idle condition activated by command
-5E04 Standby condition activated by command
-5E05 Idle_b condition activated by timer
-5E06 Idle_b condition activated by command
-5E07 Idle_c condition activated by timer
-5E08 Idle_c condition activated by command
-5E09 Standby_y condition activated by timer
-5E0A Standby_y condition activated by command
-6500 Voltage fault
-670A Set target port groups command failed
-670B ATA device feature not enabled
-7100 Decompression exception long algorithm id
-7400 Security error
-7401 Unable to decrypt data
-7402 Unencrypted data encountered while decrypting
-7403 Incorrect data encryption key
-7404 Cryptographic integrity validation failed
-7405 Error decrypting data
-7406 Unknown signature verification key
-7407 Encryption parameters not useable
-7408 Digital signature validation failure
-7409 Encryption mode mismatch on read
-740A Encrypted block not raw read enabled
-740B Incorrect Encryption parameters
-740C Unable to decrypt parameter list
-740D Encryption algorithm disabled
-7410 SA creation parameter value invalid
-7411 SA creation parameter value rejected
-7412 Invalid SA usage
-7421 Data encryption configuration prevented
-7430 SA creation parameter not supported
-7440 Authentication failed
-7461 External data encryption key manager access error
-7462 External data encryption key manager error
-7463 External data encryption key not found
-7464 External data encryption request not authorized
-746E External data encryption control timeout
-746F External data encryption control error
-7471 Logical unit access not authorized
-7479 Security conflict in translated device
-"""
 
 
 # ---------------------------------------------------------------------------
@@ -5871,6 +5457,419 @@ def main(argv=None):
         sys.stderr.write("bscrypto: internal error: %s: %s (rerun with -d 1 for a "
                          "traceback and please report it)\n" % (type(e).__name__, e))
         return EXIT_INTERNAL
+
+
+# ---------------------------------------------------------------------------
+# Appendix: additional sense code names
+# ---------------------------------------------------------------------------
+#
+# The additional sense codes every SSC-4 (tape) device may report (the T column
+# of T10's asc-num list) and the whole 74h security family, in T10's wording
+# as sg3_utils prints it, keyed by ASC << 8 | ASCQ.  Ranged codes (40h/80h+,
+# 4Dh/NN, 70h/NN) are rules in asc_text(), not rows.
+ASC_NAMES = {
+    0x0000: "No additional sense information",
+    0x0001: "Filemark detected",
+    0x0002: "End-of-partition/medium detected",
+    0x0003: "Setmark detected",
+    0x0004: "Beginning-of-partition/medium detected",
+    0x0005: "End-of-data detected",
+    0x0006: "I/O process terminated",
+    0x0007: "Programmable early warning detected",
+    0x0016: "operation in progress",
+    0x0017: "Cleaning requested",
+    0x0018: "Erase operation in progress",
+    0x0019: "Locate operation in progress",
+    0x001A: "Rewind operation in progress",
+    0x001B: "Set capacity operation in progress",
+    0x001C: "Verify operation in progress",
+    0x001D: "ATA pass through information available",
+    0x001E: "Conflicting SA creation request",
+    0x001F: "Logical unit transitioning to another power condition",
+    0x0020: "Extended copy information available",
+    0x0300: "Peripheral device write fault",
+    0x0301: "No write current",
+    0x0302: "Excessive write errors",
+    0x0400: "Logical unit not ready, cause not reportable",
+    0x0401: "Logical unit is in process of becoming ready",
+    0x0402: "Logical unit not ready, initializing command required",
+    0x0403: "Logical unit not ready, manual intervention required",
+    0x0404: "Logical unit not ready, format in progress",
+    0x0405: "Logical unit not ready, rebuild in progress",
+    0x0406: "Logical unit not ready, recalculation in progress",
+    0x0407: "Logical unit not ready, operation in progress",
+    0x0409: "Logical unit not ready, self-test in progress",
+    0x040A: "Logical unit not accessible, asymmetric access state transition",
+    0x040B: "Logical unit not accessible, target port in standby state",
+    0x040C: "Logical unit not accessible, target port in unavailable state",
+    0x040E: "Logical unit not ready, security session in progress",
+    0x0410: "Logical unit not ready, auxiliary memory not accessible",
+    0x0411: "Logical unit not ready, notify (enable spinup) required",
+    0x0413: "Logical unit not ready, SA creation in progress",
+    0x041C: "Logical unit not ready, additional power use not yet granted",
+    0x041F: "Logical unit not ready, microcode download required",
+    0x0420: "Logical unit not ready, logical unit reset required",
+    0x0421: "Logical unit not ready, hard reset required",
+    0x0422: "Logical unit not ready, power cycle required",
+    0x0500: "Logical unit does not respond to selection",
+    0x0700: "Multiple peripheral devices selected",
+    0x0800: "Logical unit communication failure",
+    0x0801: "Logical unit communication time-out",
+    0x0802: "Logical unit communication parity error",
+    0x0803: "Logical unit communication CRC error (Ultra-DMA/32)",
+    0x0804: "Unreachable copy target",
+    0x0900: "Track following error",
+    0x0904: "Head select fault",
+    0x0905: "Vibration induced tracking error",
+    0x0A00: "Error log overflow",
+    0x0B00: "Warning",
+    0x0B01: "Warning - specified temperature exceeded",
+    0x0B02: "Warning - enclosure degraded",
+    0x0B03: "Warning - background self-test failed",
+    0x0B04: "Warning - background pre-scan detected medium error",
+    0x0B05: "Warning - background medium scan detected medium error",
+    0x0B06: "Warning - non-volatile cache now volatile",
+    0x0B07: "Warning - degraded power to non-volatile cache",
+    0x0B08: "Warning - power loss expected",
+    0x0B0A: "Warning - high critical temperature limit exceeded",
+    0x0B0B: "Warning - low critical temperature limit exceeded",
+    0x0B0C: "Warning - high operating temperature limit exceeded",
+    0x0B0D: "Warning - low operating temperature limit exceeded",
+    0x0B0E: "Warning - high critical humidity limit exceeded",
+    0x0B0F: "Warning - low critical humidity limit exceeded",
+    0x0B10: "Warning - high operating humidity limit exceeded",
+    0x0B11: "Warning - low operating humidity limit exceeded",
+    0x0B12: "Warning - microcode security at risk",
+    0x0B13: "Warning - microcode digital signature validation failure",
+    0x0C00: "Write error",
+    0x0C04: "Compression check miscompare error",
+    0x0C05: "Data expansion occurred during compression",
+    0x0C06: "Block not compressible",
+    0x0C0B: "Auxiliary memory write error",
+    0x0C0C: "Write error - unexpected unsolicited data",
+    0x0C0D: "Write error - not enough unsolicited data",
+    0x0C0E: "Multiple write errors",
+    0x0D00: "Error detected by third party temporary initiator",
+    0x0D01: "Third party device failure",
+    0x0D02: "Copy target device not reachable",
+    0x0D03: "Incorrect copy target device type",
+    0x0D04: "Copy target device data underrun",
+    0x0D05: "Copy target device data overrun",
+    0x0E00: "Invalid information unit",
+    0x0E01: "Information unit too short",
+    0x0E02: "Information unit too long",
+    0x0E03: "Invalid field in command information unit",
+    0x1001: "Logical block guard check failed",
+    0x1002: "Logical block application tag check failed",
+    0x1003: "Logical block reference tag check failed",
+    0x1004: "Logical block protection error on recover buffered data",
+    0x1005: "Logical block protection method error",
+    0x1100: "Unrecovered read error",
+    0x1101: "Read retries exhausted",
+    0x1102: "Error too long to correct",
+    0x1103: "Multiple read errors",
+    0x1108: "Incomplete block read",
+    0x1109: "No gap found",
+    0x110A: "Miscorrected error",
+    0x110D: "De-compression CRC error",
+    0x110E: "Cannot decompress using declared algorithm",
+    0x1112: "Auxiliary memory read error",
+    0x1113: "Read error - failed retransmission request",
+    0x1400: "Recorded entity not found",
+    0x1401: "Record not found",
+    0x1402: "Filemark or setmark not found",
+    0x1403: "End-of-data not found",
+    0x1404: "Block sequence error",
+    0x1405: "Record not found - recommend reassignment",
+    0x1406: "Record not found - data auto-reallocated",
+    0x1407: "Locate operation failure",
+    0x1500: "Random positioning error",
+    0x1501: "Mechanical positioning error",
+    0x1502: "Positioning error detected by read of medium",
+    0x1700: "Recovered data with no error correction applied",
+    0x1701: "Recovered data with retries",
+    0x1702: "Recovered data with positive head offset",
+    0x1703: "Recovered data with negative head offset",
+    0x1800: "Recovered data with error correction applied",
+    0x1A00: "Parameter list length error",
+    0x1B00: "Synchronous data transfer error",
+    0x1D00: "Miscompare during verify operation",
+    0x2000: "Invalid command operation code",
+    0x2001: "Access denied - initiator pending-enrolled",
+    0x2002: "Access denied - no access rights",
+    0x2003: "Access denied - invalid mgmt id key",
+    0x2004: "Illegal command while in write capable state",
+    0x2006: "Illegal command while in explicit address mode",
+    0x2007: "Illegal command while in implicit address mode",
+    0x2008: "Access denied - enrollment conflict",
+    0x2009: "Access denied - invalid LU identifier",
+    0x200A: "Access denied - invalid proxy token",
+    0x200B: "Access denied - ACL LUN conflict",
+    0x200C: "Illegal command when not in append-only mode",
+    0x2100: "Logical block address out of range",
+    0x2101: "Invalid element address",
+    0x2300: "Invalid token operation, cause not reportable",
+    0x2301: "Invalid token operation, unsupported token type",
+    0x2302: "Invalid token operation, remote token usage not supported",
+    0x2303: "invalid token operation, remote rod token creation not supported",
+    0x2304: "Invalid token operation, token unknown",
+    0x2305: "Invalid token operation, token corrupt",
+    0x2306: "Invalid token operation, token revoked",
+    0x2307: "Invalid token operation, token expired",
+    0x2308: "Invalid token operation, token cancelled",
+    0x2309: "Invalid token operation, token deleted",
+    0x230A: "Invalid token operation, invalid token length",
+    0x2400: "Invalid field in cdb",
+    0x2401: "CDB decryption error",
+    0x2408: "Invalid xcdb",
+    0x2500: "Logical unit not supported",
+    0x2600: "Invalid field in parameter list",
+    0x2601: "Parameter not supported",
+    0x2602: "Parameter value invalid",
+    0x2603: "Threshold parameters not supported",
+    0x2604: "Invalid release of persistent reservation",
+    0x2605: "Data decryption error",
+    0x2606: "Too many target descriptors",
+    0x2607: "Unsupported target descriptor type code",
+    0x2608: "Too many segment descriptors",
+    0x2609: "Unsupported segment descriptor type code",
+    0x260A: "Unexpected inexact segment",
+    0x260B: "Inline data length exceeded",
+    0x260C: "Invalid operation for copy source or destination",
+    0x260D: "Copy segment granularity violation",
+    0x260E: "Invalid parameter while port is enabled",
+    0x2610: "Data decryption key fail limit reached",
+    0x2611: "Incomplete key-associated data set",
+    0x2612: "Vendor specific key reference not found",
+    0x2614: "Tape stream mirroring prevented",
+    0x2615: "Copy source or copy destination not authorized",
+    0x2700: "Write protected",
+    0x2701: "Hardware write protected",
+    0x2702: "Logical unit software write protected",
+    0x2703: "Associated write protect",
+    0x2704: "Persistent write protect",
+    0x2705: "Permanent write protect",
+    0x2800: "Not ready to ready change, medium may have changed",
+    0x2801: "Import or export element accessed",
+    0x2900: "Power on, reset, or bus device reset occurred",
+    0x2901: "Power on occurred",
+    0x2902: "SCSI bus reset occurred",
+    0x2903: "Bus device reset function occurred",
+    0x2904: "Device internal reset",
+    0x2905: "Transceiver mode changed to single-ended",
+    0x2906: "Transceiver mode changed to lvd",
+    0x2907: "I_T nexus loss occurred",
+    0x2A00: "Parameters changed",
+    0x2A01: "Mode parameters changed",
+    0x2A02: "Log parameters changed",
+    0x2A03: "Reservations preempted",
+    0x2A04: "Reservations released",
+    0x2A05: "Registrations preempted",
+    0x2A06: "Asymmetric access state changed",
+    0x2A07: "Implicit asymmetric access state transition failed",
+    0x2A08: "Priority changed",
+    0x2A0A: "Error history i_t nexus cleared",
+    0x2A0B: "Error history snapshot released",
+    0x2A0D: "Data encryption capabilities changed",
+    0x2A10: "Timestamp changed",
+    0x2A11: "Data encryption parameters changed by another i_t nexus",
+    0x2A12: "Data encryption parameters changed by vendor specific event",
+    0x2A13: "Data encryption key instance counter has changed",
+    0x2A14: "SA creation capabilities data has changed",
+    0x2A15: "Medium removal prevention preempted",
+    0x2B00: "Copy cannot execute since host cannot disconnect",
+    0x2C00: "Command sequence error",
+    0x2C07: "Previous busy status",
+    0x2C08: "Previous task set full status",
+    0x2C09: "Previous reservation conflict status",
+    0x2C0B: "Not reserved",
+    0x2C13: "Well known logical unit access required",
+    0x2D00: "Overwrite error on update in place",
+    0x2F00: "Commands cleared by another initiator",
+    0x2F02: "Commands cleared by device server",
+    0x2F03: "Some commands cleared by queuing layer event",
+    0x3000: "Incompatible medium installed",
+    0x3001: "Cannot read medium - unknown format",
+    0x3002: "Cannot read medium - incompatible format",
+    0x3003: "Cleaning cartridge installed",
+    0x3004: "Cannot write medium - unknown format",
+    0x3005: "Cannot write medium - incompatible format",
+    0x3006: "Cannot format medium - incompatible medium",
+    0x3007: "Cleaning failure",
+    0x300A: "Cleaning request rejected",
+    0x300C: "WORM medium - overwrite attempted",
+    0x300D: "WORM medium - integrity check",
+    0x3100: "Medium format corrupted",
+    0x3300: "Tape length error",
+    0x3400: "Enclosure failure",
+    0x3500: "Enclosure services failure",
+    0x3501: "Unsupported enclosure function",
+    0x3502: "Enclosure services unavailable",
+    0x3503: "Enclosure services transfer failure",
+    0x3504: "Enclosure services transfer refused",
+    0x3505: "Enclosure services checksum error",
+    0x3700: "Rounded parameter",
+    0x3900: "Saving parameters not supported",
+    0x3A00: "Medium not present",
+    0x3A01: "Medium not present - tray closed",
+    0x3A02: "Medium not present - tray open",
+    0x3A03: "Medium not present - loadable",
+    0x3A04: "Medium not present - medium auxiliary memory accessible",
+    0x3B00: "Sequential positioning error",
+    0x3B01: "Tape position error at beginning-of-medium",
+    0x3B02: "Tape position error at end-of-medium",
+    0x3B08: "Reposition error",
+    0x3B0C: "Position past beginning of medium",
+    0x3B0D: "Medium destination element full",
+    0x3B0E: "Medium source element empty",
+    0x3B11: "Medium magazine not accessible",
+    0x3B12: "Medium magazine removed",
+    0x3B13: "Medium magazine inserted",
+    0x3B14: "Medium magazine locked",
+    0x3B15: "Medium magazine unlocked",
+    0x3B1C: "Too many logical objects on partition to support operation",
+    0x3D00: "Invalid bits in identify message",
+    0x3E00: "Logical unit has not self-configured yet",
+    0x3E01: "Logical unit failure",
+    0x3E02: "Timeout on logical unit",
+    0x3E03: "Logical unit failed self-test",
+    0x3E04: "Logical unit unable to update self-test log",
+    0x3F00: "Target operating conditions have changed",
+    0x3F01: "Microcode has been changed",
+    0x3F02: "Changed operating definition",
+    0x3F03: "Inquiry data has changed",
+    0x3F04: "Component device attached",
+    0x3F05: "Device identifier changed",
+    0x3F06: "Redundancy group created or modified",
+    0x3F07: "Redundancy group deleted",
+    0x3F08: "Spare created or modified",
+    0x3F09: "Spare deleted",
+    0x3F0A: "Volume set created or modified",
+    0x3F0B: "Volume set deleted",
+    0x3F0C: "Volume set deassigned",
+    0x3F0D: "Volume set reassigned",
+    0x3F0E: "Reported luns data has changed",
+    0x3F0F: "Echo buffer overwritten",
+    0x3F10: "Medium loadable",
+    0x3F11: "Medium auxiliary memory accessible",
+    0x3F12: "iSCSI IP address added",
+    0x3F13: "iSCSI IP address removed",
+    0x3F14: "iSCSI IP address changed",
+    0x3F15: "Inspect referrals sense descriptors",
+    0x3F16: "Microcode has been changed without reset",
+    0x4300: "Message error",
+    0x4400: "Internal target failure",
+    0x4401: "Persistent reservation information lost",
+    0x4471: "ATA device failed Set Features",
+    0x4500: "Select or reselect failure",
+    0x4600: "Unsuccessful soft reset",
+    0x4700: "SCSI parity error",
+    0x4701: "Data phase CRC error detected",
+    0x4702: "SCSI parity error detected during st data phase",
+    0x4703: "Information unit iuCRC error detected",
+    0x4704: "Asynchronous information protection error detected",
+    0x4705: "Protocol service CRC error",
+    0x4706: "Phy test function in progress",
+    0x477F: "Some commands cleared by iSCSI protocol event",
+    0x4800: "Initiator detected error message received",
+    0x4900: "Invalid message error",
+    0x4A00: "Command phase error",
+    0x4B00: "Data phase error",
+    0x4B01: "Invalid target port transfer tag received",
+    0x4B02: "Too much write data",
+    0x4B03: "Ack/nak timeout",
+    0x4B04: "Nak received",
+    0x4B05: "Data offset error",
+    0x4B06: "Initiator response timeout",
+    0x4B07: "Connection lost",
+    0x4B08: "Data-in buffer overflow - data buffer size",
+    0x4B09: "Data-in buffer overflow - data buffer descriptor area",
+    0x4B0A: "Data-in buffer error",
+    0x4B0B: "Data-out buffer overflow - data buffer size",
+    0x4B0C: "Data-out buffer overflow - data buffer descriptor area",
+    0x4B0D: "Data-out buffer error",
+    0x4B0E: "PCIe fabric error",
+    0x4B0F: "PCIe completion timeout",
+    0x4B10: "PCIe completer abort",
+    0x4B11: "PCIe poisoned tlp received",
+    0x4B12: "PCIe ecrc check failed",
+    0x4B13: "PCIe unsupported request",
+    0x4B14: "PCIe acs violation",
+    0x4B15: "PCIe tlp prefix blocked",
+    0x4C00: "Logical unit failed self-configuration",
+    0x4E00: "Overlapped commands attempted",
+    0x5000: "Write append error",
+    0x5001: "Write append position error",
+    0x5002: "Position error related to timing",
+    0x5100: "Erase failure",
+    0x5200: "Cartridge fault",
+    0x5300: "Media load or eject failed",
+    0x5301: "Unload tape failure",
+    0x5302: "Medium removal prevented",
+    0x5304: "Medium thread or unthread failure",
+    0x5502: "Insufficient reservation resources",
+    0x5503: "Insufficient resources",
+    0x5504: "Insufficient registration resources",
+    0x5505: "Insufficient access control resources",
+    0x5506: "Auxiliary memory out of space",
+    0x5508: "Maximum number of supplemental decryption keys exceeded",
+    0x550B: "Insufficient power for operation",
+    0x550C: "Insufficient resources to create rod",
+    0x550D: "Insufficient resources to create rod token",
+    0x5A00: "Operator request or state change input",
+    0x5A01: "Operator medium removal request",
+    0x5A02: "Operator selected write protect",
+    0x5A03: "Operator selected write permit",
+    0x5B00: "Log exception",
+    0x5B01: "Threshold condition met",
+    0x5B02: "Log counter at maximum",
+    0x5B03: "Log list codes exhausted",
+    0x5D00: "Failure prediction threshold exceeded",
+    0x5DFF: "Failure prediction threshold exceeded (false)",
+    0x5E00: "Low power condition on",
+    0x5E01: "Idle condition activated by timer",
+    0x5E02: "Standby condition activated by timer",
+    0x5E03: "Idle condition activated by command",
+    0x5E04: "Standby condition activated by command",
+    0x5E05: "Idle_b condition activated by timer",
+    0x5E06: "Idle_b condition activated by command",
+    0x5E07: "Idle_c condition activated by timer",
+    0x5E08: "Idle_c condition activated by command",
+    0x5E09: "Standby_y condition activated by timer",
+    0x5E0A: "Standby_y condition activated by command",
+    0x6500: "Voltage fault",
+    0x670A: "Set target port groups command failed",
+    0x670B: "ATA device feature not enabled",
+    0x7100: "Decompression exception long algorithm id",
+    0x7400: "Security error",
+    0x7401: "Unable to decrypt data",
+    0x7402: "Unencrypted data encountered while decrypting",
+    0x7403: "Incorrect data encryption key",
+    0x7404: "Cryptographic integrity validation failed",
+    0x7405: "Error decrypting data",
+    0x7406: "Unknown signature verification key",
+    0x7407: "Encryption parameters not useable",
+    0x7408: "Digital signature validation failure",
+    0x7409: "Encryption mode mismatch on read",
+    0x740A: "Encrypted block not raw read enabled",
+    0x740B: "Incorrect Encryption parameters",
+    0x740C: "Unable to decrypt parameter list",
+    0x740D: "Encryption algorithm disabled",
+    0x7410: "SA creation parameter value invalid",
+    0x7411: "SA creation parameter value rejected",
+    0x7412: "Invalid SA usage",
+    0x7421: "Data encryption configuration prevented",
+    0x7430: "SA creation parameter not supported",
+    0x7440: "Authentication failed",
+    0x7461: "External data encryption key manager access error",
+    0x7462: "External data encryption key manager error",
+    0x7463: "External data encryption key not found",
+    0x7464: "External data encryption request not authorized",
+    0x746E: "External data encryption control timeout",
+    0x746F: "External data encryption control error",
+    0x7471: "Logical unit access not authorized",
+    0x7479: "Security conflict in translated device",
+}
 
 
 if __name__ == "__main__":

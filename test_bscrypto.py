@@ -2753,8 +2753,7 @@ class TestSense(unittest.TestCase):
         tool = shutil.which("sg_decode_sense")
         if tool is None:
             self.skipTest("sg_decode_sense (Debian sg3-utils) not installed")
-        bscrypto.asc_text(0, 0)
-        codes = sorted(bscrypto._ASC_TEXTS)
+        codes = sorted(bscrypto.ASC_NAMES)
         self.assertGreater(len(codes), 350)
         mismatches = []
         for code in codes + [0x4085, 0x7012, 0x4D07]:
@@ -5107,6 +5106,15 @@ class TestStartup(unittest.TestCase):
                 "print(bscrypto._TABLES == {}, 'argparse' in sys.modules)" % HERE)
         out = subprocess.check_output([sys.executable, "-c", code])
         self.assertEqual(out.split(), [b"True", b"False"])
+
+    def test_main_runs_after_every_definition(self):
+        # The appendix tables sit after main(): a script that called main()
+        # before them would fail on its first sense decode.
+        import ast
+        with open(SCRIPT) as f:
+            body = ast.parse(f.read()).body
+        self.assertEqual(ast.dump(body[-1].test),
+                         ast.dump(ast.parse('__name__ == "__main__"').body[0].value))
 
     def test_piped_to_a_remote_python(self):
         # `ssh rescue-host python3 - selftest < bscrypto.py`: no file name.
