@@ -6,7 +6,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
 PYTHONS := $(wildcard $(PYENV_ROOT)/versions/3.*/bin/python) $(wildcard /usr/bin/python3)
 DEVLIB := $(VENV)/devlib
 
-.PHONY: help test test-all lint bench fuzz systest devlib clean
+.PHONY: help test test-all lint coverage bench fuzz systest devlib clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -32,6 +32,14 @@ lint: $(VENV)/lint/bin/ruff  ## ruff, and vermin proving Python 3.6 suffices
 	$(VENV)/lint/bin/ruff check --isolated --select E,F,W,B --ignore B904 --line-length 110 --target-version py37 bscrypto.py test_bscrypto.py systest
 	$(VENV)/lint/bin/vermin --no-tips --violations -t=3.6- --backport argparse --eval-annotations bscrypto.py
 	$(VENV)/lint/bin/vermin --no-tips -t=3.6- bscrypto.py | tail -1
+
+$(VENV)/lint/bin/coverage: $(VENV)/lint/bin/ruff
+	$(VENV)/lint/bin/pip install --quiet coverage
+
+coverage: $(VENV)/lint/bin/coverage  ## line coverage of bscrypto.py under the suite (goal: 90%)
+	$(VENV)/lint/bin/coverage run --include=bscrypto.py test_bscrypto.py
+	$(VENV)/lint/bin/coverage report --show-missing --skip-covered | tail -3
+	$(VENV)/lint/bin/coverage report --fail-under=90 > /dev/null
 
 devlib:  ## dev-only packages per interpreter (pyaes for bench, cryptography oracle)
 	@for py in $(PYTHONS); do \

@@ -11,8 +11,17 @@ Sections, in the order data flows:
     operations; CLI.
 """
 
+import binascii
+import codecs
+import errno
+import fcntl
+import gc
+import io
 import os
+import stat
+import struct
 import sys
+import time
 from collections import namedtuple
 
 __version__ = "1.0.0"
@@ -369,7 +378,6 @@ _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 def b64encode(data):
     """Standard base64 without '=' padding, as Bareos writes it (32 -> 43 chars)."""
-    import binascii
     return binascii.b2a_base64(bytes(data)).rstrip(b"=\n").decode("ascii")
 
 
@@ -380,7 +388,6 @@ def b64decode(text):
     because a mistyped key silently becomes a different key.  The message
     gives positions, never the characters: they are key material.
     """
-    import binascii
     if isinstance(text, str):
         text = text.encode("ascii", "replace")      # any other character is refused below
     text = text.split(b" ", 1)[0].rstrip(b"=")
@@ -537,7 +544,6 @@ def replace_file_atomically(path, data, mode=0o600, like=None):
     readers never see a partial file.  Owner and mode come from `like` when
     given.  OSError on failure, with the temporary file removed.
     """
-    import binascii
     directory, base = os.path.split(path)
     directory = directory or "."
     _remove_stale_temps(directory, base)
@@ -571,7 +577,6 @@ def write_private_file(path, data, force=False, mode=0o600):
     A temporary file in the same directory is written, fsynced and renamed,
     so a crash leaves the old file or the new one, never a torn key.
     """
-    import stat
     try:
         st = os.stat(path)
     except OSError:
@@ -703,7 +708,6 @@ def warn(message):
 
 def host_cache_layout():
     """The layout the storage daemon on this host writes."""
-    import struct
     order = "<" if sys.byteorder == "little" else ">"
     pointer = 4 if struct.calcsize("P") == 4 else 8
     for layout in CACHE_LAYOUTS:
@@ -724,7 +728,6 @@ def cache_layout(name):
 
 
 def _entry_struct(layout):
-    import struct
     return struct.Struct("%s%dx%ds%dsq" % (layout.byteorder, 2 * layout.pointer_size,
                                            CACHE_STRING_SIZE, CACHE_STRING_SIZE))
 
@@ -737,13 +740,11 @@ class _GcPaused:
     """
 
     def __enter__(self):
-        import gc
         self.was_enabled = gc.isenabled()
         gc.disable()
 
     def __exit__(self, *exc):
         if self.was_enabled:
-            import gc
             gc.enable()
         return False
 
@@ -781,7 +782,6 @@ def _plausible_entries(data, layout, count):
 
 
 def _detect_layout(data, source):
-    import struct
     size = len(data)
     if size < CACHE_HEADER_SIZE:
         raise CacheError("%s is not a crypto cache: %d bytes, shorter than the %d-byte header; "
@@ -859,8 +859,6 @@ def parse_cache(data, source="crypto cache", raw=False):
 
 
 def _read_cache_bytes(path):
-    import errno
-    import stat
     try:
         with open(path, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -903,7 +901,6 @@ def cache_string_problem(value, what):
 
 def build_cache(entries, layout=None):
     """The bytes (a bytearray) of a cache file; pointer bytes are written as zeros."""
-    import struct
     layout = cache_layout(layout)
     if len(entries) > 0x7FFFFFFF:
         raise CacheError("%d entries do not fit a crypto cache" % len(entries))
@@ -941,7 +938,6 @@ def resolve_now(now=None):
             return int(env)
         except ValueError:
             raise UsageError("SOURCE_DATE_EPOCH must be whole seconds since 1970, not %r" % env)
-    import time
     return int(time.time())
 
 
@@ -1094,7 +1090,6 @@ def _time_text(t, fmt, convert, memo):
     """strftime of Unix time t as ASCII bytes, remembered in memo."""
     text = memo.get(t)
     if text is None:
-        import time
         try:
             text = time.strftime(fmt, convert(t)).encode("ascii")
         except (OverflowError, OSError, ValueError):
@@ -1105,7 +1100,6 @@ def _time_text(t, fmt, convert, memo):
 
 def format_cache_table(entries):
     """Bareos's -D output, as bytes: its own "%-*s %-*s %-20s %-20s" rows, local time."""
-    import time
     names = [_cache_bytes(e[0]) for e in entries]
     keys = [_cache_bytes(e[1]) for e in entries]
     name_width = max([len(b"Volumename")] + [len(n) for n in names])
@@ -1125,7 +1119,6 @@ def format_cache_table(entries):
 def cache_to_json(cache, path, now):
     """The cache as a JSON document (text); names and keys are surrogate-escaped str."""
     import json
-    import time
     memo = {}
     fmt = "%Y-%m-%dT%H:%M:%SZ"
     rows = []
@@ -1173,8 +1166,6 @@ class _CacheLock:
         self.fd = None
 
     def __enter__(self):
-        import errno
-        import fcntl
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, CACHE_NEW_FILE_MODE)
         except OSError as e:
@@ -1195,7 +1186,6 @@ class _CacheLock:
         return self
 
     def __exit__(self, *exc):
-        import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
@@ -1220,7 +1210,6 @@ def _replace_file(path, data, like=None, mode=CACHE_NEW_FILE_MODE):
 
 def backup_cache(path):
     """Copy the cache to CACHE.YYYYmmddTHHMMSSZ.bak (same mode, owner); its path or None."""
-    import time
     real = os.path.realpath(path)
     if not os.path.exists(real):
         return None
@@ -1382,7 +1371,6 @@ def c_struct_layout(name, fields, pointer_size=None):
     padding byte explicit, including the trailing padding the kernel copies
     (without it sg_io_hdr packs to 84 bytes instead of 88).
     """
-    import struct
     psize = pointer_size or struct.calcsize("P")
     fmt, offsets, offset, max_align, arrays = ["="], {}, 0, 1, []
     for field, ctype in fields:
@@ -1458,7 +1446,6 @@ class ScsiTransport(object):
 
 def _device_error(device, e, during="open"):
     """One-line BscryptoError for an OSError from open() or the pass-through ioctl."""
-    import errno
     code = e.errno
     why = os.strerror(code) if code else str(e)
     if during == "open":
@@ -1517,7 +1504,6 @@ def _permission_hint():
 
 def _open_device(device):
     """Open read-write and non-blocking, as Bareos does (no wait for a tape)."""
-    import errno
     nonblock = getattr(os, "O_NONBLOCK", 0)
     try:
         return os.open(device, os.O_RDWR | nonblock)
@@ -1554,7 +1540,6 @@ class _IoctlTransport(ScsiTransport):
     def _call(self, request, buf):
         ioctl = self._ioctl
         if ioctl is None:
-            import fcntl
             ioctl = fcntl.ioctl
         return ioctl(self.fd, request, buf, True)
 
@@ -1619,7 +1604,6 @@ class SolarisUscsiTransport(_IoctlTransport):
     STRUCT = ("uscsi_cmd", USCSI_CMD_FIELDS)
 
     def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        import errno
         cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
         flags = USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if data_in_len and not data_out
                                                  else USCSI_WRITE)
@@ -1671,7 +1655,6 @@ class BsdScsireqTransport(_IoctlTransport):
         out = unpack_c_struct(self.layout, request)
         retsts = out["retsts"]
         if retsts in (1, 2, 4):
-            import errno
             raise _device_error(self.device, OSError(
                 {1: errno.ETIMEDOUT, 2: errno.EBUSY}.get(retsts, errno.EIO),
                 "SCIOCCOMMAND: %s" % SCCMD_RETSTS_NAMES[retsts]), "ioctl")
@@ -1742,7 +1725,6 @@ class CamcontrolTransport(ScsiTransport):
         if "Reservation Conflict" in err:
             return _record("ScsiResult")(SCSI_STATUS_RESERVATION_CONFLICT, b"", b"",
                                          data_in_len, 0, 0, 0, 0)
-        import errno
         lines = [line for line in err.splitlines() if line.strip()]
         last = lines[-1].strip() if lines else "exit status %d" % rc
         if "Permission denied" in err or "Operation not permitted" in err:
@@ -2044,7 +2026,6 @@ def parse_hex_key_file(data, source="key file"):
 
     Returns (32 key bytes, description text or None).
     """
-    import binascii
     text = bytes(data).decode("ascii", "replace")
     lines = text.splitlines()
     digits = lines[0].strip() if lines else ""
@@ -2391,7 +2372,6 @@ class _LabelReader(object):
         self.pos = 0
 
     def unpack(self, fmt, what):
-        import struct
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.data):
             raise BscryptoError("label record ends inside %s (record is %d bytes)"
@@ -2456,7 +2436,6 @@ def parse_label_block(data, check_crc=True):
     minimum, or a chunk read from a file): only block_len bytes count.
     Anything else raises BscryptoError(EXIT_LABEL) saying what was found.
     """
-    import struct
     import zlib
     data = bytes(data)
     if len(data) < BLKHDR1_LENGTH:
@@ -2533,7 +2512,6 @@ def parse_label_block(data, check_crc=True):
 
 def _btime_text(btime, iso=False):
     """A btime (microseconds since 1970) as local time, or why it cannot be."""
-    import time
     try:
         t = time.localtime(btime // 1000000)
     except (OverflowError, ValueError, OSError):
@@ -2641,7 +2619,6 @@ def mtioctop_request(machine=None):
 def mtiocget_request(machine=None):
     """MTIOCGET = _IOR('m', 2, struct mtget): five longs, two ints
     (0x80306d02 on 64-bit x86)."""
-    import struct
     return _linux_ioc("r", "m", 2, struct.calcsize("@5l2i"), machine)
 
 
@@ -2657,7 +2634,6 @@ class TapeIO(object):
         return os.open(path, flags)
 
     def ioctl(self, fd, request, arg):
-        import fcntl
         return fcntl.ioctl(fd, request, arg)
 
     def read(self, fd, size):
@@ -2682,7 +2658,6 @@ def _read_up_to(read, size):
 
 def _read_file_block(read):
     """The first block of a File volume: the header says how long it is."""
-    import struct
     data = _read_up_to(read, 65536)
     if len(data) >= 16 and data[12:16] in (b"BB01", b"BB02"):
         (block_len,) = struct.unpack_from(">I", data, 4)
@@ -2692,8 +2667,6 @@ def _read_file_block(read):
 
 
 def _mt_rewind(ops, fd, path):
-    import errno
-    import struct
     try:
         ops.ioctl(fd, mtioctop_request(), struct.pack("@hi", MTREW, 1))
     except OSError as e:
@@ -2708,7 +2681,6 @@ def _mt_rewind(ops, fd, path):
 
 def _tape_block_size(ops, fd):
     """The st driver's block size (0 = variable), or None if it cannot say."""
-    import struct
     try:
         raw = ops.ioctl(fd, mtiocget_request(), bytes(struct.calcsize("@5l2i")))
         return struct.unpack("@5l2i", raw)[2] & MT_ST_BLKSIZE_MASK
@@ -2717,7 +2689,6 @@ def _tape_block_size(ops, fd):
 
 
 def _tape_read_error(ops, fd, path, e):
-    import errno
     block_size = _tape_block_size(ops, fd)
     if block_size:
         return BscryptoError("cannot read the first block of %s (%s): the drive is in fixed-block "
@@ -2741,7 +2712,6 @@ def _tape_read_error(ops, fd, path, e):
 
 
 def _open_error(path, e):
-    import errno
     if e.errno == getattr(errno, "ENOMEDIUM", -1):
         return BscryptoError("no tape in %s" % path, EXIT_NOT_READY)
     if e.errno == errno.EBUSY:
@@ -2754,7 +2724,6 @@ def _open_error(path, e):
 
 
 def _read_tape_block(ops, path, st):
-    import errno
     if not ops.platform.startswith("linux"):
         raise BscryptoError(
             "reading a tape device is done through the Linux st driver only; here, rewind the "
@@ -2798,7 +2767,6 @@ def _read_tape_block(ops, path, st):
 def read_first_block(path, ops=None):
     """The first block of a Bareos volume: a File volume, stdin ('-'), or a
     Linux tape device (rewound before and after, never written)."""
-    import stat
     ops = ops or TapeIO()
     if path == "-":
         data = _read_file_block(getattr(sys.stdin, "buffer", sys.stdin).read)
@@ -3197,7 +3165,6 @@ def _catalog_rows(text, delimiter, source="catalog export"):
     """(line number, [cells]) of each non-blank line."""
     if delimiter == ",":
         import csv
-        import io
         reader = csv.reader(io.StringIO(text, newline=""))
         start = 1
         while True:
@@ -3463,7 +3430,6 @@ def op_selftest(out=None):
 def _stdin_stream():
     stdin = sys.stdin
     if stdin is None:       # started with stdin closed: no input
-        import io
         return io.BytesIO(), False
     return getattr(stdin, "buffer", stdin), stdin.isatty()
 
@@ -4188,7 +4154,6 @@ def _shown(name):
 
 
 def _local_time(t):
-    import time
     return _time_text(t, "%Y-%m-%d %H:%M:%S", time.localtime, {}).decode("ascii")
 
 
@@ -4211,7 +4176,6 @@ class _Progress(object):
     def update(self, done):
         if not self.on:
             return
-        import time
         now = time.monotonic()
         if self.last is not None and now - self.last < self.interval:
             return
@@ -4245,7 +4209,6 @@ _CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos 
 def _label_failure(device, error, timeout, transport):
     """The load error for a label that cannot be read, with the drive's key state
     when the drive can tell it (a key in decrypt mode refuses the plain label)."""
-    import errno
     hint = "; or give --volume NAME to skip reading the label"
     text = "load: reading the volume label failed: %s" % error
     if error.exit_code == EXIT_LABEL and "I/O error" in str(error):
@@ -4775,7 +4738,6 @@ def _backup_names(directory, base):
 def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
     """backup-cache: copy a readable cache to DIR/NAME.<UTC time>.bak (0600,
     atomic), read it back and compare, then keep only the newest `keep`."""
-    import time
     if keep < 1:
         raise UsageError("--keep must be 1 or more (the new copy is one of them)")
     if not os.path.isdir(directory):
@@ -5419,13 +5381,11 @@ def _utf8_stdout():
     global _ASCII_STDOUT
     out = sys.stdout
     try:
-        import codecs
         if codecs.lookup(out.encoding).name != "ascii":
             return
         buffer = out.buffer
     except (AttributeError, LookupError, TypeError):
         return
-    import io
     out.flush()
     _ASCII_STDOUT = out         # kept: collecting it would close the shared buffer
     sys.stdout = io.TextIOWrapper(buffer, "utf-8", "surrogateescape",
