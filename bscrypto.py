@@ -1561,6 +1561,28 @@ class _IoctlTransport(ScsiTransport):
         sense_buf = array.array("B", bytes(SENSE_BUFFER_LENGTH))
         return cdb_buf, data_buf, sense_buf
 
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        """One body for every ioctl: the subclass lays out its request
+        (_request) and reads status, data length, sense and resid back (_reply)."""
+        buffers = self._buffers(cdb, data_out, data_in_len)
+        reading = bool(data_in_len) and not data_out
+        length = len(data_out) if data_out else data_in_len
+        request = bytearray(pack_c_struct(self.layout, self._request(
+            cdb, buffers, length, reading, self._seconds(timeout))))
+        try:
+            self._call(self.REQUEST, request)
+        except OSError as e:
+            if not self._status_in_error(e, unpack_c_struct(self.layout, request)):
+                raise _device_error(self.device, e, "ioctl")
+        status, used, sense, resid, transport = self._reply(
+            unpack_c_struct(self.layout, request), buffers[2], length)
+        data_in = buffers[1].tobytes()[:used] if reading else b""
+        return _record("ScsiResult")(status, data_in, sense, resid, *transport)
+
+    def _status_in_error(self, e, out):
+        """True when the ioctl's error only carries a SCSI status (Solaris)."""
+        return False
+
 
 def _address(buf):
     return buf.buffer_info()[0] if buf is not None else 0
@@ -1570,64 +1592,48 @@ class LinuxSgTransport(_IoctlTransport):
     """Linux SG_IO: works on /dev/sgN and on the st nodes /dev/nstN."""
 
     STRUCT = ("sg_io_hdr", SG_IO_HDR_FIELDS)
+    REQUEST = SG_IO
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
-        if data_out:
-            direction, length = SG_DXFER_TO_DEV, len(data_out)
-        elif data_in_len:
-            direction, length = SG_DXFER_FROM_DEV, data_in_len
-        else:
-            direction, length = SG_DXFER_NONE, 0
-        seconds = self._seconds(timeout)
-        header = bytearray(pack_c_struct(self.layout, {
-            "interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
-            "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length, "dxferp": _address(data_buf),
-            "cmdp": _address(cdb_buf), "sbp": _address(sense_buf),
-            "timeout": int(seconds * 1000)}))
-        try:
-            self._call(SG_IO, header)
-        except OSError as e:
-            raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, header)
-        data_in = b""
-        if direction == SG_DXFER_FROM_DEV:
-            data_in = data_buf.tobytes()[:max(0, length - max(0, out["resid"]))]
-        return _record("ScsiResult")(
-            out["status"], data_in, sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
-            out["host_status"], out["driver_status"], out["info"], out["duration"])
+    def _request(self, cdb, buffers, length, reading, seconds):
+        cdb_buf, data_buf, sense_buf = buffers
+        direction = (SG_DXFER_FROM_DEV if reading else SG_DXFER_TO_DEV if length
+                     else SG_DXFER_NONE)
+        return {"interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
+                "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length,
+                "dxferp": _address(data_buf), "cmdp": _address(cdb_buf),
+                "sbp": _address(sense_buf), "timeout": int(seconds * 1000)}
+
+    def _reply(self, out, sense_buf, length):
+        return (out["status"], length - max(0, out["resid"]),
+                sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
+                (out["host_status"], out["driver_status"], out["info"], out["duration"]))
 
 
 class SolarisUscsiTransport(_IoctlTransport):
     """Solaris/illumos USCSICMD; needs root or PRIV_SYS_DEVICES."""
 
     STRUCT = ("uscsi_cmd", USCSI_CMD_FIELDS)
+    REQUEST = USCSICMD
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
-        flags = USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if data_in_len and not data_out
-                                                 else USCSI_WRITE)
-        length = len(data_out) if data_out else data_in_len
-        seconds = self._seconds(timeout)
-        request = bytearray(pack_c_struct(self.layout, {
-            "uscsi_flags": flags, "uscsi_timeout": min(int(seconds + 0.999), 32767),
-            "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
-            "uscsi_buflen": length, "uscsi_cdblen": len(cdb),
-            "uscsi_rqlen": SENSE_BUFFER_LENGTH, "uscsi_rqbuf": _address(sense_buf)}))
-        try:
-            self._call(USCSICMD, request)
-        except OSError as e:
-            out = unpack_c_struct(self.layout, request)
-            # CHECK CONDITION comes back as EIO with the status filled in.
-            if e.errno != errno.EIO or not out["uscsi_status"]:
-                raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, request)
-        resid = out["uscsi_resid"]
-        data_in = data_buf.tobytes()[:length - resid] if data_in_len and not data_out else b""
+    def _request(self, cdb, buffers, length, reading, seconds):
+        cdb_buf, data_buf, sense_buf = buffers
+        return {"uscsi_flags": USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if reading
+                                                                else USCSI_WRITE),
+                "uscsi_timeout": min(int(seconds + 0.999), 32767),
+                "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
+                "uscsi_buflen": length, "uscsi_cdblen": len(cdb),
+                "uscsi_rqlen": SENSE_BUFFER_LENGTH, "uscsi_rqbuf": _address(sense_buf)}
+
+    def _status_in_error(self, e, out):
+        # CHECK CONDITION comes back as EIO with the status filled in.
+        return e.errno == errno.EIO and out["uscsi_status"]
+
+    def _reply(self, out, sense_buf, length):
         sense = b""
         if out["uscsi_status"] == SCSI_STATUS_CHECK_CONDITION and out["uscsi_rqstatus"] == 0:
             sense = sense_buf.tobytes()[:SENSE_BUFFER_LENGTH - out["uscsi_rqresid"]]
-        return _record("ScsiResult")(out["uscsi_status"], data_in, sense, resid, 0, 0, 0, 0)
+        resid = out["uscsi_resid"]
+        return out["uscsi_status"], length - resid, sense, resid, (0, 0, 0, 0)
 
 
 class BsdScsireqTransport(_IoctlTransport):
@@ -1637,32 +1643,23 @@ class BsdScsireqTransport(_IoctlTransport):
 
     def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
         _IoctlTransport.__init__(self, device, timeout, ioctl)
-        self.request = bsd_iowr("Q", 1, self.layout.size)
+        self.REQUEST = bsd_iowr("Q", 1, self.layout.size)   # the number encodes the size
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        _, data_buf, _ = self._buffers(cdb, data_out, data_in_len)
-        length = len(data_out) if data_out else data_in_len
-        flags = SCCMD_WRITE if data_out else (SCCMD_READ if data_in_len else 0)
-        seconds = self._seconds(timeout)
-        request = bytearray(pack_c_struct(self.layout, {
-            "flags": flags, "timeout": int(seconds * 1000), "cmd": bytes(cdb),
-            "cmdlen": len(cdb), "databuf": _address(data_buf), "datalen": length,
-            "senselen": 48}))
-        try:
-            self._call(self.request, request)
-        except OSError as e:
-            raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, request)
+    def _request(self, cdb, buffers, length, reading, seconds):
+        return {"flags": SCCMD_READ if reading else SCCMD_WRITE if length else 0,
+                "timeout": int(seconds * 1000), "cmd": bytes(cdb), "cmdlen": len(cdb),
+                "databuf": _address(buffers[1]), "datalen": length, "senselen": 48}
+
+    def _reply(self, out, sense_buf, length):
         retsts = out["retsts"]
         if retsts in (1, 2, 4):
             raise _device_error(self.device, OSError(
                 {1: errno.ETIMEDOUT, 2: errno.EBUSY}.get(retsts, errno.EIO),
                 "SCIOCCOMMAND: %s" % SCCMD_RETSTS_NAMES[retsts]), "ioctl")
         used = out["datalen_used"]
-        data_in = data_buf.tobytes()[:used] if flags == SCCMD_READ else b""
         sense = out["sense"][:out["senselen_used"]] if retsts == 3 else b""
         status = out["status"] or (SCSI_STATUS_CHECK_CONDITION if retsts == 3 else 0)
-        return _record("ScsiResult")(status, data_in, sense, length - used, 0, 0, 0, 0)
+        return status, used, sense, length - used, (0, 0, 0, 0)
 
 
 # FreeBSD's CAMIOCOMMAND number embeds sizeof(union ccb), which changes between
