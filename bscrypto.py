@@ -1775,6 +1775,9 @@ SET_DATA_ENCRYPTION_PAGE = 0x0010        # SPOUT
 
 # Bareos's SPP_PAGE_BUFFER: 4-byte header + 8192; it asks SPIN for this much.
 SPIN_ALLOCATION_LENGTH = 8196
+# Some firmware refuses an ALLOCATION LENGTH above 8192 (05/24/00 pointing at CDB
+# bytes 6-9); stenc 2.0 asks 8192.  Such a drive is asked once more with this.
+SPIN_ALLOCATION_LIMIT = 8192
 INQUIRY_ALLOCATION_LENGTH = 96
 VPD_UNIT_SERIAL_NUMBER = 0x80
 
@@ -2210,6 +2213,7 @@ SENSE_NOT_READY = 0x2
 SENSE_ILLEGAL_REQUEST = 0x5
 SENSE_UNIT_ATTENTION = 0x6
 SENSE_DATA_PROTECT = 0x7
+SENSE_BLANK_CHECK = 0x8
 
 
 def parse_sense(data):
@@ -2272,9 +2276,12 @@ def parse_sense(data):
         field_pointer=field_pointer, fru=fru, raw=data)
 
 
-def asc_text(asc, ascq):
-    """The T10 text of an additional sense code and qualifier."""
+def asc_text(asc, ascq, vendor=None):
+    """The T10 text of an additional sense code and qualifier; with vendor
+    "IBM" (INQUIRY), IBM's own encryption codes are named too."""
     text = ASC_NAMES.get(asc << 8 | ascq)
+    if text is None and vendor == "IBM":
+        text = IBM_ASC_NAMES.get(asc << 8 | ascq)
     if text is not None:
         return text
     if asc == 0x40 and ascq >= 0x80:
@@ -2288,10 +2295,10 @@ def asc_text(asc, ascq):
     return "ASC/ASCQ %02Xh/%02Xh (not in this tool's table)" % (asc, ascq)
 
 
-def sense_text(sense):
+def sense_text(sense, vendor=None):
     """One line: key, ASC/ASCQ text and code, and the field pointer if valid."""
     text = "%s, %s (%02X/%02X/%02X)" % (SENSE_KEY_NAMES[sense.sense_key],
-                                        asc_text(sense.asc, sense.ascq),
+                                        asc_text(sense.asc, sense.ascq, vendor),
                                         sense.sense_key, sense.asc, sense.ascq)
     fp = sense.field_pointer
     if fp is not None:
@@ -3548,11 +3555,11 @@ class ScsiError(BscryptoError):
         self.status = status
 
 
-def _scsi_failure(device, what, result, context=""):
+def _scsi_failure(device, what, result, context="", vendor=None):
     """The ScsiError for a result that is not GOOD, with what to do about it.
 
     context: "spin" (a tape data encryption page), "spout" (the key page),
-    or "" (anything else).
+    or "" (anything else).  vendor: the INQUIRY vendor, for vendor sense codes.
     """
     where = "%s: %s" % (device, what)
     host, driver = result.host_status, result.driver_status & 0x07
@@ -3579,8 +3586,11 @@ def _scsi_failure(device, what, result, context=""):
     except ValueError as e:
         return ScsiError("%s: CHECK CONDITION without usable sense data (%s)" % (where, e),
                          status=status)
-    text = sense_text(sense)
+    text = sense_text(sense, vendor)
     key, asc = sense.sense_key, sense.asc
+    if key == SENSE_BLANK_CHECK:
+        return ScsiError("%s: blank tape: nothing is written at this position (%s)"
+                         % (where, text), EXIT_SCSI, sense, status)
     if key == SENSE_NOT_READY and asc == 0x3A:
         return ScsiError("%s: no tape loaded (%s): load a tape and retry" % (where, text),
                          EXIT_NOT_READY, sense, status)
@@ -3600,7 +3610,9 @@ def _scsi_failure(device, what, result, context=""):
                          "Encryption (set the drive's encryption method to Application Managed "
                          "in the library)" % (where, text, device), EXIT_KEY_REFUSED, sense,
                          status)
-    if context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24:
+    fp = sense.field_pointer
+    if (context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24
+            and not (fp is not None and fp.command_data and 6 <= fp.field <= 9)):
         return ScsiError("%s: the drive does not offer tape data encryption (%s): encryption "
                          "may be disabled or unlicensed on this drive" % (where, text),
                          EXIT_NO_ENCRYPTION, sense, status)
@@ -3620,13 +3632,29 @@ def scsi_command(transport, what, cdb, data_out=b"", data_in_len=0, context=""):
                 result.host_status or result.driver_status & 0x07):
             debug(3, "%s: %s: %d bytes in" % (transport.device, what, len(result.data_in)))
             return result.data_in
-        error = _scsi_failure(transport.device, what, result, context)
+        error = _scsi_failure(transport.device, what, result, context,
+                              _sense_vendor(transport, result))
         if (error.sense is None or error.sense.sense_key != SENSE_UNIT_ATTENTION
                 or attempt == UNIT_ATTENTION_RETRIES):
             raise error
         debug(1, "%s: %s: %s; sending again" % (transport.device, what,
                                                   sense_text(error.sense)))
     raise AssertionError("unreachable")
+
+
+def _sense_vendor(transport, result):
+    """The drive's INQUIRY vendor when the sense carries a vendor-specific code
+    (ASC or ASCQ 80h and up), asked once per transport; else None."""
+    sense = bytearray(result.sense)
+    codes = sense[12:14] if sense[:1] and sense[0] & 0x7F in (0x70, 0x71) else sense[2:4]
+    if result.status != SCSI_STATUS_CHECK_CONDITION or not any(c >= 0x80 for c in codes):
+        return None
+    vendor = getattr(transport, "inquiry_vendor", None)
+    if vendor is None:
+        reply = transport.execute(cdb_inquiry(), data_in_len=INQUIRY_ALLOCATION_LENGTH)
+        vendor = _ascii_field(bytes(reply.data_in)[8:16]) if reply.status == 0 else ""
+        transport.inquiry_vendor = vendor
+    return vendor
 
 
 def _parse_reply(parser, data, device, what):
@@ -3637,12 +3665,36 @@ def _parse_reply(parser, data, device, what):
                             EXIT_SCSI)
 
 
+def _allocation_length_refused(error):
+    """True when a SPIN refusal points at the ALLOCATION LENGTH (CDB bytes 6-9)."""
+    fp = error.sense.field_pointer if error.sense is not None else None
+    return (fp is not None and fp.command_data and 6 <= fp.field <= 9
+            and error.sense.sense_key == SENSE_ILLEGAL_REQUEST and error.sense.asc == 0x24)
+
+
 def read_tde_page(transport, page):
-    """The raw bytes of a tape data encryption SPIN page."""
-    return scsi_command(transport, "SECURITY PROTOCOL IN page %04Xh" % page,
-                        cdb_security_protocol_in(SECURITY_PROTOCOL_TAPE, page,
-                                                 SPIN_ALLOCATION_LENGTH),
-                        data_in_len=SPIN_ALLOCATION_LENGTH, context="spin")
+    """The raw bytes of a tape data encryption SPIN page.
+
+    Asks Bareos's 8196 bytes; a drive that refuses that allocation length is
+    asked again with 8192, and the transport remembers it for later pages.
+    """
+    what = "SECURITY PROTOCOL IN page %04Xh" % page
+    length = getattr(transport, "spin_allocation_length", SPIN_ALLOCATION_LENGTH)
+    try:
+        return scsi_command(transport, what, cdb_security_protocol_in(
+            SECURITY_PROTOCOL_TAPE, page, length), data_in_len=length, context="spin")
+    except ScsiError as e:
+        if not _allocation_length_refused(e):
+            raise
+        if length <= SPIN_ALLOCATION_LIMIT:
+            raise ScsiError("%s: the drive refused the allocation length %d (%s): this is "
+                            "not a missing encryption licence; report it with -d 3 output"
+                            % (transport.device, length, sense_text(e.sense)),
+                            EXIT_SCSI, e.sense, e.status)
+        debug(1, "%s: %s: allocation length %d refused; asking %d" % (
+            transport.device, what, length, SPIN_ALLOCATION_LIMIT))
+        transport.spin_allocation_length = SPIN_ALLOCATION_LIMIT
+        return read_tde_page(transport, page)
 
 
 def check_encryption_support(transport):
@@ -3759,7 +3811,14 @@ def choose_algorithm(capabilities, algorithm_index=None, decrypt_only=False, dev
 
 def _key_descriptor(text, algorithm, device):
     """The U-KAD (type, bytes) for --key-desc within the drive's limits, and its KAD format."""
-    data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
+    if isinstance(text, str):
+        # Checked before encoding: "caf\u00e9" must not become "caf?" and pass.
+        bad = [c for c in text if not " " <= c <= "~"]
+        if bad:
+            raise UsageError("the key descriptor must be printable ASCII text (%r is not)"
+                             % bad[0])
+        text = text.encode("ascii")
+    data = bytes(text)
     if not data or any(b < 32 or b > 126 for b in bytearray(data)):
         raise UsageError("the key descriptor must be printable ASCII text")
     limit = algorithm.maximum_ukad_length if algorithm is not None else DEFAULT_UKAD_LIMIT
@@ -3773,6 +3832,126 @@ def _key_descriptor(text, algorithm, device):
         data = data.ljust(limit)        # the drive wants exactly its maximum length
     ascii_format = algorithm is None or algorithm.kadf_c
     return (KAD_TYPE_UKAD, data), (KAD_FORMAT_ASCII if ascii_format else KAD_FORMAT_UNSPECIFIED)
+
+
+# Algorithm descriptor capabilities (SSC-4) that decide what set-key may send.
+RDMC_C_UNSUPPORTED = 1           # RDMC_C 001b: no raw decryption mode control; RDMC must be 0
+DKAD_C_REQUIRED = 1              # DKAD_C 01b: a U-KAD must come with the key to decrypt
+DKAD_C_NAMES = {0: "not specified", 1: "key descriptor required", 2: "not required",
+                3: "optional"}
+RDMC_C_NAMES = {0: "not specified", 1: "raw decryption mode control not supported",
+                4: "raw read off by default", 5: "raw read on by default",
+                6: "raw read never allowed", 7: "raw read always allowed"}
+KAD_AUTHENTICATED_NAMES = {1: "not authenticated", 2: "authenticated",
+                           3: "authentication failed"}
+
+
+def _check_capabilities(algorithm, raw_read, kads, device):
+    """Refuse locally what the capabilities page says the drive will refuse."""
+    if algorithm is None:
+        return
+    index = algorithm.algorithm_index
+    if raw_read is not None and algorithm.rdmc_c == RDMC_C_UNSUPPORTED:
+        raise UsageError("%s: algorithm index %d marks raw-read protection itself (RDMC_C %d, "
+                         "raw decryption mode control not supported): leave out %s" % (
+                             device, index, algorithm.rdmc_c,
+                             "--allow-raw-read" if raw_read else "--no-raw-read"))
+    if algorithm.dkad_c == DKAD_C_REQUIRED and not kads:
+        raise UsageError("%s: algorithm index %d needs a key descriptor (U-KAD) with the key "
+                         "to decrypt (DKAD_C 1): give set-key --key-desc TEXT" % (device, index))
+
+
+def _need_tape_for_ckod(transport):
+    """TEST UNIT READY before a CKOD page, as stenc 2.0 does: some drives refuse
+    CKOD with no cartridge, and then the page's refusal would not say why."""
+    try:
+        scsi_command(transport, "TEST UNIT READY", cdb_test_unit_ready())
+    except ScsiError as e:
+        if e.exit_code != EXIT_NOT_READY:
+            raise
+        raise ScsiError("%s: --ckod clears the key when the tape is unloaded, and no tape is "
+                        "ready (%s): load the tape first, then set the key"
+                        % (transport.device, sense_text(e.sense)), EXIT_NOT_READY, e.sense,
+                        e.status)
+
+
+# Set Data Encryption page (SSC-4): the field a parameter field pointer names,
+# by first byte; bytes 4 and 5 hold several fields, told apart by the bit pointer.
+_SDE_FIELDS = ((0, "PAGE CODE"), (2, "PAGE LENGTH"), (4, "SCOPE/LOCK"),
+               (5, "CEEM/RDMC/SDK/CKOD/CKORP/CKORL"), (6, "ENCRYPTION MODE"),
+               (7, "DECRYPTION MODE"), (8, "ALGORITHM INDEX"), (9, "KEY FORMAT"),
+               (10, "KAD FORMAT"), (11, "a reserved byte"), (18, "KEY LENGTH"), (20, "KEY"))
+_SDE_BITS = {(4, 0): "LOCK", (4, 5): "SCOPE", (4, 6): "SCOPE", (4, 7): "SCOPE",
+             (5, 7): "CEEM", (5, 6): "CEEM", (5, 5): "RDMC", (5, 4): "RDMC", (5, 3): "SDK",
+             (5, 2): "CKOD", (5, 1): "CKORP", (5, 0): "CKORL"}
+_KEY_DESCRIPTOR_FIELD = "the key descriptor"
+_SDE_ADVICE = {
+    "CKOD": "is a tape loaded? some drives take CKOD only with a cartridge in the drive: "
+            "load it and retry, or leave out --ckod",
+    _KEY_DESCRIPTOR_FIELD: "this drive takes no key descriptor (U-KAD) here: retry without "
+                           "--key-desc",
+    "KAD FORMAT": "this drive takes no ASCII key descriptor: retry without --key-desc",
+    "RDMC": "the drive fixes the raw-read marking itself: leave out --allow-raw-read and "
+            "--no-raw-read",
+    "ALGORITHM INDEX": "algorithm index %(index)s is not one this drive takes: `bscrypto.py "
+                       "drive-status --detail %(device)s` lists its algorithms; choose one "
+                       "with --algorithm-index",
+    "ENCRYPTION MODE": "algorithm index %(index)s cannot encrypt under this host's control: "
+                       "choose another with --algorithm-index (`bscrypto.py drive-status "
+                       "--detail %(device)s` lists them)",
+    "DECRYPTION MODE": "algorithm index %(index)s cannot decrypt under this host's control: "
+                       "choose another with --algorithm-index (`bscrypto.py drive-status "
+                       "--detail %(device)s` lists them)",
+    "KEY LENGTH": "the %(key_length)d-byte key does not fit algorithm index %(index)s: choose "
+                  "an AES-256 algorithm with --algorithm-index",
+    "KEY FORMAT": "the drive takes no plain key for algorithm index %(index)s",
+    "SCOPE": "the drive refused the scope Bareos sends (all I_T nexus): another host may "
+             "hold the encryption parameters locked; release it or reset the drive",
+}
+_SDE_ADVICE["KEY"] = _SDE_ADVICE["KEY LENGTH"]
+_SDE_ADVICE["LOCK"] = _SDE_ADVICE["SCOPE/LOCK"] = _SDE_ADVICE["SCOPE"]
+
+
+def set_data_encryption_field(page, field_pointer):
+    """The name of the Set Data Encryption page field a parameter field pointer
+    points at (SSC-4 names), or None for a pointer into the CDB."""
+    if field_pointer is None or field_pointer.command_data:
+        return None
+    byte = field_pointer.field
+    key_end = 20 + (int.from_bytes(page[18:20], "big") if len(page) >= 20 else 0)
+    if byte >= key_end:
+        return _KEY_DESCRIPTOR_FIELD
+    if field_pointer.bit_pointer_valid and (byte, field_pointer.bit_pointer) in _SDE_BITS:
+        return _SDE_BITS[byte, field_pointer.bit_pointer]
+    if byte == 5 and len(page) > 5:
+        # No bit pointer: the one field of byte 5 this page sets is the one refused.
+        sent = sorted(set(name for (b, bit), name in _SDE_BITS.items()
+                          if b == 5 and page[5] >> bit & 1))
+        if len(sent) == 1:
+            return sent[0]
+    return [name for start, name in _SDE_FIELDS if byte >= start][-1]
+
+
+def _spout_refusal(device, what, error, page):
+    """The ScsiError saying which field of the page the drive refused and what
+    to do, or None when the sense names no field of the page."""
+    sense = error.sense
+    if sense is None or sense.sense_key != SENSE_ILLEGAL_REQUEST:
+        return None
+    page = bytes(page)
+    if sense.asc == 0x26 and sense.ascq == 0x11:
+        return ScsiError("%s: %s: this drive needs a key descriptor (U-KAD) with the key (%s): "
+                         "give set-key --key-desc TEXT" % (device, what, sense_text(sense)),
+                         EXIT_KEY_REFUSED, sense, error.status)
+    field = set_data_encryption_field(page, sense.field_pointer)
+    if field is None or sense.asc != 0x26:
+        return None
+    advice = _SDE_ADVICE.get(field, "this tool sends it as Bareos does: please report it "
+                                    "with -d 3 output") % {
+        "device": device, "index": page[8] if len(page) > 8 else "?",
+        "key_length": int.from_bytes(page[18:20], "big") if len(page) >= 20 else 0}
+    return ScsiError("%s: %s: the drive refused %s (%s): %s" % (
+        device, what, field, sense_text(sense), advice), EXIT_KEY_REFUSED, sense, error.status)
 
 
 def _warn_not_application_managed(device, status, err):
@@ -3811,9 +3990,12 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
         debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
               "does" % (device, e))
         capabilities = None
+    kads = ()
     if clear:
         algorithm = None
         index = algorithm_index
+        if index is not None:
+            choose_algorithm(capabilities, index, device=device)   # listed by the drive?
         if index is None and capabilities is not None:
             gcm = [a for a in capabilities.algorithms
                    if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
@@ -3824,6 +4006,13 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
         index = algorithm.algorithm_index if algorithm is not None else (
             1 if algorithm_index is None else algorithm_index)
         kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
+        if decrypt_only and (key_desc or file_key_desc) and not (
+                algorithm is not None and algorithm.dkad_c == DKAD_C_REQUIRED):
+            # Nothing is written encrypted, so no block could carry it; drives
+            # refuse a descriptor with encryption off (stenc drops it too).
+            err.write("bscrypto: warning: key descriptor not sent: with --decrypt-only "
+                      "nothing is written encrypted\n")
+            key_desc = file_key_desc = None
         if key_desc:
             kad, kad_format = _key_descriptor(key_desc, algorithm, device)
             kads = (kad,)
@@ -3833,14 +4022,39 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
                 kads = (kad,)
             except UsageError as e:
                 err.write("bscrypto: warning: key file description not sent: %s\n" % e)
+        _check_capabilities(algorithm, raw_read, kads, device)
+        if ckod:
+            _need_tape_for_ckod(transport)
         rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read
                                                       else RDMC_DISABLED)
-        page = build_set_data_encryption_page(
-            key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
-            DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
-            kads=kads)
+
+        def page_with(kads, kad_format):
+            return build_set_data_encryption_page(
+                key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
+                DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
+                kads=kads)
+        page = page_with(kads, kad_format)
+    try:
+        _send_set_data_encryption(transport, page, status, clear)
+    except ScsiError as e:
+        # A description taken from a stenc key file is optional: without it, once.
+        if not (kads and file_key_desc and not key_desc and e.exit_code == EXIT_KEY_REFUSED
+                and e.sense is not None and e.sense.field_pointer is not None
+                and set_data_encryption_field(page, e.sense.field_pointer)
+                in (_KEY_DESCRIPTOR_FIELD, "KAD FORMAT")):
+            raise
+        err.write("bscrypto: warning: the drive refused the key file's description as key "
+                  "descriptor (%s); loading the key without it\n" % sense_text(e.sense))
+        _send_set_data_encryption(transport, page_with((), KAD_FORMAT_UNSPECIFIED), status,
+                                  clear)
+    return read_drive_status(transport), algorithm
+
+
+def _send_set_data_encryption(transport, page, status, clear):
+    """SPOUT the page; a refusal says which field and what to do about it."""
+    device = transport.device
     debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
-        device, "clear" if clear else "load key", index, len(page)))
+        device, "clear" if clear else "load key", page[8], len(page)))
     what = "SECURITY PROTOCOL OUT (set data encryption)"
     try:
         scsi_command(transport, what, cdb_security_protocol_out(
@@ -3855,8 +4069,7 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
                                 device, what, sense_text(e.sense),
                                 _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
                             EXIT_KEY_REFUSED, e.sense, e.status)
-        raise
-    return read_drive_status(transport), algorithm
+        raise _spout_refusal(device, what, e, page) or e
 
 
 def _key_loaded_line(device, status, algorithm):
@@ -5826,6 +6039,28 @@ ASC_NAMES = {
     0x746F: "External data encryption control error",
     0x7471: "Logical unit access not authorized",
     0x7479: "Security conflict in translated device",
+}
+
+
+# IBM's vendor-specific encryption codes (EEh/EFh), named only when INQUIRY
+# says IBM: other vendors use these numbers for other things.  Wording from
+# the sense data tables of IBM's LTO and TS3310/TS3400 references (Dell's
+# PowerVault LTO reference lists the same codes).
+IBM_ASC_NAMES = {
+    0xEE12: "Encryption - Key change detected",
+    0xEE18: "Encryption - Changed (read)",
+    0xEE19: "Encryption - Changed (write)",
+    0xEE23: "Encryption - Key conflict",
+    0xEE25: "Encryption - Key format not supported",
+    0xEE40: "Encryption - EKM identifier changed",
+    0xEE41: "Encryption - EKM challenge changed",
+    0xEE50: "Encryption - Initiator identifier changed",
+    0xEE51: "Encryption - Initiator response changed",
+    0xEF10: "Encryption - Key required",
+    0xEF11: "Encryption - Key generation",
+    0xEF13: "Encryption - Key translate",
+    0xEF1A: "Encryption - Key optional",
+    0xEFC0: "Encryption - No operation",
 }
 
 
