@@ -1454,9 +1454,12 @@ def _device_error(device, e, during="open"):
                                  "SCSI generic nodes with `lsscsi -g`)" % (device, why),
                                  EXIT_DEVICE)
         if code == errno.EBUSY:
+            twin = ("; the drive's SCSI generic node /dev/sgN (`lsscsi -g`) still works while "
+                    "another program holds the st node open" if sys.platform.startswith("linux")
+                    else "")
             return BscryptoError("cannot open %s: device busy: another program has it open "
-                                 "(bareos-sd? stop it or release the drive first)" % device,
-                                 EXIT_DEVICE)
+                                 "(bareos-sd? stop it or release the drive first)%s"
+                                 % (device, twin), EXIT_DEVICE)
         if code in (errno.EACCES, errno.EPERM):
             return BscryptoError("cannot open %s: %s: run as root or as a user that may "
                                  "read and write the node (often group 'tape')"
@@ -1813,7 +1816,8 @@ ALGORITHM_AES_256_GCM = 0x00010014
 ALGORITHM_AES_256_CCM = 0x00010010
 _ALGORITHM_NAMES = {0x00010014: "AES-GCM", 0x00010010: "AES-CCM", 0x0001000C: "AES-CBC",
                     0x0001000D: "AES-CTR", 0x00010013: "AES-GCM-12", 0x00010012: "AES-GCM-8",
-                    0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8"}
+                    0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8",
+                    0x00010016: "XTS-AES"}
 # Bareos, and this tool by default, loads a 32-byte key (AES-256).
 DRIVE_KEY_LENGTH = 32
 # Bareos's and stenc's U-KAD length when the drive's limit cannot be read.
@@ -1889,15 +1893,28 @@ def parse_security_protocol_pages(data):
     return _record("SecurityProtocolPages")(int.from_bytes(data[0:2], "big"), codes)
 
 
-def parse_kads(data, start, end):
-    """Key-associated data descriptors from start to end (type, flags, length, data)."""
+def parse_kads(data, start, end, problems=None):
+    """Key-associated data descriptors from start to end (type, flags, length, data).
+
+    All-zero headers are padding (an HBA that reports no residual, a page
+    length that overstates the data), not empty U-KADs.  A descriptor that
+    overruns the page raises ValueError, or with a problems list is noted
+    there and ends the list, so the fields before it can still be shown.
+    """
     kads = []
     offset = start
     while offset + 4 <= end:
         length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if not any(bytearray(data[offset:offset + 4])):
+            offset += 4
+            continue
         if offset + 4 + length > end:
-            raise ValueError("key-associated data descriptor at byte %d overruns the page"
-                             % offset)
+            problem = ("key-associated data descriptor at byte %d overruns the page (length "
+                       "%d, %d bytes left)" % (offset, length, end - offset - 4))
+            if problems is None:
+                raise ValueError(problem)
+            problems.append(problem)
+            break
         kads.append(_record("KeyAssociatedData")(
             data[offset], data[offset + 1] & 0x07, bytes(data[offset + 4:offset + 4 + length])))
         offset += 4 + length
@@ -1934,8 +1951,9 @@ def parse_data_encryption_capabilities(data):
                                                  tuple(algorithms))
 
 
-def parse_data_encryption_status(data):
-    """SSC-4 Data Encryption Status page (0020h), with its key-associated data."""
+def parse_data_encryption_status(data, problems=None):
+    """SSC-4 Data Encryption Status page (0020h), with its key-associated data
+    (problems: see parse_kads)."""
     data, end = _page_body(data, DATA_ENCRYPTION_STATUS_PAGE, 16, "status page")
     return _record("DataEncryptionStatus")(
         i_t_nexus_scope=data[4] >> 5, key_scope=data[4] & 7, encryption_mode=data[5],
@@ -1943,17 +1961,19 @@ def parse_data_encryption_status(data):
         key_instance_counter=int.from_bytes(data[8:12], "big"),
         parameters_control=data[12] >> 4 & 7, vcelb=data[12] >> 3 & 1,
         ceems=data[12] >> 1 & 3, rdmd=data[12] & 1, kad_format=data[13],
-        asdk_count=int.from_bytes(data[14:16], "big"), kads=parse_kads(data, 24, end))
+        asdk_count=int.from_bytes(data[14:16], "big"),
+        kads=parse_kads(data, 24, end, problems))
 
 
-def parse_next_block_encryption_status(data):
-    """SSC-4 Next Block Encryption Status page (0021h), with its key-associated data."""
+def parse_next_block_encryption_status(data, problems=None):
+    """SSC-4 Next Block Encryption Status page (0021h), with its key-associated data
+    (problems: see parse_kads)."""
     data, end = _page_body(data, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE, 16, "next block page")
     return _record("NextBlockEncryptionStatus")(
         logical_object_number=int.from_bytes(data[4:12], "big"),
         compression_status=data[12] >> 4, encryption_status=data[12] & 0x0F,
         algorithm_index=data[13], emes=data[14] >> 1 & 1, rdmds=data[14] & 1,
-        kad_format=data[15], kads=parse_kads(data, 16, end))
+        kad_format=data[15], kads=parse_kads(data, 16, end, problems))
 
 
 def _ascii_field(raw):
@@ -2122,6 +2142,13 @@ ENCRYPTION_STATUS_NAMES = {0: "unknown", 1: "unavailable", 2: "not a logical blo
                            3: "not encrypted", 4: "encrypted, unsupported algorithm",
                            5: "encrypted, decryptable", 6: "encrypted, no valid key"}
 CAPABILITY_NAMES = {0: "no", 1: "external only", 2: "yes", 3: "reserved"}
+DKAD_C_NAMES = {0: "not specified", 1: "key descriptor required", 2: "not required",
+                3: "optional"}
+RDMC_C_NAMES = {0: "not specified", 1: "raw decryption mode control not supported",
+                4: "raw read off by default", 5: "raw read on by default",
+                6: "raw read never allowed", 7: "raw read always allowed"}
+KAD_AUTHENTICATED_NAMES = {0: "not reported", 1: "not authenticated", 2: "authenticated",
+                           3: "authentication failed"}
 
 
 def _name(names, value):
@@ -2136,9 +2163,18 @@ def _kad_text(kad):
     return data.hex() or '""'
 
 
+def _kad_label(kad):
+    """'U-KAD', or 'U-KAD, authenticated' when the drive reports the AUTHENTICATED field."""
+    label = _name(KAD_TYPE_NAMES, kad.descriptor_type)
+    if kad.authenticated:
+        label += ", " + _name(KAD_AUTHENTICATED_NAMES, kad.authenticated)
+    return label
+
+
 def _kad_dict(kad):
     d = {"type": _name(KAD_TYPE_NAMES, kad.descriptor_type),
-         "authenticated": kad.authenticated, "hex": kad.descriptor.hex()}
+         "authenticated": _name(KAD_AUTHENTICATED_NAMES, kad.authenticated),
+         "hex": kad.descriptor.hex()}
     text = kad.descriptor.rstrip(b"\0")
     if all(32 <= b < 127 for b in bytearray(text)):
         d["text"] = text.decode("ascii")
@@ -2181,7 +2217,8 @@ def algorithm_dict(a):
         "avfmv": bool(a.avfmv), "kadf_c": bool(a.kadf_c), "vcelb_c": bool(a.vcelb_c),
         "maximum_ukad_length": a.maximum_ukad_length, "ukadf": bool(a.ukadf),
         "maximum_akad_length": a.maximum_akad_length, "akadf": bool(a.akadf),
-        "rdmc_c": a.rdmc_c, "eemc_c": a.eemc_c}
+        "dkad_c": _name(DKAD_C_NAMES, a.dkad_c), "rdmc_c": _name(RDMC_C_NAMES, a.rdmc_c),
+        "eemc_c": a.eemc_c}
 
 
 def format_algorithm(a):
@@ -2197,6 +2234,10 @@ def format_algorithm(a):
     if a.maximum_akad_length:
         parts.append("A-KAD %s %d bytes" % ("exactly" if a.akadf else "up to",
                                             a.maximum_akad_length))
+    if a.dkad_c:
+        parts.append("DKAD_C: %s" % _name(DKAD_C_NAMES, a.dkad_c))
+    if a.rdmc_c:
+        parts.append("RDMC_C: %s" % _name(RDMC_C_NAMES, a.rdmc_c))
     if not a.avfmv:
         parts.append("not valid for the mounted volume")
     return "index %d: %s" % (a.algorithm_index, ", ".join(parts))
@@ -3722,18 +3763,28 @@ def check_encryption_support(transport):
                                 "%02Xh" % p for p in protocols) or "none"), EXIT_NO_ENCRYPTION)
 
 
+def _read_status_page(transport, parser, page, what):
+    """A status page; a key descriptor that overruns it is a warning, not a failure."""
+    problems = []
+    record = _parse_reply(lambda data: parser(data, problems), read_tde_page(transport, page),
+                          transport.device, what)
+    for problem in problems:
+        warn("%s: the drive's %s: %s; the fields before it are shown"
+             % (transport.device, what, problem))
+    return record
+
+
 def read_drive_status(transport):
     """The drive's Data Encryption Status page (0020h) as a DataEncryptionStatus."""
-    return _parse_reply(parse_data_encryption_status,
-                        read_tde_page(transport, DATA_ENCRYPTION_STATUS_PAGE),
-                        transport.device, "data encryption status page")
+    return _read_status_page(transport, parse_data_encryption_status,
+                             DATA_ENCRYPTION_STATUS_PAGE, "data encryption status page")
 
 
 def read_next_block_status(transport):
     """The Next Block Encryption Status page (0021h) as a NextBlockEncryptionStatus."""
-    return _parse_reply(parse_next_block_encryption_status,
-                        read_tde_page(transport, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE),
-                        transport.device, "next block encryption status page")
+    return _read_status_page(transport, parse_next_block_encryption_status,
+                             NEXT_BLOCK_ENCRYPTION_STATUS_PAGE,
+                             "next block encryption status page")
 
 
 def read_capabilities(transport):
@@ -3743,11 +3794,29 @@ def read_capabilities(transport):
                         transport.device, "data encryption capabilities page")
 
 
+def read_capabilities_or_none(transport):
+    """The capabilities page, or None when the drive refuses it or sends one this
+    tool cannot read (a 16-byte algorithm descriptor, say): the callers then fall
+    back as Bareos does.  A drive without SECURITY PROTOCOL IN still fails."""
+    try:
+        return read_capabilities(transport)
+    except ScsiError as e:
+        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
+            raise
+        why = e
+    except BscryptoError as e:          # malformed page
+        why = e
+    debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
+          "does" % (transport.device, why))
+    return None
+
+
 def read_inquiry(transport):
     """(InquiryData, serial number or None)."""
     inquiry = _parse_reply(parse_inquiry, scsi_command(
         transport, "INQUIRY", cdb_inquiry(), data_in_len=INQUIRY_ALLOCATION_LENGTH),
         transport.device, "INQUIRY data")
+    transport.inquiry_vendor = inquiry.vendor
     try:
         serial = parse_unit_serial_number(scsi_command(
             transport, "INQUIRY (unit serial number)",
@@ -3837,13 +3906,6 @@ def _key_descriptor(text, algorithm, device):
 # Algorithm descriptor capabilities (SSC-4) that decide what set-key may send.
 RDMC_C_UNSUPPORTED = 1           # RDMC_C 001b: no raw decryption mode control; RDMC must be 0
 DKAD_C_REQUIRED = 1              # DKAD_C 01b: a U-KAD must come with the key to decrypt
-DKAD_C_NAMES = {0: "not specified", 1: "key descriptor required", 2: "not required",
-                3: "optional"}
-RDMC_C_NAMES = {0: "not specified", 1: "raw decryption mode control not supported",
-                4: "raw read off by default", 5: "raw read on by default",
-                6: "raw read never allowed", 7: "raw read always allowed"}
-KAD_AUTHENTICATED_NAMES = {1: "not authenticated", 2: "authenticated",
-                           3: "authentication failed"}
 
 
 def _check_capabilities(algorithm, raw_read, kads, device):
@@ -3982,14 +4044,7 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
     status = read_drive_status(transport)
     if not clear:
         _warn_not_application_managed(device, status, err)
-    try:
-        capabilities = read_capabilities(transport)
-    except ScsiError as e:
-        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
-            raise
-        debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
-              "does" % (device, e))
-        capabilities = None
+    capabilities = read_capabilities_or_none(transport)
     kads = ()
     if clear:
         algorithm = None
@@ -4192,17 +4247,15 @@ def op_drive_status(device, detail=False, as_json=False, timeout=DEFAULT_SCSI_TI
 def _read_detail(transport):
     """INQUIRY, capabilities and next block status; parts a drive refuses are None."""
     inquiry, serial = read_inquiry(transport)
-    try:
-        capabilities = read_capabilities(transport)
-    except ScsiError as e:
-        debug(1, "%s: %s" % (transport.device, e))
-        capabilities = None
+    capabilities = read_capabilities_or_none(transport)
     try:
         next_block, why = read_next_block_status(transport), None
     except ScsiError as e:
         next_block = None
         why = ("no tape loaded" if e.exit_code == EXIT_NOT_READY
-               else sense_text(e.sense) if e.sense is not None else str(e))
+               else str(e) if e.sense is None
+               else ("blank tape: " if e.sense.sense_key == SENSE_BLANK_CHECK else "")
+               + sense_text(e.sense, inquiry.vendor))
     return inquiry, serial, capabilities, next_block, why
 
 
@@ -4241,8 +4294,7 @@ def _format_detail(status, extra):
               i + "Parameters control: %s" % _name(PARAMETERS_CONTROL_NAMES,
                                                   status.parameters_control)]
     for kad in status.kads:
-        lines.append(i + "Key descriptor (%s): %s" % (_name(KAD_TYPE_NAMES, kad.descriptor_type),
-                                                      _kad_text(kad)))
+        lines.append(i + "Key descriptor (%s): %s" % (_kad_label(kad), _kad_text(kad)))
     if not status.kads:
         lines.append(i + "Key descriptor: none")
     lines.append("Supported algorithms:")
@@ -4259,17 +4311,25 @@ def _format_detail(status, extra):
                                                       next_block.encryption_status),
                   i + "Compression status: %s" % _name(COMPRESSION_STATUS_NAMES,
                                                        next_block.compression_status)]
-        if next_block.encryption_status in (4, 5, 6):
+        if next_block.encryption_status in (5, 6):      # not meaningful for 4
             lines.append(i + "Algorithm index: %d" % next_block.algorithm_index)
-        for kad in next_block.kads:
-            lines.append(i + "Key descriptor (%s): %s" % (
-                _name(KAD_TYPE_NAMES, kad.descriptor_type), _kad_text(kad)))
+        lines += _next_block_kad_lines(next_block)
     return "\n".join(lines) + "\n"
 
 
+def _next_block_kad_lines(next_block):
+    """The next block's key descriptors: which key the tape asks for."""
+    return [BAREOS_STATUS_INDENT + "Key descriptor (%s): %s" % (_kad_label(kad), _kad_text(kad))
+            for kad in next_block.kads]
+
+
 def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None,
-                     transport=None):
-    """-v / volume-status: the next block's encryption status (Bareos's text or JSON)."""
+                     transport=None, readable=False):
+    """-v / volume-status: the next block's encryption status (Bareos's text or JSON).
+
+    readable (volume-status): Bareos's lines, then for an encrypted block
+    (status 5 or 6) its key descriptors, the tape's answer to "which key?".
+    """
     out = out or sys.stdout
     with _drive(device, timeout, transport) as t:
         check_encryption_support(t)
@@ -4278,6 +4338,8 @@ def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=No
         _json_dump({"device": device, "next_block_status": next_block_status_dict(nbes)}, out)
         return EXIT_OK
     out.write(format_volume_status_bareos(nbes))
+    if readable and nbes.encryption_status in (5, 6):
+        out.write("".join(line + "\n" for line in _next_block_kad_lines(nbes)))
     out.flush()
     return EXIT_OK
 
@@ -5154,7 +5216,8 @@ def _add_drive_commands(sub, common):
                                    "current position, in Bareos's words.")
     p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout))
+    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout,
+                                                   readable=True))
 
 
 def _run_set_key(ns):
