@@ -3806,8 +3806,7 @@ def read_capabilities_or_none(transport):
         why = e
     except BscryptoError as e:          # malformed page
         why = e
-    debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
-          "does" % (transport.device, why))
+    debug(1, "%s: capabilities page unreadable: %s" % (transport.device, why))
     return None
 
 
@@ -4252,10 +4251,14 @@ def _read_detail(transport):
         next_block, why = read_next_block_status(transport), None
     except ScsiError as e:
         next_block = None
-        why = ("no tape loaded" if e.exit_code == EXIT_NOT_READY
-               else str(e) if e.sense is None
-               else ("blank tape: " if e.sense.sense_key == SENSE_BLANK_CHECK else "")
-               + sense_text(e.sense, inquiry.vendor))
+        if e.exit_code == EXIT_NOT_READY:
+            why = "no tape loaded"
+        elif e.sense is None:
+            why = str(e)
+        else:
+            why = sense_text(e.sense, inquiry.vendor)
+            if e.sense.sense_key == SENSE_BLANK_CHECK:
+                why = "blank tape: " + why
     return inquiry, serial, capabilities, next_block, why
 
 

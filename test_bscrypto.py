@@ -3739,6 +3739,48 @@ class TestDrivesThatRefuse(DriveTestCase):
                       "st node open", err)
 
 
+    def test_refusal_sense_agrees_with_sg_decode_sense(self):
+        """The sense bytes each refusing profile answers decode in sg3_utils to
+        the key, additional sense and field pointer the messages quote."""
+        tool = shutil.which("sg_decode_sense")
+        if tool is None:
+            self.skipTest("sg_decode_sense (Debian sg3-utils) not installed")
+        senses = []
+        for profile, args in (("spin-8192", ["-e"]), ("no-ukad", ["--key-desc", "x"]),
+                              ("needs-ukad", []), ("fixed-rdmc", ["--no-raw-read"]),
+                              ("hp", ["--algorithm-index", "1"]), ("blank", ["-v"]),
+                              ("kad-needs-encrypt", [])):
+            self.use(profile)
+            real = self.drive.execute
+
+            def execute(cdb, data_out=b"", alloc_len=0, real=real):
+                status, data, sense = real(cdb, data_out, alloc_len)
+                if status:
+                    senses.append(sense)
+                return status, data, sense
+            self.drive.execute = execute
+            if args[:1] in (["-e"], ["-v"]):
+                cli(args[0], self.dev)
+            else:
+                cli("set-key", self.dev, self.key, *args)
+            if profile == "kad-needs-encrypt":           # what the drive says to a KAD
+                execute(bscrypto.cdb_security_protocol_out(0x20, 0x10, 60), bscrypto.
+                        build_set_data_encryption_page(b"k" * 32, 0, 3, 1, kads=[(0, b"x")]))
+        self.assertEqual(len(set(senses)), 7)
+        for sense in set(senses):
+            out = subprocess.check_output([tool] + ["%02x" % b for b in sense],
+                                          universal_newlines=True).lower()
+            s = bscrypto.parse_sense(sense)
+            self.assertIn(bscrypto.SENSE_KEY_NAMES[s.sense_key].lower(), out)
+            self.assertIn("additional sense: %s\n" % bscrypto.asc_text(s.asc, s.ascq).lower(),
+                          out)
+            fp = s.field_pointer
+            if fp is not None:
+                self.assertIn("error in %s: byte %d%s\n" % (
+                    "command" if fp.command_data else "data parameters", fp.field,
+                    " bit %d" % fp.bit_pointer if fp.bit_pointer_valid else ""), out)
+
+
 def _record_field_pointer(byte, bit=None, command_data=False):
     return bscrypto._record("FieldPointer")(command_data, bit is not None, bit or 0, byte)
 
