@@ -1607,7 +1607,7 @@ class LinuxSgTransport(_IoctlTransport):
                 "sbp": _address(sense_buf), "timeout": int(seconds * 1000)}
 
     def _reply(self, out, sense_buf, length):
-        return (out["status"], length - max(0, out["resid"]),
+        return (out["status"], max(0, length - max(0, out["resid"])),
                 sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
                 (out["host_status"], out["driver_status"], out["info"], out["duration"]))
 
@@ -6110,8 +6110,8 @@ ASC_NAMES = {
 
 # IBM's vendor-specific encryption codes (EEh/EFh), named only when INQUIRY
 # says IBM: other vendors use these numbers for other things.  Wording from
-# the sense data tables of IBM's LTO and TS3310/TS3400 references (Dell's
-# PowerVault LTO reference lists the same codes).
+# the encryption sense data tables of IBM's LTO drive references (TS3310 and
+# TS3400 library manuals, appendix "Sense data").
 IBM_ASC_NAMES = {
     0xEE12: "Encryption - Key change detected",
     0xEE18: "Encryption - Changed (read)",
