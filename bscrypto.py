@@ -1454,9 +1454,12 @@ def _device_error(device, e, during="open"):
                                  "SCSI generic nodes with `lsscsi -g`)" % (device, why),
                                  EXIT_DEVICE)
         if code == errno.EBUSY:
+            twin = ("; the drive's SCSI generic node /dev/sgN (`lsscsi -g`) still works while "
+                    "another program holds the st node open" if sys.platform.startswith("linux")
+                    else "")
             return BscryptoError("cannot open %s: device busy: another program has it open "
-                                 "(bareos-sd? stop it or release the drive first)" % device,
-                                 EXIT_DEVICE)
+                                 "(bareos-sd? stop it or release the drive first)%s"
+                                 % (device, twin), EXIT_DEVICE)
         if code in (errno.EACCES, errno.EPERM):
             return BscryptoError("cannot open %s: %s: run as root or as a user that may "
                                  "read and write the node (often group 'tape')"
@@ -1561,6 +1564,28 @@ class _IoctlTransport(ScsiTransport):
         sense_buf = array.array("B", bytes(SENSE_BUFFER_LENGTH))
         return cdb_buf, data_buf, sense_buf
 
+    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
+        """One body for every ioctl: the subclass lays out its request
+        (_request) and reads status, data length, sense and resid back (_reply)."""
+        buffers = self._buffers(cdb, data_out, data_in_len)
+        reading = bool(data_in_len) and not data_out
+        length = len(data_out) if data_out else data_in_len
+        request = bytearray(pack_c_struct(self.layout, self._request(
+            cdb, buffers, length, reading, self._seconds(timeout))))
+        try:
+            self._call(self.REQUEST, request)
+        except OSError as e:
+            if not self._status_in_error(e, unpack_c_struct(self.layout, request)):
+                raise _device_error(self.device, e, "ioctl")
+        status, used, sense, resid, transport = self._reply(
+            unpack_c_struct(self.layout, request), buffers[2], length)
+        data_in = buffers[1].tobytes()[:used] if reading else b""
+        return _record("ScsiResult")(status, data_in, sense, resid, *transport)
+
+    def _status_in_error(self, e, out):
+        """True when the ioctl's error only carries a SCSI status (Solaris)."""
+        return False
+
 
 def _address(buf):
     return buf.buffer_info()[0] if buf is not None else 0
@@ -1570,64 +1595,48 @@ class LinuxSgTransport(_IoctlTransport):
     """Linux SG_IO: works on /dev/sgN and on the st nodes /dev/nstN."""
 
     STRUCT = ("sg_io_hdr", SG_IO_HDR_FIELDS)
+    REQUEST = SG_IO
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
-        if data_out:
-            direction, length = SG_DXFER_TO_DEV, len(data_out)
-        elif data_in_len:
-            direction, length = SG_DXFER_FROM_DEV, data_in_len
-        else:
-            direction, length = SG_DXFER_NONE, 0
-        seconds = self._seconds(timeout)
-        header = bytearray(pack_c_struct(self.layout, {
-            "interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
-            "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length, "dxferp": _address(data_buf),
-            "cmdp": _address(cdb_buf), "sbp": _address(sense_buf),
-            "timeout": int(seconds * 1000)}))
-        try:
-            self._call(SG_IO, header)
-        except OSError as e:
-            raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, header)
-        data_in = b""
-        if direction == SG_DXFER_FROM_DEV:
-            data_in = data_buf.tobytes()[:max(0, length - max(0, out["resid"]))]
-        return _record("ScsiResult")(
-            out["status"], data_in, sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
-            out["host_status"], out["driver_status"], out["info"], out["duration"])
+    def _request(self, cdb, buffers, length, reading, seconds):
+        cdb_buf, data_buf, sense_buf = buffers
+        direction = (SG_DXFER_FROM_DEV if reading else SG_DXFER_TO_DEV if length
+                     else SG_DXFER_NONE)
+        return {"interface_id": ord("S"), "dxfer_direction": direction, "cmd_len": len(cdb),
+                "mx_sb_len": SENSE_BUFFER_LENGTH, "dxfer_len": length,
+                "dxferp": _address(data_buf), "cmdp": _address(cdb_buf),
+                "sbp": _address(sense_buf), "timeout": int(seconds * 1000)}
+
+    def _reply(self, out, sense_buf, length):
+        return (out["status"], max(0, length - max(0, out["resid"])),
+                sense_buf.tobytes()[:out["sb_len_wr"]], out["resid"],
+                (out["host_status"], out["driver_status"], out["info"], out["duration"]))
 
 
 class SolarisUscsiTransport(_IoctlTransport):
     """Solaris/illumos USCSICMD; needs root or PRIV_SYS_DEVICES."""
 
     STRUCT = ("uscsi_cmd", USCSI_CMD_FIELDS)
+    REQUEST = USCSICMD
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        cdb_buf, data_buf, sense_buf = self._buffers(cdb, data_out, data_in_len)
-        flags = USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if data_in_len and not data_out
-                                                 else USCSI_WRITE)
-        length = len(data_out) if data_out else data_in_len
-        seconds = self._seconds(timeout)
-        request = bytearray(pack_c_struct(self.layout, {
-            "uscsi_flags": flags, "uscsi_timeout": min(int(seconds + 0.999), 32767),
-            "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
-            "uscsi_buflen": length, "uscsi_cdblen": len(cdb),
-            "uscsi_rqlen": SENSE_BUFFER_LENGTH, "uscsi_rqbuf": _address(sense_buf)}))
-        try:
-            self._call(USCSICMD, request)
-        except OSError as e:
-            out = unpack_c_struct(self.layout, request)
-            # CHECK CONDITION comes back as EIO with the status filled in.
-            if e.errno != errno.EIO or not out["uscsi_status"]:
-                raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, request)
-        resid = out["uscsi_resid"]
-        data_in = data_buf.tobytes()[:length - resid] if data_in_len and not data_out else b""
+    def _request(self, cdb, buffers, length, reading, seconds):
+        cdb_buf, data_buf, sense_buf = buffers
+        return {"uscsi_flags": USCSI_SILENT | USCSI_RQENABLE | (USCSI_READ if reading
+                                                                else USCSI_WRITE),
+                "uscsi_timeout": min(int(seconds + 0.999), 32767),
+                "uscsi_cdb": _address(cdb_buf), "uscsi_bufaddr": _address(data_buf),
+                "uscsi_buflen": length, "uscsi_cdblen": len(cdb),
+                "uscsi_rqlen": SENSE_BUFFER_LENGTH, "uscsi_rqbuf": _address(sense_buf)}
+
+    def _status_in_error(self, e, out):
+        # CHECK CONDITION comes back as EIO with the status filled in.
+        return e.errno == errno.EIO and out["uscsi_status"]
+
+    def _reply(self, out, sense_buf, length):
         sense = b""
         if out["uscsi_status"] == SCSI_STATUS_CHECK_CONDITION and out["uscsi_rqstatus"] == 0:
             sense = sense_buf.tobytes()[:SENSE_BUFFER_LENGTH - out["uscsi_rqresid"]]
-        return _record("ScsiResult")(out["uscsi_status"], data_in, sense, resid, 0, 0, 0, 0)
+        resid = out["uscsi_resid"]
+        return out["uscsi_status"], length - resid, sense, resid, (0, 0, 0, 0)
 
 
 class BsdScsireqTransport(_IoctlTransport):
@@ -1637,32 +1646,23 @@ class BsdScsireqTransport(_IoctlTransport):
 
     def __init__(self, device, timeout=DEFAULT_SCSI_TIMEOUT, ioctl=None):
         _IoctlTransport.__init__(self, device, timeout, ioctl)
-        self.request = bsd_iowr("Q", 1, self.layout.size)
+        self.REQUEST = bsd_iowr("Q", 1, self.layout.size)   # the number encodes the size
 
-    def execute(self, cdb, data_out=b"", data_in_len=0, timeout=None):
-        _, data_buf, _ = self._buffers(cdb, data_out, data_in_len)
-        length = len(data_out) if data_out else data_in_len
-        flags = SCCMD_WRITE if data_out else (SCCMD_READ if data_in_len else 0)
-        seconds = self._seconds(timeout)
-        request = bytearray(pack_c_struct(self.layout, {
-            "flags": flags, "timeout": int(seconds * 1000), "cmd": bytes(cdb),
-            "cmdlen": len(cdb), "databuf": _address(data_buf), "datalen": length,
-            "senselen": 48}))
-        try:
-            self._call(self.request, request)
-        except OSError as e:
-            raise _device_error(self.device, e, "ioctl")
-        out = unpack_c_struct(self.layout, request)
+    def _request(self, cdb, buffers, length, reading, seconds):
+        return {"flags": SCCMD_READ if reading else SCCMD_WRITE if length else 0,
+                "timeout": int(seconds * 1000), "cmd": bytes(cdb), "cmdlen": len(cdb),
+                "databuf": _address(buffers[1]), "datalen": length, "senselen": 48}
+
+    def _reply(self, out, sense_buf, length):
         retsts = out["retsts"]
         if retsts in (1, 2, 4):
             raise _device_error(self.device, OSError(
                 {1: errno.ETIMEDOUT, 2: errno.EBUSY}.get(retsts, errno.EIO),
                 "SCIOCCOMMAND: %s" % SCCMD_RETSTS_NAMES[retsts]), "ioctl")
         used = out["datalen_used"]
-        data_in = data_buf.tobytes()[:used] if flags == SCCMD_READ else b""
         sense = out["sense"][:out["senselen_used"]] if retsts == 3 else b""
         status = out["status"] or (SCSI_STATUS_CHECK_CONDITION if retsts == 3 else 0)
-        return _record("ScsiResult")(status, data_in, sense, length - used, 0, 0, 0, 0)
+        return status, used, sense, length - used, (0, 0, 0, 0)
 
 
 # FreeBSD's CAMIOCOMMAND number embeds sizeof(union ccb), which changes between
@@ -1778,6 +1778,9 @@ SET_DATA_ENCRYPTION_PAGE = 0x0010        # SPOUT
 
 # Bareos's SPP_PAGE_BUFFER: 4-byte header + 8192; it asks SPIN for this much.
 SPIN_ALLOCATION_LENGTH = 8196
+# Some firmware refuses an ALLOCATION LENGTH above 8192 (05/24/00 pointing at CDB
+# bytes 6-9); stenc 2.0 asks 8192.  Such a drive is asked once more with this.
+SPIN_ALLOCATION_LIMIT = 8192
 INQUIRY_ALLOCATION_LENGTH = 96
 VPD_UNIT_SERIAL_NUMBER = 0x80
 
@@ -1813,7 +1816,8 @@ ALGORITHM_AES_256_GCM = 0x00010014
 ALGORITHM_AES_256_CCM = 0x00010010
 _ALGORITHM_NAMES = {0x00010014: "AES-GCM", 0x00010010: "AES-CCM", 0x0001000C: "AES-CBC",
                     0x0001000D: "AES-CTR", 0x00010013: "AES-GCM-12", 0x00010012: "AES-GCM-8",
-                    0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8"}
+                    0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8",
+                    0x00010016: "XTS-AES"}
 # Bareos, and this tool by default, loads a 32-byte key (AES-256).
 DRIVE_KEY_LENGTH = 32
 # Bareos's and stenc's U-KAD length when the drive's limit cannot be read.
@@ -1889,15 +1893,28 @@ def parse_security_protocol_pages(data):
     return _record("SecurityProtocolPages")(int.from_bytes(data[0:2], "big"), codes)
 
 
-def parse_kads(data, start, end):
-    """Key-associated data descriptors from start to end (type, flags, length, data)."""
+def parse_kads(data, start, end, problems=None):
+    """Key-associated data descriptors from start to end (type, flags, length, data).
+
+    All-zero headers are padding (an HBA that reports no residual, a page
+    length that overstates the data), not empty U-KADs.  A descriptor that
+    overruns the page raises ValueError, or with a problems list is noted
+    there and ends the list, so the fields before it can still be shown.
+    """
     kads = []
     offset = start
     while offset + 4 <= end:
         length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if not any(bytearray(data[offset:offset + 4])):
+            offset += 4
+            continue
         if offset + 4 + length > end:
-            raise ValueError("key-associated data descriptor at byte %d overruns the page"
-                             % offset)
+            problem = ("key-associated data descriptor at byte %d overruns the page (length "
+                       "%d, %d bytes left)" % (offset, length, end - offset - 4))
+            if problems is None:
+                raise ValueError(problem)
+            problems.append(problem)
+            break
         kads.append(_record("KeyAssociatedData")(
             data[offset], data[offset + 1] & 0x07, bytes(data[offset + 4:offset + 4 + length])))
         offset += 4 + length
@@ -1934,8 +1951,9 @@ def parse_data_encryption_capabilities(data):
                                                  tuple(algorithms))
 
 
-def parse_data_encryption_status(data):
-    """SSC-4 Data Encryption Status page (0020h), with its key-associated data."""
+def parse_data_encryption_status(data, problems=None):
+    """SSC-4 Data Encryption Status page (0020h), with its key-associated data
+    (problems: see parse_kads)."""
     data, end = _page_body(data, DATA_ENCRYPTION_STATUS_PAGE, 16, "status page")
     return _record("DataEncryptionStatus")(
         i_t_nexus_scope=data[4] >> 5, key_scope=data[4] & 7, encryption_mode=data[5],
@@ -1943,17 +1961,19 @@ def parse_data_encryption_status(data):
         key_instance_counter=int.from_bytes(data[8:12], "big"),
         parameters_control=data[12] >> 4 & 7, vcelb=data[12] >> 3 & 1,
         ceems=data[12] >> 1 & 3, rdmd=data[12] & 1, kad_format=data[13],
-        asdk_count=int.from_bytes(data[14:16], "big"), kads=parse_kads(data, 24, end))
+        asdk_count=int.from_bytes(data[14:16], "big"),
+        kads=parse_kads(data, 24, end, problems))
 
 
-def parse_next_block_encryption_status(data):
-    """SSC-4 Next Block Encryption Status page (0021h), with its key-associated data."""
+def parse_next_block_encryption_status(data, problems=None):
+    """SSC-4 Next Block Encryption Status page (0021h), with its key-associated data
+    (problems: see parse_kads)."""
     data, end = _page_body(data, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE, 16, "next block page")
     return _record("NextBlockEncryptionStatus")(
         logical_object_number=int.from_bytes(data[4:12], "big"),
         compression_status=data[12] >> 4, encryption_status=data[12] & 0x0F,
         algorithm_index=data[13], emes=data[14] >> 1 & 1, rdmds=data[14] & 1,
-        kad_format=data[15], kads=parse_kads(data, 16, end))
+        kad_format=data[15], kads=parse_kads(data, 16, end, problems))
 
 
 def _ascii_field(raw):
@@ -2122,6 +2142,13 @@ ENCRYPTION_STATUS_NAMES = {0: "unknown", 1: "unavailable", 2: "not a logical blo
                            3: "not encrypted", 4: "encrypted, unsupported algorithm",
                            5: "encrypted, decryptable", 6: "encrypted, no valid key"}
 CAPABILITY_NAMES = {0: "no", 1: "external only", 2: "yes", 3: "reserved"}
+DKAD_C_NAMES = {0: "not specified", 1: "key descriptor required", 2: "not required",
+                3: "optional"}
+RDMC_C_NAMES = {0: "not specified", 1: "raw decryption mode control not supported",
+                4: "raw read off by default", 5: "raw read on by default",
+                6: "raw read never allowed", 7: "raw read always allowed"}
+KAD_AUTHENTICATED_NAMES = {0: "not reported", 1: "not authenticated", 2: "authenticated",
+                           3: "authentication failed"}
 
 
 def _name(names, value):
@@ -2136,9 +2163,18 @@ def _kad_text(kad):
     return data.hex() or '""'
 
 
+def _kad_label(kad):
+    """'U-KAD', or 'U-KAD, authenticated' when the drive reports the AUTHENTICATED field."""
+    label = _name(KAD_TYPE_NAMES, kad.descriptor_type)
+    if kad.authenticated:
+        label += ", " + _name(KAD_AUTHENTICATED_NAMES, kad.authenticated)
+    return label
+
+
 def _kad_dict(kad):
     d = {"type": _name(KAD_TYPE_NAMES, kad.descriptor_type),
-         "authenticated": kad.authenticated, "hex": kad.descriptor.hex()}
+         "authenticated": _name(KAD_AUTHENTICATED_NAMES, kad.authenticated),
+         "hex": kad.descriptor.hex()}
     text = kad.descriptor.rstrip(b"\0")
     if all(32 <= b < 127 for b in bytearray(text)):
         d["text"] = text.decode("ascii")
@@ -2181,7 +2217,8 @@ def algorithm_dict(a):
         "avfmv": bool(a.avfmv), "kadf_c": bool(a.kadf_c), "vcelb_c": bool(a.vcelb_c),
         "maximum_ukad_length": a.maximum_ukad_length, "ukadf": bool(a.ukadf),
         "maximum_akad_length": a.maximum_akad_length, "akadf": bool(a.akadf),
-        "rdmc_c": a.rdmc_c, "eemc_c": a.eemc_c}
+        "dkad_c": _name(DKAD_C_NAMES, a.dkad_c), "rdmc_c": _name(RDMC_C_NAMES, a.rdmc_c),
+        "eemc_c": a.eemc_c}
 
 
 def format_algorithm(a):
@@ -2197,6 +2234,10 @@ def format_algorithm(a):
     if a.maximum_akad_length:
         parts.append("A-KAD %s %d bytes" % ("exactly" if a.akadf else "up to",
                                             a.maximum_akad_length))
+    if a.dkad_c:
+        parts.append("DKAD_C: %s" % _name(DKAD_C_NAMES, a.dkad_c))
+    if a.rdmc_c:
+        parts.append("RDMC_C: %s" % _name(RDMC_C_NAMES, a.rdmc_c))
     if not a.avfmv:
         parts.append("not valid for the mounted volume")
     return "index %d: %s" % (a.algorithm_index, ", ".join(parts))
@@ -2213,6 +2254,7 @@ SENSE_NOT_READY = 0x2
 SENSE_ILLEGAL_REQUEST = 0x5
 SENSE_UNIT_ATTENTION = 0x6
 SENSE_DATA_PROTECT = 0x7
+SENSE_BLANK_CHECK = 0x8
 
 
 def parse_sense(data):
@@ -2275,9 +2317,12 @@ def parse_sense(data):
         field_pointer=field_pointer, fru=fru, raw=data)
 
 
-def asc_text(asc, ascq):
-    """The T10 text of an additional sense code and qualifier."""
+def asc_text(asc, ascq, vendor=None):
+    """The T10 text of an additional sense code and qualifier; with vendor
+    "IBM" (INQUIRY), IBM's own encryption codes are named too."""
     text = ASC_NAMES.get(asc << 8 | ascq)
+    if text is None and vendor == "IBM":
+        text = IBM_ASC_NAMES.get(asc << 8 | ascq)
     if text is not None:
         return text
     if asc == 0x40 and ascq >= 0x80:
@@ -2291,10 +2336,10 @@ def asc_text(asc, ascq):
     return "ASC/ASCQ %02Xh/%02Xh (not in this tool's table)" % (asc, ascq)
 
 
-def sense_text(sense):
+def sense_text(sense, vendor=None):
     """One line: key, ASC/ASCQ text and code, and the field pointer if valid."""
     text = "%s, %s (%02X/%02X/%02X)" % (SENSE_KEY_NAMES[sense.sense_key],
-                                        asc_text(sense.asc, sense.ascq),
+                                        asc_text(sense.asc, sense.ascq, vendor),
                                         sense.sense_key, sense.asc, sense.ascq)
     fp = sense.field_pointer
     if fp is not None:
@@ -3551,11 +3596,11 @@ class ScsiError(BscryptoError):
         self.status = status
 
 
-def _scsi_failure(device, what, result, context=""):
+def _scsi_failure(device, what, result, context="", vendor=None):
     """The ScsiError for a result that is not GOOD, with what to do about it.
 
     context: "spin" (a tape data encryption page), "spout" (the key page),
-    or "" (anything else).
+    or "" (anything else).  vendor: the INQUIRY vendor, for vendor sense codes.
     """
     where = "%s: %s" % (device, what)
     host, driver = result.host_status, result.driver_status & 0x07
@@ -3582,8 +3627,11 @@ def _scsi_failure(device, what, result, context=""):
     except ValueError as e:
         return ScsiError("%s: CHECK CONDITION without usable sense data (%s)" % (where, e),
                          status=status)
-    text = sense_text(sense)
+    text = sense_text(sense, vendor)
     key, asc = sense.sense_key, sense.asc
+    if key == SENSE_BLANK_CHECK:
+        return ScsiError("%s: blank tape: nothing is written at this position (%s)"
+                         % (where, text), EXIT_SCSI, sense, status)
     if key == SENSE_NOT_READY and asc == 0x3A:
         return ScsiError("%s: no tape loaded (%s): load a tape and retry" % (where, text),
                          EXIT_NOT_READY, sense, status)
@@ -3603,7 +3651,9 @@ def _scsi_failure(device, what, result, context=""):
                          "Encryption (set the drive's encryption method to Application Managed "
                          "in the library)" % (where, text, device), EXIT_KEY_REFUSED, sense,
                          status)
-    if context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24:
+    fp = sense.field_pointer
+    if (context == "spin" and key == SENSE_ILLEGAL_REQUEST and asc == 0x24
+            and not (fp is not None and fp.command_data and 6 <= fp.field <= 9)):
         return ScsiError("%s: the drive does not offer tape data encryption (%s): encryption "
                          "may be disabled or unlicensed on this drive" % (where, text),
                          EXIT_NO_ENCRYPTION, sense, status)
@@ -3623,13 +3673,29 @@ def scsi_command(transport, what, cdb, data_out=b"", data_in_len=0, context=""):
                 result.host_status or result.driver_status & 0x07):
             debug(3, "%s: %s: %d bytes in" % (transport.device, what, len(result.data_in)))
             return result.data_in
-        error = _scsi_failure(transport.device, what, result, context)
+        error = _scsi_failure(transport.device, what, result, context,
+                              _sense_vendor(transport, result))
         if (error.sense is None or error.sense.sense_key != SENSE_UNIT_ATTENTION
                 or attempt == UNIT_ATTENTION_RETRIES):
             raise error
         debug(1, "%s: %s: %s; sending again" % (transport.device, what,
                                                   sense_text(error.sense)))
     raise AssertionError("unreachable")
+
+
+def _sense_vendor(transport, result):
+    """The drive's INQUIRY vendor when the sense carries a vendor-specific code
+    (ASC or ASCQ 80h and up), asked once per transport; else None."""
+    sense = bytearray(result.sense)
+    codes = sense[12:14] if sense[:1] and sense[0] & 0x7F in (0x70, 0x71) else sense[2:4]
+    if result.status != SCSI_STATUS_CHECK_CONDITION or not any(c >= 0x80 for c in codes):
+        return None
+    vendor = getattr(transport, "inquiry_vendor", None)
+    if vendor is None:
+        reply = transport.execute(cdb_inquiry(), data_in_len=INQUIRY_ALLOCATION_LENGTH)
+        vendor = _ascii_field(bytes(reply.data_in)[8:16]) if reply.status == 0 else ""
+        transport.inquiry_vendor = vendor
+    return vendor
 
 
 def _parse_reply(parser, data, device, what):
@@ -3640,12 +3706,36 @@ def _parse_reply(parser, data, device, what):
                             EXIT_SCSI)
 
 
+def _allocation_length_refused(error):
+    """True when a SPIN refusal points at the ALLOCATION LENGTH (CDB bytes 6-9)."""
+    fp = error.sense.field_pointer if error.sense is not None else None
+    return (fp is not None and fp.command_data and 6 <= fp.field <= 9
+            and error.sense.sense_key == SENSE_ILLEGAL_REQUEST and error.sense.asc == 0x24)
+
+
 def read_tde_page(transport, page):
-    """The raw bytes of a tape data encryption SPIN page."""
-    return scsi_command(transport, "SECURITY PROTOCOL IN page %04Xh" % page,
-                        cdb_security_protocol_in(SECURITY_PROTOCOL_TAPE, page,
-                                                 SPIN_ALLOCATION_LENGTH),
-                        data_in_len=SPIN_ALLOCATION_LENGTH, context="spin")
+    """The raw bytes of a tape data encryption SPIN page.
+
+    Asks Bareos's 8196 bytes; a drive that refuses that allocation length is
+    asked again with 8192, and the transport remembers it for later pages.
+    """
+    what = "SECURITY PROTOCOL IN page %04Xh" % page
+    length = getattr(transport, "spin_allocation_length", SPIN_ALLOCATION_LENGTH)
+    try:
+        return scsi_command(transport, what, cdb_security_protocol_in(
+            SECURITY_PROTOCOL_TAPE, page, length), data_in_len=length, context="spin")
+    except ScsiError as e:
+        if not _allocation_length_refused(e):
+            raise
+        if length <= SPIN_ALLOCATION_LIMIT:
+            raise ScsiError("%s: the drive refused the allocation length %d (%s): this is "
+                            "not a missing encryption licence; report it with -d 3 output"
+                            % (transport.device, length, sense_text(e.sense)),
+                            EXIT_SCSI, e.sense, e.status)
+        debug(1, "%s: %s: allocation length %d refused; asking %d" % (
+            transport.device, what, length, SPIN_ALLOCATION_LIMIT))
+        transport.spin_allocation_length = SPIN_ALLOCATION_LIMIT
+        return read_tde_page(transport, page)
 
 
 def check_encryption_support(transport):
@@ -3673,18 +3763,28 @@ def check_encryption_support(transport):
                                 "%02Xh" % p for p in protocols) or "none"), EXIT_NO_ENCRYPTION)
 
 
+def _read_status_page(transport, parser, page, what):
+    """A status page; a key descriptor that overruns it is a warning, not a failure."""
+    problems = []
+    record = _parse_reply(lambda data: parser(data, problems), read_tde_page(transport, page),
+                          transport.device, what)
+    for problem in problems:
+        warn("%s: the drive's %s: %s; the fields before it are shown"
+             % (transport.device, what, problem))
+    return record
+
+
 def read_drive_status(transport):
     """The drive's Data Encryption Status page (0020h) as a DataEncryptionStatus."""
-    return _parse_reply(parse_data_encryption_status,
-                        read_tde_page(transport, DATA_ENCRYPTION_STATUS_PAGE),
-                        transport.device, "data encryption status page")
+    return _read_status_page(transport, parse_data_encryption_status,
+                             DATA_ENCRYPTION_STATUS_PAGE, "data encryption status page")
 
 
 def read_next_block_status(transport):
     """The Next Block Encryption Status page (0021h) as a NextBlockEncryptionStatus."""
-    return _parse_reply(parse_next_block_encryption_status,
-                        read_tde_page(transport, NEXT_BLOCK_ENCRYPTION_STATUS_PAGE),
-                        transport.device, "next block encryption status page")
+    return _read_status_page(transport, parse_next_block_encryption_status,
+                             NEXT_BLOCK_ENCRYPTION_STATUS_PAGE,
+                             "next block encryption status page")
 
 
 def read_capabilities(transport):
@@ -3694,11 +3794,28 @@ def read_capabilities(transport):
                         transport.device, "data encryption capabilities page")
 
 
+def read_capabilities_or_none(transport):
+    """The capabilities page, or None when the drive refuses it or sends one this
+    tool cannot read (a 16-byte algorithm descriptor, say): the callers then fall
+    back as Bareos does.  A drive without SECURITY PROTOCOL IN still fails."""
+    try:
+        return read_capabilities(transport)
+    except ScsiError as e:
+        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
+            raise
+        why = e
+    except BscryptoError as e:          # malformed page
+        why = e
+    debug(1, "%s: capabilities page unreadable: %s" % (transport.device, why))
+    return None
+
+
 def read_inquiry(transport):
     """(InquiryData, serial number or None)."""
     inquiry = _parse_reply(parse_inquiry, scsi_command(
         transport, "INQUIRY", cdb_inquiry(), data_in_len=INQUIRY_ALLOCATION_LENGTH),
         transport.device, "INQUIRY data")
+    transport.inquiry_vendor = inquiry.vendor
     try:
         serial = parse_unit_serial_number(scsi_command(
             transport, "INQUIRY (unit serial number)",
@@ -3762,7 +3879,14 @@ def choose_algorithm(capabilities, algorithm_index=None, decrypt_only=False, dev
 
 def _key_descriptor(text, algorithm, device):
     """The U-KAD (type, bytes) for --key-desc within the drive's limits, and its KAD format."""
-    data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
+    if isinstance(text, str):
+        # Checked before encoding: "caf\u00e9" must not become "caf?" and pass.
+        bad = [c for c in text if not " " <= c <= "~"]
+        if bad:
+            raise UsageError("the key descriptor must be printable ASCII text (%r is not)"
+                             % bad[0])
+        text = text.encode("ascii")
+    data = bytes(text)
     if not data or any(b < 32 or b > 126 for b in bytearray(data)):
         raise UsageError("the key descriptor must be printable ASCII text")
     limit = algorithm.maximum_ukad_length if algorithm is not None else DEFAULT_UKAD_LIMIT
@@ -3776,6 +3900,119 @@ def _key_descriptor(text, algorithm, device):
         data = data.ljust(limit)        # the drive wants exactly its maximum length
     ascii_format = algorithm is None or algorithm.kadf_c
     return (KAD_TYPE_UKAD, data), (KAD_FORMAT_ASCII if ascii_format else KAD_FORMAT_UNSPECIFIED)
+
+
+# Algorithm descriptor capabilities (SSC-4) that decide what set-key may send.
+RDMC_C_UNSUPPORTED = 1           # RDMC_C 001b: no raw decryption mode control; RDMC must be 0
+DKAD_C_REQUIRED = 1              # DKAD_C 01b: a U-KAD must come with the key to decrypt
+
+
+def _check_capabilities(algorithm, raw_read, kads, device):
+    """Refuse locally what the capabilities page says the drive will refuse."""
+    if algorithm is None:
+        return
+    index = algorithm.algorithm_index
+    if raw_read is not None and algorithm.rdmc_c == RDMC_C_UNSUPPORTED:
+        raise UsageError("%s: algorithm index %d marks raw-read protection itself (RDMC_C %d, "
+                         "raw decryption mode control not supported): leave out %s" % (
+                             device, index, algorithm.rdmc_c,
+                             "--allow-raw-read" if raw_read else "--no-raw-read"))
+    if algorithm.dkad_c == DKAD_C_REQUIRED and not kads:
+        raise UsageError("%s: algorithm index %d needs a key descriptor (U-KAD) with the key "
+                         "to decrypt (DKAD_C 1): give set-key --key-desc TEXT" % (device, index))
+
+
+def _need_tape_for_ckod(transport):
+    """TEST UNIT READY before a CKOD page, as stenc 2.0 does: some drives refuse
+    CKOD with no cartridge, and then the page's refusal would not say why."""
+    try:
+        scsi_command(transport, "TEST UNIT READY", cdb_test_unit_ready())
+    except ScsiError as e:
+        if e.exit_code != EXIT_NOT_READY:
+            raise
+        raise ScsiError("%s: --ckod clears the key when the tape is unloaded, and no tape is "
+                        "ready (%s): load the tape first, then set the key"
+                        % (transport.device, sense_text(e.sense)), EXIT_NOT_READY, e.sense,
+                        e.status)
+
+
+# Set Data Encryption page (SSC-4): the field a parameter field pointer names,
+# by first byte; bytes 4 and 5 hold several fields, told apart by the bit pointer.
+_SDE_FIELDS = ((0, "PAGE CODE"), (2, "PAGE LENGTH"), (4, "SCOPE/LOCK"),
+               (5, "CEEM/RDMC/SDK/CKOD/CKORP/CKORL"), (6, "ENCRYPTION MODE"),
+               (7, "DECRYPTION MODE"), (8, "ALGORITHM INDEX"), (9, "KEY FORMAT"),
+               (10, "KAD FORMAT"), (11, "a reserved byte"), (18, "KEY LENGTH"), (20, "KEY"))
+_SDE_BITS = {(4, 0): "LOCK", (4, 5): "SCOPE", (4, 6): "SCOPE", (4, 7): "SCOPE",
+             (5, 7): "CEEM", (5, 6): "CEEM", (5, 5): "RDMC", (5, 4): "RDMC", (5, 3): "SDK",
+             (5, 2): "CKOD", (5, 1): "CKORP", (5, 0): "CKORL"}
+_KEY_DESCRIPTOR_FIELD = "the key descriptor"
+_SDE_ADVICE = {
+    "CKOD": "is a tape loaded? some drives take CKOD only with a cartridge in the drive: "
+            "load it and retry, or leave out --ckod",
+    _KEY_DESCRIPTOR_FIELD: "this drive takes no key descriptor (U-KAD) here: retry without "
+                           "--key-desc",
+    "KAD FORMAT": "this drive takes no ASCII key descriptor: retry without --key-desc",
+    "RDMC": "the drive fixes the raw-read marking itself: leave out --allow-raw-read and "
+            "--no-raw-read",
+    "ALGORITHM INDEX": "algorithm index %(index)s is not one this drive takes: `bscrypto.py "
+                       "drive-status --detail %(device)s` lists its algorithms; choose one "
+                       "with --algorithm-index",
+    "ENCRYPTION MODE": "algorithm index %(index)s cannot encrypt under this host's control: "
+                       "choose another with --algorithm-index (`bscrypto.py drive-status "
+                       "--detail %(device)s` lists them)",
+    "DECRYPTION MODE": "algorithm index %(index)s cannot decrypt under this host's control: "
+                       "choose another with --algorithm-index (`bscrypto.py drive-status "
+                       "--detail %(device)s` lists them)",
+    "KEY LENGTH": "the %(key_length)d-byte key does not fit algorithm index %(index)s: choose "
+                  "an AES-256 algorithm with --algorithm-index",
+    "KEY FORMAT": "the drive takes no plain key for algorithm index %(index)s",
+    "SCOPE": "the drive refused the scope Bareos sends (all I_T nexus): another host may "
+             "hold the encryption parameters locked; release it or reset the drive",
+}
+_SDE_ADVICE["KEY"] = _SDE_ADVICE["KEY LENGTH"]
+_SDE_ADVICE["LOCK"] = _SDE_ADVICE["SCOPE/LOCK"] = _SDE_ADVICE["SCOPE"]
+
+
+def set_data_encryption_field(page, field_pointer):
+    """The name of the Set Data Encryption page field a parameter field pointer
+    points at (SSC-4 names), or None for a pointer into the CDB."""
+    if field_pointer is None or field_pointer.command_data:
+        return None
+    byte = field_pointer.field
+    key_end = 20 + (int.from_bytes(page[18:20], "big") if len(page) >= 20 else 0)
+    if byte >= key_end:
+        return _KEY_DESCRIPTOR_FIELD
+    if field_pointer.bit_pointer_valid and (byte, field_pointer.bit_pointer) in _SDE_BITS:
+        return _SDE_BITS[byte, field_pointer.bit_pointer]
+    if byte == 5 and len(page) > 5:
+        # No bit pointer: the one field of byte 5 this page sets is the one refused.
+        sent = sorted(set(name for (b, bit), name in _SDE_BITS.items()
+                          if b == 5 and page[5] >> bit & 1))
+        if len(sent) == 1:
+            return sent[0]
+    return [name for start, name in _SDE_FIELDS if byte >= start][-1]
+
+
+def _spout_refusal(device, what, error, page):
+    """The ScsiError saying which field of the page the drive refused and what
+    to do, or None when the sense names no field of the page."""
+    sense = error.sense
+    if sense is None or sense.sense_key != SENSE_ILLEGAL_REQUEST:
+        return None
+    page = bytes(page)
+    if sense.asc == 0x26 and sense.ascq == 0x11:
+        return ScsiError("%s: %s: this drive needs a key descriptor (U-KAD) with the key (%s): "
+                         "give set-key --key-desc TEXT" % (device, what, sense_text(sense)),
+                         EXIT_KEY_REFUSED, sense, error.status)
+    field = set_data_encryption_field(page, sense.field_pointer)
+    if field is None or sense.asc != 0x26:
+        return None
+    advice = _SDE_ADVICE.get(field, "this tool sends it as Bareos does: please report it "
+                                    "with -d 3 output") % {
+        "device": device, "index": page[8] if len(page) > 8 else "?",
+        "key_length": int.from_bytes(page[18:20], "big") if len(page) >= 20 else 0}
+    return ScsiError("%s: %s: the drive refused %s (%s): %s" % (
+        device, what, field, sense_text(sense), advice), EXIT_KEY_REFUSED, sense, error.status)
 
 
 def _warn_not_application_managed(device, status, err):
@@ -3806,17 +4043,13 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
     status = read_drive_status(transport)
     if not clear:
         _warn_not_application_managed(device, status, err)
-    try:
-        capabilities = read_capabilities(transport)
-    except ScsiError as e:
-        if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
-            raise
-        debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
-              "does" % (device, e))
-        capabilities = None
+    capabilities = read_capabilities_or_none(transport)
+    kads = ()
     if clear:
         algorithm = None
         index = algorithm_index
+        if index is not None:
+            choose_algorithm(capabilities, index, device=device)   # listed by the drive?
         if index is None and capabilities is not None:
             gcm = [a for a in capabilities.algorithms
                    if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
@@ -3827,6 +4060,13 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
         index = algorithm.algorithm_index if algorithm is not None else (
             1 if algorithm_index is None else algorithm_index)
         kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
+        if decrypt_only and (key_desc or file_key_desc) and not (
+                algorithm is not None and algorithm.dkad_c == DKAD_C_REQUIRED):
+            # Nothing is written encrypted, so no block could carry it; drives
+            # refuse a descriptor with encryption off (stenc drops it too).
+            err.write("bscrypto: warning: key descriptor not sent: with --decrypt-only "
+                      "nothing is written encrypted\n")
+            key_desc = file_key_desc = None
         if key_desc:
             kad, kad_format = _key_descriptor(key_desc, algorithm, device)
             kads = (kad,)
@@ -3836,14 +4076,39 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
                 kads = (kad,)
             except UsageError as e:
                 err.write("bscrypto: warning: key file description not sent: %s\n" % e)
+        _check_capabilities(algorithm, raw_read, kads, device)
+        if ckod:
+            _need_tape_for_ckod(transport)
         rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read
                                                       else RDMC_DISABLED)
-        page = build_set_data_encryption_page(
-            key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
-            DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
-            kads=kads)
+
+        def page_with(kads, kad_format):
+            return build_set_data_encryption_page(
+                key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
+                DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
+                kads=kads)
+        page = page_with(kads, kad_format)
+    try:
+        _send_set_data_encryption(transport, page, status, clear)
+    except ScsiError as e:
+        # A description taken from a stenc key file is optional: without it, once.
+        if not (kads and file_key_desc and not key_desc and e.exit_code == EXIT_KEY_REFUSED
+                and e.sense is not None and e.sense.field_pointer is not None
+                and set_data_encryption_field(page, e.sense.field_pointer)
+                in (_KEY_DESCRIPTOR_FIELD, "KAD FORMAT")):
+            raise
+        err.write("bscrypto: warning: the drive refused the key file's description as key "
+                  "descriptor (%s); loading the key without it\n" % sense_text(e.sense))
+        _send_set_data_encryption(transport, page_with((), KAD_FORMAT_UNSPECIFIED), status,
+                                  clear)
+    return read_drive_status(transport), algorithm
+
+
+def _send_set_data_encryption(transport, page, status, clear):
+    """SPOUT the page; a refusal says which field and what to do about it."""
+    device = transport.device
     debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
-        device, "clear" if clear else "load key", index, len(page)))
+        device, "clear" if clear else "load key", page[8], len(page)))
     what = "SECURITY PROTOCOL OUT (set data encryption)"
     try:
         scsi_command(transport, what, cdb_security_protocol_out(
@@ -3858,8 +4123,7 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
                                 device, what, sense_text(e.sense),
                                 _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
                             EXIT_KEY_REFUSED, e.sense, e.status)
-        raise
-    return read_drive_status(transport), algorithm
+        raise _spout_refusal(device, what, e, page) or e
 
 
 def _key_loaded_line(device, status, algorithm):
@@ -3982,17 +4246,19 @@ def op_drive_status(device, detail=False, as_json=False, timeout=DEFAULT_SCSI_TI
 def _read_detail(transport):
     """INQUIRY, capabilities and next block status; parts a drive refuses are None."""
     inquiry, serial = read_inquiry(transport)
-    try:
-        capabilities = read_capabilities(transport)
-    except ScsiError as e:
-        debug(1, "%s: %s" % (transport.device, e))
-        capabilities = None
+    capabilities = read_capabilities_or_none(transport)
     try:
         next_block, why = read_next_block_status(transport), None
     except ScsiError as e:
         next_block = None
-        why = ("no tape loaded" if e.exit_code == EXIT_NOT_READY
-               else sense_text(e.sense) if e.sense is not None else str(e))
+        if e.exit_code == EXIT_NOT_READY:
+            why = "no tape loaded"
+        elif e.sense is None:
+            why = str(e)
+        else:
+            why = sense_text(e.sense, inquiry.vendor)
+            if e.sense.sense_key == SENSE_BLANK_CHECK:
+                why = "blank tape: " + why
     return inquiry, serial, capabilities, next_block, why
 
 
@@ -4031,8 +4297,7 @@ def _format_detail(status, extra):
               i + "Parameters control: %s" % _name(PARAMETERS_CONTROL_NAMES,
                                                   status.parameters_control)]
     for kad in status.kads:
-        lines.append(i + "Key descriptor (%s): %s" % (_name(KAD_TYPE_NAMES, kad.descriptor_type),
-                                                      _kad_text(kad)))
+        lines.append(i + "Key descriptor (%s): %s" % (_kad_label(kad), _kad_text(kad)))
     if not status.kads:
         lines.append(i + "Key descriptor: none")
     lines.append("Supported algorithms:")
@@ -4049,17 +4314,25 @@ def _format_detail(status, extra):
                                                       next_block.encryption_status),
                   i + "Compression status: %s" % _name(COMPRESSION_STATUS_NAMES,
                                                        next_block.compression_status)]
-        if next_block.encryption_status in (4, 5, 6):
+        if next_block.encryption_status in (5, 6):      # not meaningful for 4
             lines.append(i + "Algorithm index: %d" % next_block.algorithm_index)
-        for kad in next_block.kads:
-            lines.append(i + "Key descriptor (%s): %s" % (
-                _name(KAD_TYPE_NAMES, kad.descriptor_type), _kad_text(kad)))
+        lines += _next_block_kad_lines(next_block)
     return "\n".join(lines) + "\n"
 
 
+def _next_block_kad_lines(next_block):
+    """The next block's key descriptors: which key the tape asks for."""
+    return [BAREOS_STATUS_INDENT + "Key descriptor (%s): %s" % (_kad_label(kad), _kad_text(kad))
+            for kad in next_block.kads]
+
+
 def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None,
-                     transport=None):
-    """-v / volume-status: the next block's encryption status (Bareos's text or JSON)."""
+                     transport=None, readable=False):
+    """-v / volume-status: the next block's encryption status (Bareos's text or JSON).
+
+    readable (volume-status): Bareos's lines, then for an encrypted block
+    (status 5 or 6) its key descriptors, the tape's answer to "which key?".
+    """
     out = out or sys.stdout
     with _drive(device, timeout, transport) as t:
         check_encryption_support(t)
@@ -4068,6 +4341,8 @@ def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=No
         _json_dump({"device": device, "next_block_status": next_block_status_dict(nbes)}, out)
         return EXIT_OK
     out.write(format_volume_status_bareos(nbes))
+    if readable and nbes.encryption_status in (5, 6):
+        out.write("".join(line + "\n" for line in _next_block_kad_lines(nbes)))
     out.flush()
     return EXIT_OK
 
@@ -4944,7 +5219,8 @@ def _add_drive_commands(sub, common):
                                    "current position, in Bareos's words.")
     p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout))
+    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout,
+                                                   readable=True))
 
 
 def _run_set_key(ns):
@@ -5829,6 +6105,28 @@ ASC_NAMES = {
     0x746F: "External data encryption control error",
     0x7471: "Logical unit access not authorized",
     0x7479: "Security conflict in translated device",
+}
+
+
+# IBM's vendor-specific encryption codes (EEh/EFh), named only when INQUIRY
+# says IBM: other vendors use these numbers for other things.  Wording from
+# the encryption sense data tables of IBM's LTO drive references (TS3310 and
+# TS3400 library manuals, appendix "Sense data").
+IBM_ASC_NAMES = {
+    0xEE12: "Encryption - Key change detected",
+    0xEE18: "Encryption - Changed (read)",
+    0xEE19: "Encryption - Changed (write)",
+    0xEE23: "Encryption - Key conflict",
+    0xEE25: "Encryption - Key format not supported",
+    0xEE40: "Encryption - EKM identifier changed",
+    0xEE41: "Encryption - EKM challenge changed",
+    0xEE50: "Encryption - Initiator identifier changed",
+    0xEE51: "Encryption - Initiator response changed",
+    0xEF10: "Encryption - Key required",
+    0xEF11: "Encryption - Key generation",
+    0xEF13: "Encryption - Key translate",
+    0xEF1A: "Encryption - Key optional",
+    0xEFC0: "Encryption - No operation",
 }
 
 

@@ -1433,6 +1433,55 @@ PROFILES = {
 }
 
 
+# Drives that refuse (issue 12): a base profile plus "quirks" the emulator
+# consults, each answering with the bytes such drives return (SPC-4 fixed
+# sense, SKSV field pointers into the CDB or into SSC-4's Set Data Encryption
+# page; sg_decode_sense decodes them to the texts the tool prints):
+#   spin_limit         SPIN ALLOCATION LENGTH above 8192: 05/24/00, CDB byte 6
+#   ckod_needs_tape    CKOD with no tape: 05/26/00, parameter byte 5 bit 2;
+#                      "always": CKOD refused with a tape too
+#   refuse_ukad        any U-KAD, although page 0010h lists 32 bytes:
+#                      05/26/00 at the descriptor's first byte
+#   require_ukad       a key without U-KAD: 05/26/11 INCOMPLETE KEY-ASSOCIATED
+#                      DATA SET (DKAD_C not reported)
+#   fixed_rdmc         RDMC other than 00b: 05/26/00, parameter byte 5 bit 5
+#   kad_needs_encrypt  a KAD with encryption mode DISABLE: 05/24/00 (as reported)
+#   hba_pads           SPIN data-in padded with zeros to the allocation length,
+#                      no residual (HBAs that report none)
+#   overstated_length  page 0020h's PAGE LENGTH 8 bytes more than it holds
+#   kad_overrun        the status page's U-KAD length 6 more than it holds
+#   short_algorithm    page 0010h's algorithm descriptors 16 bytes long
+#   blank_check        page 0021h at end of data: 08/00/05 BLANK CHECK
+#   key_required       page 0021h on an encrypted block without the key:
+#                      07/EF/10, IBM's "Encryption - Key required"
+# Capability bits (f3: DKAD_C 7-6, EEMC_C 5-4, RDMC_C 3-1, EAREM 0) as
+# Oracle's T10000 reference gives them: DKAD_C 01b, RDMC_C 001b.
+def refusing(base, quirks, **algorithm_changes):
+    p = dict(PROFILES[base], quirks=quirks)
+    if algorithm_changes:
+        p["algorithms"] = [dict(a, **algorithm_changes) for a in p["algorithms"]]
+    return p
+
+
+PROFILES.update({
+    "spin-8192": refusing("hp", {"spin_limit": 8192}),
+    "ckod-needs-tape": refusing("quantum", {"ckod_needs_tape": True}),
+    "no-ukad": refusing("hp", {"refuse_ukad": True}),
+    "needs-ukad": refusing("ibm", {"require_ukad": True}, f3=0x2D),
+    "fixed-rdmc": refusing("quantum", {"fixed_rdmc": True}),
+    "rdmc-unsupported": refusing("ibm", {}, f3=0x03),
+    "dkad-required": refusing("ibm", {"require_ukad": True}, f3=0x4D),
+    "ukad-none": refusing("quantum", {}, ukad=0, kadf_c=False),
+    "kad-needs-encrypt": refusing("ibm", {"kad_needs_encrypt": True}),
+    "hba-pads": refusing("hp", {"hba_pads": True, "overstated_length": True}),
+    "kad-overrun": refusing("hp", {"hba_pads": True, "kad_overrun": True}),
+    "short-algorithm": refusing("ibm", {"short_algorithm": True}),
+    "blank": refusing("hp", {"blank_check": True}),
+    "ibm-key-required": refusing("library", {"key_required": True}),
+    "hp-key-required": refusing("hp", {"key_required": True}),
+})
+
+
 class Block(object):
     """A logical block on the emulated medium: its data and how it was written."""
 
@@ -1830,6 +1879,7 @@ class EmulatedTapeDrive(object):
 
     def security_protocol_in(self, cdb, data_out):
         self._need_encryption()
+        self._spin_quirks(cdb)
         protocol, page = cdb[1], int.from_bytes(cdb[2:4], "big")
         if cdb[4] & 0x80:
             raise invalid_cdb(4, 7)
@@ -1846,7 +1896,8 @@ class EmulatedTapeDrive(object):
         if page not in pages:
             raise invalid_cdb(2)
         body = pages[page]()
-        return page.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+        return self._spin_reply(cdb, page.to_bytes(2, "big") + len(body).to_bytes(2, "big")
+                                + body)
 
     def _spin_support_in(self):
         return b"".join(p.to_bytes(2, "big") for p in (0, 1, 0x10, 0x11, 0x12, 0x20, 0x21))
@@ -1922,6 +1973,7 @@ class EmulatedTapeDrive(object):
         if self.profile["parameters_control"] == 3:
             # Library-managed (IBM's behaviour without AME): no key from the host.
             raise CheckCondition(ILLEGAL_REQUEST, 0x26, 0x00)
+        self._spout_quirks(page)
         scope, ceem, rdmc = page[4] >> 5, page[5] >> 6, page[5] >> 4 & 3
         encryption_mode, decryption_mode = page[6], page[7]
         index, key_format, kad_format = page[8], page[9], page[10]
@@ -1990,6 +2042,56 @@ class EmulatedTapeDrive(object):
 
     def _clear_key(self):
         self._store(self.scope, 0, 0, 0, 0, self.algorithm_index, None, 0, (), False)
+
+    # -- refusals of real drives (the quirks of a profile, see PROFILES) --
+
+    def quirk(self, name):
+        return self.profile.get("quirks", {}).get(name)
+
+    def _spin_quirks(self, cdb):
+        if self.quirk("spin_limit") and int.from_bytes(cdb[6:10], "big") > self.quirk(
+                "spin_limit"):
+            raise invalid_cdb(6)
+        page, medium = int.from_bytes(cdb[2:4], "big"), self.medium
+        if cdb[1] != 0x20 or page != 0x21 or medium is None:
+            return
+        if self.quirk("blank_check") and self.position >= len(medium.objects):
+            raise CheckCondition(BLANK_CHECK, 0x00, 0x05)
+        if self.quirk("key_required") and self.next_block_status()[1] == 6:
+            raise CheckCondition(DATA_PROTECT, 0xEF, 0x10)
+
+    def _spin_reply(self, cdb, data):
+        page, data = int.from_bytes(data[0:2], "big"), bytearray(data)
+        if page == 0x20 and self.quirk("overstated_length"):
+            data[2:4] = (len(data) - 4 + 8).to_bytes(2, "big")
+        if page == 0x20 and self.quirk("kad_overrun") and len(data) > 28:
+            data[26:28] = (int.from_bytes(data[26:28], "big") + 6).to_bytes(2, "big")
+        if page == 0x10 and self.quirk("short_algorithm"):
+            body = bytes(data[4:20]) + b"".join(
+                bytes([d[0], 0, 0, 16]) + d[4:20]
+                for d in (data[i:i + 24] for i in range(20, len(data), 24)))
+            data = bytearray(data[0:2]) + len(body).to_bytes(2, "big") + body
+        if self.quirk("hba_pads"):
+            data = data.ljust(int.from_bytes(cdb[6:10], "big"), b"\0")
+        return bytes(data)
+
+    def _spout_quirks(self, page):
+        key_end = 20 + int.from_bytes(page[18:20], "big")
+        has_kad = len(page) > key_end
+        if self.quirk("ckod_needs_tape") and page[5] & 0x04 and (
+                self.medium is None or self.quirk("ckod_needs_tape") == "always"):
+            raise invalid_parameter(5, 2)
+        if self.quirk("kad_needs_encrypt") and has_kad and page[6] == 0:
+            raise CheckCondition(ILLEGAL_REQUEST, 0x24, 0x00)
+        if self.quirk("refuse_ukad") and has_kad:
+            raise invalid_parameter(key_end)
+        if self.quirk("require_ukad") and not has_kad and page[7] in (2, 3):
+            raise CheckCondition(ILLEGAL_REQUEST, 0x26, 0x11)
+        if self.quirk("fixed_rdmc") and page[5] & 0x30:
+            raise invalid_parameter(5, 5)
+        algorithm = self._algorithm(page[8])
+        if algorithm is not None and page[5] & 0x30 and algorithm["f3"] >> 1 & 7 == 1:
+            raise invalid_parameter(5, 5)           # RDMC_C 001b: RDMC must be 00b
 
     # -- test conveniences (not SCSI) --
 
@@ -3331,9 +3433,12 @@ class TestDriveCommandsHp(TestDriveCommandsIbm):
         err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "set-key", self.dev, key, "-w", kek,
                             "--algorithm-index", "1")
         self.assertIn("05/26/00", err)
+        self.assertIn("the drive refused ENCRYPTION MODE", err)
         self.assertIn("rejected parameter byte 6", err)
+        self.assertIn("algorithm index 1 cannot encrypt", err)
         self.assertIn("--algorithm-index", err)
-        self.assertIn("Application Managed", err)
+        # A field pointer says what was wrong: no guess about library management.
+        self.assertNotIn("Application Managed", err)
 
     def test_unreadable_capabilities_fall_back_to_index_1(self):
         real = self.drive._spin_capabilities
@@ -3408,6 +3513,276 @@ class TestDriveCommandsNoEncryption(DriveTestCase):
         result = bscrypto._record("ScsiResult")(2, b"", sense, 0, 0, 8, 1, 0)
         e = bscrypto._scsi_failure("/dev/nst0", "SPIN", result, "spin")
         self.assertEqual(e.exit_code, bscrypto.EXIT_NO_ENCRYPTION)
+
+
+class TestDrivesThatRefuse(DriveTestCase):
+    """Issue 12: every refusal of a real drive (the refusing profiles) gets
+    its own diagnosis, exit code and advice."""
+
+    def use(self, profile, setup=None):
+        self.drive = EmulatedTapeDrive(profile)
+        self.dev = self.kernel.add(self.drive, profile)
+        if setup:
+            setup(self.drive)
+        self.key = self.write("key", BAREOS_PASSPHRASE)
+
+    def spout_pages(self):
+        return [data for cdb, data in self.drive.log if cdb[0] == 0xB5]
+
+    def loaded_with_desc(self):
+        d = self.drive
+        d.key, d.encryption_mode, d.decryption_mode, d.algorithm_index = b"K" * 32, 2, 3, 2
+        d.kads, d.kad_format = ((0, 0, b"pool Full"),), 2
+
+    def encrypted_block(self, kads=()):
+        self.drive.medium.objects.append(Block(b"x", key=b"K" * 32, code=GCM, index=1,
+                                               kads=kads, kad_format=2 if kads else 0))
+
+    def test_1_spin_allocation_length_retried_with_8192(self):
+        self.use("spin-8192")
+        out, err = self.run_ok("-e", self.dev)
+        self.assertTrue(out.startswith("Drive encryption status:\n"), out)
+        spins = [int.from_bytes(c[6:10], "big") for c, _ in self.drive.log
+                 if c[0] == 0xA2 and c[1] == 0x20]
+        self.assertEqual(spins, [8196, 8192])      # asked once, then remembered
+        self.run_ok("set-key", self.dev, self.key)
+        self.assertEqual(self.drive.key, BAREOS_PASSPHRASE[:31] + b"\0")
+        # Refused even at 8192: said as it is, never "disabled or unlicensed".
+        self.drive.profile = dict(self.drive.profile, quirks={"spin_limit": 4096})
+        err = self.run_fail(bscrypto.EXIT_SCSI, "-e", self.dev)
+        self.assertIn("refused the allocation length 8192", err)
+        self.assertIn("rejected CDB byte 6", err)
+        self.assertNotIn("unlicensed", err)
+
+    def test_2_ckod_checks_for_a_tape_first(self):
+        self.use("ckod-needs-tape", lambda d: setattr(d, "medium", None))
+        err = self.run_fail(bscrypto.EXIT_NOT_READY, "set-key", self.dev, self.key, "--ckod")
+        self.assertIn("--ckod clears the key when the tape is unloaded", err)
+        self.assertIn("02/3A/00", err)
+        self.assertEqual(self.spout_pages(), [])
+        self.drive.load()
+        self.run_ok("set-key", self.dev, self.key, "--ckod")
+        self.drive.profile = dict(self.drive.profile, quirks={"ckod_needs_tape": "always"})
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "set-key", self.dev, self.key, "--ckod")
+        self.assertIn("the drive refused CKOD (", err)
+        self.assertIn("rejected parameter byte 5 bit 2", err)
+        self.assertIn("is a tape loaded?", err)
+        self.assertNotIn("Application Managed", err)
+
+    def test_2_refused_key_descriptor(self):
+        self.use("no-ukad")
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "set-key", self.dev, self.key,
+                            "--key-desc", "pool Full")
+        self.assertIn("the drive refused the key descriptor (", err)
+        self.assertIn("rejected parameter byte 52)", err)
+        self.assertIn("retry without --key-desc", err)
+        self.assertNotIn("Application Managed", err)
+        # A stenc key file's description is optional: sent once, then without it.
+        hexkey = self.write("stenc.key", bytes(range(32)).hex().encode() + b"\nTape set 7\n")
+        rc, out, err = cli("set-key", self.dev, "--hex-key", hexkey)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("warning: the drive refused the key file's description", err)
+        self.assertEqual([len(p) for p in self.spout_pages()[-2:]], [52 + 14, 52])
+        self.assertEqual(self.drive.key, bytes(range(32)))
+
+    def test_2_incomplete_key_associated_data_set(self):
+        self.use("needs-ukad")
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "set-key", self.dev, self.key)
+        self.assertIn("this drive needs a key descriptor (U-KAD) with the key", err)
+        self.assertIn("Incomplete key-associated data set (05/26/11)", err)
+        self.assertIn("--key-desc", err)
+        self.run_ok("set-key", self.dev, self.key, "--key-desc", "pool Full")
+
+    def test_2_rdmc_and_other_fields(self):
+        self.use("fixed-rdmc")
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "set-key", self.dev, self.key,
+                            "--no-raw-read")
+        self.assertIn("the drive refused RDMC (", err)
+        self.assertIn("fixes the raw-read marking", err)
+        self.run_ok("set-key", self.dev, self.key)
+        page = bscrypto.bareos_set_key_page(BAREOS_PASSPHRASE) + bscrypto.build_kad(0, b"x")
+        field = _record_field_pointer
+        for byte, bit, name in ((4, None, "SCOPE/LOCK"), (4, 0, "LOCK"), (4, 7, "SCOPE"),
+                                (5, 2, "CKOD"), (5, None, "CEEM/RDMC/SDK/CKOD/CKORP/CKORL"),
+                                (6, None, "ENCRYPTION MODE"), (7, None, "DECRYPTION MODE"),
+                                (8, None, "ALGORITHM INDEX"), (9, None, "KEY FORMAT"),
+                                (10, None, "KAD FORMAT"), (12, None, "a reserved byte"),
+                                (19, None, "KEY LENGTH"), (51, None, "KEY"),
+                                (52, None, "the key descriptor")):
+            self.assertEqual(bscrypto.set_data_encryption_field(page, field(byte, bit)), name)
+        ckod_page = bscrypto.build_set_data_encryption_page(b"k" * 32, ckod=True)
+        self.assertEqual(bscrypto.set_data_encryption_field(ckod_page, field(5, None)), "CKOD")
+        self.assertIsNone(bscrypto.set_data_encryption_field(page, field(6, None, True)))
+
+    def test_3_capability_prechecks(self):
+        self.use("rdmc-unsupported")
+        for option in ("--allow-raw-read", "--no-raw-read"):
+            err = self.run_fail(bscrypto.EXIT_USAGE, "set-key", self.dev, self.key, option)
+            self.assertIn("RDMC_C 1", err)
+            self.assertIn("leave out " + option, err)
+        self.assertEqual(self.spout_pages(), [])
+        self.use("dkad-required")
+        err = self.run_fail(bscrypto.EXIT_USAGE, "-s", self.key, self.dev)
+        self.assertIn("needs a key descriptor (U-KAD) with the key to decrypt (DKAD_C 1)", err)
+        self.assertEqual(self.spout_pages(), [])
+        self.run_ok("set-key", self.dev, self.key, "--key-desc", "pool Full")
+        self.use("ukad-none")
+        err = self.run_fail(bscrypto.EXIT_USAGE, "set-key", self.dev, self.key, "--key-desc", "x")
+        self.assertIn("takes no key descriptor", err)
+        self.assertEqual(self.spout_pages(), [])
+
+    def test_4_padded_status_pages(self):
+        self.use("hba-pads")
+        self.loaded_with_desc()
+        out, _ = self.run_ok("drive-status", "--detail", self.dev)
+        self.assertEqual(out.count("Key descriptor"), 1, out)
+        self.assertIn('   Key descriptor (U-KAD): "pool Full"\n', out)
+        kads = json.loads(self.run_ok("drive-status", "--json", self.dev)[0])[
+            "drive_status"]["kads"]
+        self.assertEqual([k["text"] for k in kads], ["pool Full"])
+
+    def test_4_overrunning_descriptor_is_a_warning(self):
+        self.use("kad-overrun")
+        self.loaded_with_desc()
+        rc, out, err = cli("-e", self.dev)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("   Encryption Mode: Encrypt\n", out.decode())
+        self.assertIn("warning:", err)
+        self.assertIn("overruns the page (length 15, 9 bytes left)", err)
+        with self.assertRaises(ValueError):          # the parser alone still refuses it
+            bscrypto.parse_data_encryption_status(self.drive.security_protocol_in(
+                bscrypto.cdb_security_protocol_in(0x20, 0x20, 100), b""))
+
+    def test_4_short_algorithm_descriptor_falls_back(self):
+        self.use("short-algorithm")
+        out, _ = self.run_ok("set-key", self.dev, self.key)
+        self.assertIn("key loaded: algorithm (index 1)", out)
+        self.assertEqual(self.spout_pages()[-1][8], 1)
+        out, _ = self.run_ok("drive-status", "--detail", self.dev)
+        self.assertIn("not reported (capabilities page unreadable)", out)
+
+    def test_5_what_readers_see(self):
+        self.use("ibm")
+        self.encrypted_block(kads=[(0, 0, b"pool Full 2026")])
+        out, _ = self.run_ok("volume-status", self.dev)
+        self.assertTrue(out.endswith("(EMES): Disabled\n"
+                                     '   Key descriptor (U-KAD): "pool Full 2026"\n'), out)
+        legacy, _ = self.run_ok("-v", self.dev)
+        self.assertEqual(out, legacy + '   Key descriptor (U-KAD): "pool Full 2026"\n')
+        # Status 4 (unsupported algorithm): no algorithm index in --detail.
+        self.drive.medium.objects[0].code = 0x00010099
+        out, _ = self.run_ok("drive-status", "--detail", self.dev)
+        self.assertIn("Encryption status: encrypted, unsupported algorithm\n", out)
+        self.assertNotIn("Algorithm index", out.split("Next block:")[1])
+        self.assertNotIn("Key descriptor (U-KAD): \"pool", self.run_ok("volume-status",
+                                                                       self.dev)[0])
+        # DKAD_C, RDMC_C and the AUTHENTICATED field by name; XTS-AES.
+        self.assertIn("DKAD_C: optional, RDMC_C: raw read never allowed", out)
+        self.assertEqual(bscrypto.algorithm_name(0x00010016), "XTS-AES")
+        status = bscrypto.parse_data_encryption_status(bytes.fromhex(STENC_STATUS_PAGE))
+        self.assertIn('Key descriptor (U-KAD, not authenticated): "Hello world!"',
+                      bscrypto._format_detail(status, (bscrypto.parse_inquiry(
+                          self.drive.inquiry(bytes(6), b"")), None, None, None, "x")))
+        a = json.loads(self.run_ok("drive-status", "--detail", "--json", self.dev)[0])[
+            "algorithms"][0]
+        self.assertEqual((a["dkad_c"], a["rdmc_c"]), ("optional", "raw read never allowed"))
+
+    def test_5_ibm_vendor_sense_names(self):
+        self.use("ibm-key-required", lambda d: None)
+        self.encrypted_block()
+        err = self.run_fail(bscrypto.EXIT_SCSI, "-v", self.dev)
+        self.assertIn("DATA PROTECT, Encryption - Key required (07/EF/10)", err)
+        self.use("hp-key-required")
+        self.encrypted_block()
+        err = self.run_fail(bscrypto.EXIT_SCSI, "-v", self.dev)
+        self.assertIn("Vendor specific ASC/ASCQ EFh/10h (07/EF/10)", err)
+        self.assertEqual(bscrypto.asc_text(0xEE, 0x12, "IBM"), "Encryption - Key change detected")
+        self.assertIn("Vendor specific", bscrypto.asc_text(0xEE, 0x12, "HP"))
+
+    def test_6_blank_tape(self):
+        self.use("blank")
+        for args in (["-v", self.dev], ["volume-status", self.dev]):
+            err = self.run_fail(bscrypto.EXIT_SCSI, *args)
+            self.assertIn("blank tape: nothing is written at this position", err)
+            self.assertIn("08/00/05", err)
+        out, _ = self.run_ok("drive-status", "--detail", self.dev)
+        self.assertIn("   unavailable: blank tape: BLANK CHECK", out)
+
+    def test_7_key_desc_is_checked_before_encoding(self):
+        self.use("ibm")
+        err = self.run_fail(bscrypto.EXIT_USAGE, "set-key", self.dev, self.key,
+                            "--key-desc", "caf\u00e9")
+        self.assertIn("printable ASCII", err)
+        self.assertEqual(self.spout_pages(), [])
+
+    def test_8_decrypt_only_sends_no_key_descriptor(self):
+        self.use("kad-needs-encrypt")
+        rc, out, err = cli("set-key", self.dev, self.key, "--decrypt-only", "--key-desc", "pool")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("warning: key descriptor not sent", err)
+        page = self.spout_pages()[-1]
+        self.assertEqual((len(page), page[6], page[10]), (52, 0, 0))
+        self.run_ok("set-key", self.dev, self.key, "--key-desc", "pool")
+        self.assertEqual(self.spout_pages()[-1][52:], bscrypto.build_kad(0, b"pool"))
+
+    def test_9_clear_key_index_and_busy_node(self):
+        self.use("ibm")
+        err = self.run_fail(bscrypto.EXIT_KEY_REFUSED, "clear-key", self.dev,
+                            "--algorithm-index", "9")
+        self.assertIn("lists no algorithm index 9 (it has 1)", err)
+        self.assertEqual(self.spout_pages(), [])
+        self.run_ok("clear-key", self.dev, "--algorithm-index", "1")
+        with mock.patch("os.open", side_effect=OSError(errno.EBUSY, "busy")), \
+                mock.patch.object(sys, "platform", "linux"):
+            err = self.run_fail(bscrypto.EXIT_DEVICE, "-e", self.dev)
+        self.assertIn("/dev/sgN (`lsscsi -g`) still works while another program holds the "
+                      "st node open", err)
+
+
+    def test_refusal_sense_agrees_with_sg_decode_sense(self):
+        """The sense bytes each refusing profile answers decode in sg3_utils to
+        the key, additional sense and field pointer the messages quote."""
+        tool = shutil.which("sg_decode_sense")
+        if tool is None:
+            self.skipTest("sg_decode_sense (Debian sg3-utils) not installed")
+        senses = []
+        for profile, args in (("spin-8192", ["-e"]), ("no-ukad", ["--key-desc", "x"]),
+                              ("needs-ukad", []), ("fixed-rdmc", ["--no-raw-read"]),
+                              ("hp", ["--algorithm-index", "1"]), ("blank", ["-v"]),
+                              ("kad-needs-encrypt", [])):
+            self.use(profile)
+            real = self.drive.execute
+
+            def execute(cdb, data_out=b"", alloc_len=0, real=real):
+                status, data, sense = real(cdb, data_out, alloc_len)
+                if status:
+                    senses.append(sense)
+                return status, data, sense
+            self.drive.execute = execute
+            if args[:1] in (["-e"], ["-v"]):
+                cli(args[0], self.dev)
+            else:
+                cli("set-key", self.dev, self.key, *args)
+            if profile == "kad-needs-encrypt":           # what the drive says to a KAD
+                execute(bscrypto.cdb_security_protocol_out(0x20, 0x10, 60), bscrypto.
+                        build_set_data_encryption_page(b"k" * 32, 0, 3, 1, kads=[(0, b"x")]))
+        self.assertEqual(len(set(senses)), 7)
+        for sense in set(senses):
+            out = subprocess.check_output([tool] + ["%02x" % b for b in sense],
+                                          universal_newlines=True).lower()
+            s = bscrypto.parse_sense(sense)
+            self.assertIn(bscrypto.SENSE_KEY_NAMES[s.sense_key].lower(), out)
+            self.assertIn("additional sense: %s\n" % bscrypto.asc_text(s.asc, s.ascq).lower(),
+                          out)
+            fp = s.field_pointer
+            if fp is not None:
+                self.assertIn("error in %s: byte %d%s\n" % (
+                    "command" if fp.command_data else "data parameters", fp.field,
+                    " bit %d" % fp.bit_pointer if fp.bit_pointer_valid else ""), out)
+
+
+def _record_field_pointer(byte, bit=None, command_data=False):
+    return bscrypto._record("FieldPointer")(command_data, bit is not None, bit or 0, byte)
 
 
 class TestDriveCommandsSolarisPath(unittest.TestCase):
