@@ -5452,6 +5452,7 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
                              and any(k in data for k in secrets)]
             problems += verify_manifest(tmp, dict(
                 (name, (_file_digest(data), len(data))) for name, data in kit.data.items()))
+            problems = _unique(problems)      # one unreadable config is found by two readers
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             name, n = KIT_PREFIX + stamp, 0
             while any(os.path.lexists(os.path.join(outdir, name + x)) for x in ("", KIT_INCOMPLETE)):
