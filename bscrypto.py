@@ -72,7 +72,7 @@ EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
 EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
-EXIT_KIT_INCOMPLETE = 14   # dr-kit: kit written but incomplete (named ...-INCOMPLETE)
+EXIT_KIT_INCOMPLETE = 14   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 
 EXIT_CODES = (
@@ -90,7 +90,7 @@ EXIT_CODES = (
     (EXIT_SCSI, "other SCSI or transport error"),
     (EXIT_LABEL, "not a Bareos volume or label unreadable"),
     (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
-    (EXIT_KIT_INCOMPLETE, "dr-kit: kit written but incomplete (named ...-INCOMPLETE)"),
+    (EXIT_KIT_INCOMPLETE, "dr-kit: kit incomplete (named ...-INCOMPLETE) or not written"),
     (EXIT_INTERNAL, "internal error (a bug)"),
 )
 
@@ -5485,8 +5485,11 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
                                     "the disk of %s" % ("; ".join(broken), outdir),
                                     EXIT_KIT_INCOMPLETE)
             os.rename(tmp, os.path.join(outdir, name))
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, IOError)):
+                raise BscryptoError("dr-kit: cannot write the kit in %s: %s; nothing kept"
+                                    % (outdir, e.strerror or e), EXIT_KIT_INCOMPLETE)
             raise
         _fsync_directory(outdir)
         pruned = prune_kits(outdir, keep, name) if keep else []

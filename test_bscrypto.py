@@ -5347,6 +5347,16 @@ class TestDrKitProblems(DrKitTestCase):
             % self.bsr,
             "bootstrap %s: cannot read: No such file or directory" % self.path("gone.bsr")])
 
+    def test_disk_full_keeps_nothing(self):
+        def full(*_, **__):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch.object(bscrypto, "replace_file_atomically", full):
+            rc, _, err = self.dr_kit()
+        self.assertEqual(rc, bscrypto.EXIT_KIT_INCOMPLETE)
+        self.assertIn("dr-kit: cannot write the kit in %s: %s; nothing kept"
+                      % (self.out, os.strerror(errno.ENOSPC)), err)
+        self.assertEqual(os.listdir(self.out), [".dr-kit.lock"])
+
     def test_wrong_kek_given(self):
         other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
         problems, _ = self.incomplete("--kek", other)
