@@ -5188,6 +5188,16 @@ def _kit_names(directory):
     return sorted(found)
 
 
+def _new_kit_name(directory, incomplete):
+    """dr-kit-<UTC time>[.n][-INCOMPLETE], unused in directory (.n: a second kit that second)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = KIT_PREFIX + stamp, 0
+    while any(os.path.lexists(os.path.join(directory, name + x)) for x in ("", KIT_INCOMPLETE)):
+        n += 1
+        name = "%s%s.%d" % (KIT_PREFIX, stamp, n)
+    return name + (KIT_INCOMPLETE if incomplete else "")
+
+
 def prune_kits(directory, keep, new):
     """Remove this command's kits beyond the newest `keep`, never `new` and never
     the newest complete kit; the names removed."""
@@ -5198,8 +5208,11 @@ def prune_kits(directory, keep, new):
     pruned = []
     for _, name, _ in kits:
         if name not in spare:
-            shutil.rmtree(os.path.join(directory, name))
-            pruned.append(name)
+            try:
+                shutil.rmtree(os.path.join(directory, name))
+                pruned.append(name)
+            except OSError as e:
+                warn("could not remove old kit %s: %s" % (name, e.strerror or e))
     return pruned
 
 
@@ -5453,12 +5466,7 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
             problems += verify_manifest(tmp, dict(
                 (name, (_file_digest(data), len(data))) for name, data in kit.data.items()))
             problems = _unique(problems)      # one unreadable config is found by two readers
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            name, n = KIT_PREFIX + stamp, 0
-            while any(os.path.lexists(os.path.join(outdir, name + x)) for x in ("", KIT_INCOMPLETE)):
-                n += 1
-                name = "%s%s.%d" % (KIT_PREFIX, stamp, n)
-            name += KIT_INCOMPLETE if problems else ""
+            name = _new_kit_name(outdir, bool(problems))
             facts = {
                 "format": KIT_FORMAT, "name": name, "complete": not problems,
                 "problems": problems, "created_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -5501,7 +5509,7 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
     if kek_text:
         out.write("dr-kit: KEK %s (%s), %s\n" % (
             "INCLUDED" if include_kek else "not in the kit", kek_fingerprint(kek_text),
-            "keys unwrapped with %s" % kek_source))
+            "keys checked with %s" % kek_source))
     if keep:
         out.write("dr-kit: %d older kit%s removed, keeping %d\n"
                   % (len(pruned), "" if len(pruned) == 1 else "s", keep))

@@ -5177,7 +5177,7 @@ class TestDrKit(DrKitTestCase):
                      "/dev/nst1 /tmp/bareos-restore"):
             self.assertIn(line, recovery)
         self.assertNotIn("INCOMPLETE", recovery)
-        self.assertIn("dr-kit: KEK not in the kit (%s), keys unwrapped with the Key Encryption "
+        self.assertIn("dr-kit: KEK not in the kit (%s), keys checked with the Key Encryption "
                       "Key in %s" % (fingerprint, self.config), out.decode())
         # check --kit: healthy with the KEK; without it, it cannot check (wrapped keys).
         rc, out, err = self.check_kit(kit, "--kek", self.kek)
@@ -5373,6 +5373,12 @@ class TestCheckKit(DrKitTestCase):
         DrKitTestCase.setUp(self)
         self.assertEqual(self.dr_kit("--tar")[0], 0)
         self.kit = self.only_kit()
+
+    def test_kek_from_the_site_config(self):
+        rc, out, err = self.check_kit(self.kit, "--kek-from", self.config)
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertIn("check: keys unwrapped with the Key Encryption Key in %s (sha256:"
+                      % self.config, out.decode())
 
     def test_kek_fingerprint_mismatch(self):
         other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
