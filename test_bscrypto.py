@@ -5375,10 +5375,11 @@ class TestCheckKit(DrKitTestCase):
         self.kit = self.only_kit()
 
     def test_kek_from_the_site_config(self):
-        rc, out, err = self.check_kit(self.kit, "--kek-from", self.config)
+        sd = os.path.join(self.config, "bareos-sd.d")
+        rc, out, err = self.check_kit(self.kit, "--kek-from", sd)
         self.assertEqual((rc, err), (0, ""), out)
-        self.assertIn("check: keys unwrapped with the Key Encryption Key in %s (sha256:"
-                      % self.config, out.decode())
+        self.assertIn("check: keys unwrapped with the Key Encryption Key in %s (sha256:" % sd,
+                      out.decode())
 
     def test_kek_fingerprint_mismatch(self):
         other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
