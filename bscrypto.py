@@ -72,6 +72,7 @@ EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
 EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
+EXIT_KIT_INCOMPLETE = 14   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 
 EXIT_CODES = (
@@ -89,6 +90,7 @@ EXIT_CODES = (
     (EXIT_SCSI, "other SCSI or transport error"),
     (EXIT_LABEL, "not a Bareos volume or label unreadable"),
     (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
+    (EXIT_KIT_INCOMPLETE, "dr-kit: kit incomplete (named ...-INCOMPLETE) or not written"),
     (EXIT_INTERNAL, "internal error (a bug)"),
 )
 
@@ -2921,11 +2923,12 @@ def _scan_quoted(text, i, line, path, join=True):
         return "".join(out), i, line
 
 
-def scan_config(text, path="config"):
+def scan_config(text, path="config", spans=None):
     """Bareos configuration text as tokens (kind, value, line).
 
     kinds: 'word' (keyword or unquoted value), 'quoted', 'include', '{',
-    '}', '=', ',', 'eol' (newline or ';').
+    '}', '=', ',', 'eol' (newline or ';').  A `spans` list gets each token's
+    (start, end) index in text, for rewriting a value in place.
     """
     tokens = []
     n = len(text)
@@ -2934,6 +2937,7 @@ def scan_config(text, path="config"):
     if text.startswith("\ufeff"):
         i = 1                      # UTF-8 byte order mark, skipped as Bareos does
     while i < n:
+        start = i
         c = text[i]
         if c == "\n":
             tokens.append(("eol", None, line))
@@ -2987,6 +2991,8 @@ def scan_config(text, path="config"):
                     out.append(c)
                 i += 1
             tokens.append(("word", "".join(out), line))
+        if spans is not None and len(spans) < len(tokens):
+            spans.append((start, i))
     return tokens
 
 
@@ -5060,6 +5066,845 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
 
 
 # ---------------------------------------------------------------------------
+# Disaster-recovery kit
+# ---------------------------------------------------------------------------
+#
+# `dr-kit` runs as the catalog backup job's RunAfterJob and writes one
+# directory with all a bare host needs to restore the catalog from encrypted
+# tapes: this tool, the crypto cache, the catalog key export, the job's
+# bootstrap files, the bareos-sd configuration (Key Encryption Key removed),
+# RECOVERY.txt and a MANIFEST.  It proves the kit before it finishes;
+# `check --kit` proves it again, offline, on the day it is needed.
+
+KIT_PREFIX = "dr-kit-"
+KIT_INCOMPLETE = "-INCOMPLETE"
+KIT_FACTS = "kit.json"             # what `check --kit` reads back
+KIT_MANIFEST = "MANIFEST"
+KIT_RECOVERY = "RECOVERY.txt"
+KIT_TOOL = "bscrypto.py"
+KIT_TAR = "kit.tar"
+KIT_KEK = "kek.key"                # only with --include-kek
+KIT_FORMAT = 1
+KEK_PLACEHOLDER = "KEK-NOT-IN-THIS-KIT-see-RECOVERY.txt"
+KIT_SELFTEST_TIMEOUT = 300
+# How the kit names its KEK without holding it: 128 bits of key, so the hash
+# cannot be searched back to the key.
+KEK_FINGERPRINT_METHOD = "SHA-256 of the 16-byte AES-128 key Bareos takes from the KEK"
+
+# -- bootstrap (BSR) files --
+#
+# Bareos's lib/parse_bsr.cc: one `Keyword=value` per line, keywords without
+# regard to case, `#` comments; Bareos's lexer, so scan_config() reads it.
+# `Volume=` opens a new section once the current one has a volume, and may
+# name several volumes separated by `|`; MediaType and Device apply to the
+# volumes of their section.  Numbers are N or N-M, lists joined by commas.
+
+BSR_KEYWORDS = ("volume", "mediatype", "client", "job", "jobid", "count", "fileindex",
+                "jobtype", "joblevel", "volsessionid", "volsessiontime", "include",
+                "exclude", "volfile", "volblock", "voladdr", "stream", "slot", "device",
+                "fileregex", "storage")
+_BSR_NUMBER_LISTS = ("jobid", "fileindex", "volsessionid", "volsessiontime", "volfile",
+                     "volblock", "voladdr", "stream", "slot")
+_BSR_NAME_LISTS = ("client", "job")
+_BSR_FIELDS = "volumes media_type device storage values line"
+
+
+def parse_bsr(text, path="bootstrap"):
+    """Bareos bootstrap text as [BsrSection(volumes, media_type, device,
+    storage, values {keyword: [value text]}, line)]; ValueError naming the
+    line for anything Bareos would refuse, or a file that names no volume."""
+    import re
+    number = re.compile(r"\d+(-\d+)?\Z")
+    BsrSection = _record("BsrSection", _BSR_FIELDS)
+    try:
+        tokens = scan_config(text, path)
+    except BscryptoError as e:
+        raise ValueError(str(e))
+    sections = [{"volumes": [], "values": {}, "line": 1}]
+    statement = []
+    for token in tokens + [("eol", None, 0)]:
+        if token[0] != "eol":
+            statement.append(token)
+            continue
+        if not statement:
+            continue
+        where = "%s line %d" % (path, statement[0][2])
+        if len(statement) < 3 or statement[0][0] != "word" or statement[1][0] != "=":
+            raise ValueError("%s: expected Keyword=value" % where)
+        keyword = statement[0][1].lower()
+        values, commas = statement[2::2], statement[3::2]
+        if keyword not in BSR_KEYWORDS:
+            raise ValueError("%s: unknown keyword %r" % (where, statement[0][1]))
+        if (any(kind not in _CONFIG_WORDS for kind, _, _ in values)
+                or any(kind != "," for kind, _, _ in commas) or len(statement) % 2 == 0
+                or (len(values) > 1 and keyword not in _BSR_NUMBER_LISTS + _BSR_NAME_LISTS)):
+            raise ValueError("%s: malformed value for %s" % (where, statement[0][1]))
+        texts = [value for _, value, _ in values]
+        if keyword in _BSR_NUMBER_LISTS + ("count",):
+            bad = [t for t in texts if not number.match(t) or (keyword == "count" and "-" in t)]
+            if bad:
+                raise ValueError("%s: %s=%s is not a number%s" % (
+                    where, statement[0][1], bad[0], "" if keyword == "count" else " or range"))
+        section = sections[-1]
+        if keyword == "volume":
+            names = texts[0].split("|")
+            if not all(names):
+                raise ValueError("%s: empty volume name in Volume=%s" % (where, texts[0]))
+            if section["volumes"]:
+                section = {"volumes": [], "values": {}, "line": statement[0][2]}
+                sections.append(section)
+            section["volumes"].extend(names)
+        elif keyword in ("mediatype", "device") and not section["volumes"]:
+            raise ValueError("%s: %s before any Volume=" % (where, statement[0][1]))
+        section["values"].setdefault(keyword, []).extend(texts)
+        del statement[:]
+    found = [s for s in sections if s["volumes"]]
+    if not found:
+        raise ValueError("%s names no volume (no Volume= line)" % path)
+    return [BsrSection(tuple(s["volumes"]), s["values"].get("mediatype", [None])[-1],
+                       s["values"].get("device", [None])[-1],
+                       s["values"].get("storage", [None])[-1], s["values"], s["line"])
+            for s in found]
+
+
+def read_bsr(path):
+    """parse_bsr() of a file; ValueError saying why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (OSError, IOError) as e:
+        raise ValueError("cannot read %s: %s" % (path, e.strerror or e))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("%s is not UTF-8 text: not a Bareos bootstrap file" % path)
+    return parse_bsr(text, path)
+
+
+def bsr_volumes(sections):
+    """[(volume, media type)] in the order the restore reads them, each once."""
+    media = {}
+    for s in sections:
+        for name in s.volumes:
+            if media.get(name) is None:
+                media[name] = s.media_type
+    return [(name, media[name]) for name in _unique(n for s in sections for n in s.volumes)]
+
+
+def _unique(items):
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+# -- the bareos-sd configuration, without its KEK --
+
+
+def redact_config_keks(text, path="config"):
+    """(text with each `Key Encryption Key` value replaced by KEK_PLACEHOLDER,
+    number replaced); the rest of the text, line numbers included, is kept."""
+    spans = []
+    tokens = scan_config(text, path, spans)
+    pieces = []
+    last = count = 0
+    statement = []
+    for index, token in enumerate(tokens + [("eol", None, 0)]):
+        if token[0] not in ("eol", "{", "}"):
+            statement.append(index)
+            continue
+        found = _config_statement([tokens[j] for j in statement])
+        if found and found[0] == "keyencryptionkey":
+            start, end = spans[statement[2]]
+            pieces += [text[last:start], '"%s"' % KEK_PLACEHOLDER,
+                       "\n" * text.count("\n", start, end)]
+            last = end
+            count += 1
+        statement = []
+    pieces.append(text[last:])
+    return "".join(pieces), count
+
+
+def config_resources(text, path="config"):
+    """[(resource type in lower case, {keyword in lower case: value})] of the
+    top-level resources of a configuration text (first value of a keyword)."""
+    resources = []
+    depth = 0
+    resource_type = ""
+    fields = {}
+    statement = []
+    for kind, value, line in scan_config(text, path):
+        if kind in ("eol", "{", "}"):
+            found = _config_statement(statement) if depth == 1 else None
+            if found:
+                fields.setdefault(found[0], found[1][1])
+            statement = []
+            if kind == "{":
+                if depth == 0:
+                    fields = {}
+                    resources.append((resource_type, fields))
+                depth += 1
+            elif kind == "}":
+                depth = max(depth - 1, 0)
+        elif depth == 0:
+            resource_type = value.lower() if kind == "word" else ""
+        else:
+            statement.append((kind, value, line))
+    return resources
+
+
+def sd_config_path(path):
+    """The bareos-sd configuration in a config root (/etc/bareos): its
+    bareos-sd.conf or bareos-sd.d; any other file or directory as it is."""
+    if os.path.isdir(path):
+        for name in ("bareos-sd.conf", "bareos-sd.d"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            if any(os.path.exists(os.path.join(path, name))
+                   for name in ("bareos-dir.conf", "bareos-dir.d")):
+                raise KeyFileError("no bareos-sd configuration (bareos-sd.conf or bareos-sd.d) "
+                                   "in %s" % path)
+    return path
+
+
+def kek_fingerprint(kek_text):
+    """A KEK's name that does not reveal it: see KEK_FINGERPRINT_METHOD."""
+    import hashlib
+    return "sha256:" + hashlib.sha256(kek_from_text(kek_text)).hexdigest()
+
+
+# -- proofs shared by dr-kit and check --kit --
+
+
+def _key_passphrase(key, kek):
+    """(passphrase, None) of a catalog key, or (None, why not)."""
+    try:
+        wrapped, raw = key_form(key)
+    except ValueError as e:
+        return None, "is not a Bareos key: %s" % e
+    if not wrapped:
+        return raw, None
+    if kek is None:
+        return None, "is wrapped and no KEK was given to prove that it unwraps"
+    try:
+        return aes_key_unwrap(kek, raw), None
+    except UnwrapError:
+        return None, "does not unwrap with the KEK (wrong KEK or damaged key)"
+
+
+def kit_key_problems(volumes, entries, export, kek_text, cache_name, export_name):
+    """One line per problem of the keys a restore needs: every volume in
+    `volumes` has a key in the cache (and the export), each key unwraps with
+    the KEK, and cache and export agree on every volume they share."""
+    kek = kek_from_text(kek_text) if kek_text is not None else None
+    cached = {}
+    for e in entries or ():
+        cached.setdefault(e.volume_name, e.encryption_key)
+    exported = dict(export.entries) if export is not None else None
+    problems = []
+    for name in volumes:
+        if entries is not None and name not in cached:
+            problems.append("volume %s: no key in the crypto cache %s" % (name, cache_name))
+        if exported is not None and name not in exported:
+            problems.append("volume %s: no key in the catalog export %s" % (name, export_name))
+        for where, keys in (("cache", cached), ("catalog export", exported)):
+            if keys and name in keys:
+                why = _key_passphrase(keys[name], kek)[1]
+                if why:
+                    problems.append("volume %s: the %s key %s" % (name, where, why))
+    for name in sorted(set(cached) & set(exported or ())):
+        a, b = cached[name], exported[name]
+        if a != b and (_key_passphrase(a, kek)[0] is None
+                       or _key_passphrase(a, kek)[0] != _key_passphrase(b, kek)[0]):
+            problems.append("volume %s: the crypto cache and the catalog export hold different "
+                            "keys" % name)
+    return problems
+
+
+def _file_digest(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_manifest(files):
+    """MANIFEST text: `SHA-256  size  name` per file, sorted by name."""
+    return "".join("%s  %d  %s\n" % (_file_digest(data), len(data), name)
+                   for name, data in sorted(files.items())).encode("utf-8")
+
+
+def parse_manifest(text):
+    """{name: (sha256 hex, size)} of MANIFEST text; ValueError on a bad line."""
+    rows = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split(None, 2)
+        if len(parts) != 3 or len(parts[0]) != 64 or not parts[1].isdigit():
+            raise ValueError("MANIFEST line %d is not `SHA-256  size  name`" % number)
+        rows[parts[2]] = (parts[0].lower(), int(parts[1]))
+    return rows
+
+
+def _kit_files(kit):
+    """Every file below the kit directory, as names relative to it."""
+    names = []
+    for root, _, files in os.walk(kit):
+        names += [os.path.relpath(os.path.join(root, f), kit).replace(os.sep, "/") for f in files]
+    return sorted(names)
+
+
+def verify_manifest(kit, manifest):
+    """Problems: a listed file missing or different, a file that is not listed."""
+    problems = []
+    for name, (digest, size) in sorted(manifest.items()):
+        try:
+            with open(os.path.join(kit, name), "rb") as f:
+                data = f.read()
+        except (OSError, IOError) as e:
+            problems.append("%s: listed in the MANIFEST but cannot be read: %s"
+                            % (name, e.strerror or e))
+            continue
+        if (len(data), _file_digest(data)) != (size, digest):
+            problems.append("%s: differs from the MANIFEST (%d bytes, SHA-256 %s; listed %d "
+                            "bytes, %s)" % (name, len(data), _file_digest(data)[:16], size,
+                                            digest[:16]))
+    for name in _kit_files(kit):
+        if name not in manifest and name not in (KIT_MANIFEST, KIT_TAR):
+            problems.append("%s: in the kit but not in the MANIFEST" % name)
+    return problems
+
+
+def verify_kit_tar(kit, manifest, name):
+    """Problems of kit.tar: each member NAME/file holds the file the MANIFEST lists."""
+    import tarfile
+    problems = []
+    try:
+        with tarfile.open(os.path.join(kit, KIT_TAR)) as tar:
+            found = {}
+            for member in tar.getmembers():
+                if member.isfile() and member.name.startswith(name + "/"):
+                    found[member.name[len(name) + 1:]] = tar.extractfile(member).read()
+    except (OSError, IOError, tarfile.TarError) as e:
+        return ["%s: unreadable: %s" % (KIT_TAR, e)]
+    for file_name, (digest, size) in sorted(manifest.items()):
+        data = found.get(file_name)
+        if data is None or (len(data), _file_digest(data)) != (size, digest):
+            problems.append("%s: %s/%s is %s" % (KIT_TAR, name, file_name, "missing" if data
+                                                  is None else "not the file the MANIFEST lists"))
+    return problems
+
+
+# -- writing a kit --
+
+
+def running_tool():
+    """(path, bytes) of the file this tool runs from; UsageError when there is none."""
+    path = globals().get("__file__")
+    if not path or not os.path.isfile(path):
+        raise UsageError("dr-kit: this tool was not run from a file (python3 - < bscrypto.py?), "
+                         "so it cannot copy itself into the kit: run "
+                         "`python3 /path/to/bscrypto.py dr-kit ...`")
+    with open(path, "rb") as f:
+        return path, f.read()
+
+
+class _KitFiles(object):
+    """Files written into the kit's temporary directory, each 0600, fsynced."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.data = {}
+
+    def unique(self, name):
+        base, n = name, 0
+        while name in self.data:
+            n += 1
+            name = "%s.%d" % (base, n)
+        return name
+
+    def relative(self, error):
+        """An error's text with the kit's temporary directory left out of paths."""
+        return str(error).replace(self.directory + os.sep, "")
+
+    def write(self, name, data):
+        path = self.directory
+        for part in name.split("/")[:-1]:      # each level 0700 (makedirs: only the last)
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+        path = os.path.join(self.directory, name)
+        replace_file_atomically(path, data, 0o600)
+        self.data[name] = data
+        return path
+
+
+def _remove_dead_kit_temps(directory):
+    """Temporary kits of runs that died (killed mid-write); the caller holds the lock."""
+    import shutil
+    for name in os.listdir(directory):
+        if name.startswith("." + KIT_PREFIX) and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            debug(1, "removed %s left by a dr-kit run that died" % name)
+
+
+def _kit_names(directory):
+    """[(sort key, name, complete)] of this command's kits in directory, oldest first."""
+    import re
+    pattern = re.compile(re.escape(KIT_PREFIX) + r"(\d{8}T\d{6}Z)(?:\.(\d+))?("
+                         + re.escape(KIT_INCOMPLETE) + r")?\Z")
+    found = []
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        path = os.path.join(directory, name)
+        if (m and os.path.isdir(path) and not os.path.islink(path)
+                and os.path.isfile(os.path.join(path, KIT_FACTS))):
+            found.append(((m.group(1), int(m.group(2) or 0)), name, not m.group(3)))
+    return sorted(found)
+
+
+def _new_kit_name(directory, incomplete):
+    """dr-kit-<UTC time>[.n][-INCOMPLETE], unused in directory (.n: a second kit that second)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = KIT_PREFIX + stamp, 0
+    while any(os.path.lexists(os.path.join(directory, name + x)) for x in ("", KIT_INCOMPLETE)):
+        n += 1
+        name = "%s%s.%d" % (KIT_PREFIX, stamp, n)
+    return name + (KIT_INCOMPLETE if incomplete else "")
+
+
+def prune_kits(directory, keep, new):
+    """Remove this command's kits beyond the newest `keep`, never `new` and never
+    the newest complete kit; the names removed."""
+    import shutil
+    kits = _kit_names(directory)
+    complete = [name for _, name, ok in kits if ok]
+    spare = {new} | set(complete[-1:]) | {name for _, name, _ in kits[-keep:]}
+    pruned = []
+    for _, name, _ in kits:
+        if name not in spare:
+            try:
+                shutil.rmtree(os.path.join(directory, name))
+                pruned.append(name)
+            except OSError as e:
+                warn("could not remove old kit %s: %s" % (name, e.strerror or e))
+    return pruned
+
+
+def _shell(word):
+    import shlex
+    return shlex.quote(word)
+
+
+def format_recovery(facts):
+    """RECOVERY.txt: this site's recovery, step by step, from the kit's facts."""
+    kek = facts["kek"]
+    director = facts["director"]
+    volumes = facts["volumes"]
+    lines = ["Bareos disaster-recovery kit %s" % facts["name"],
+             "made %s on %s by bscrypto.py %s (dr-kit)" % (facts["created_utc"], facts["host"],
+                                                           facts["tool_version"]), ""]
+    if facts["problems"]:
+        lines += ["*** INCOMPLETE: %d problem%s found when the kit was made; the steps below "
+                  "may fail ***" % (len(facts["problems"]),
+                                    "" if len(facts["problems"]) == 1 else "s")]
+        lines += ["  problem: %s" % p for p in facts["problems"]] + [""]
+    else:
+        lines += ["Proved when made: every volume below has its key in the crypto cache%s%s."
+                  % (" and the catalog export" if facts["catalog"] else "",
+                     ", every key unwraps with the KEK" if kek["fingerprint"] else ""), ""]
+    lines.append("Files (MANIFEST lists SHA-256 and size of each; without python: "
+                 "awk '{print $1\"  \"$3}' MANIFEST | sha256sum -c):")
+    described = [(KIT_TOOL, "this tool: needs only python3 (3.6 or newer)"),
+                 (facts["cache"], "the storage daemon's crypto cache (volume keys)"),
+                 (facts["catalog"], "the catalog's volume keys (catalog export)")]
+    described += [(b, "bootstrap file of the catalog backup") for b in facts["bootstraps"]]
+    described += [(c, "bareos-sd configuration%s" % ("" if kek["included"] else
+                                                     ", Key Encryption Key removed"))
+                  for c in facts["config"]]
+    described += [(KIT_KEK if kek["included"] else None, "THE KEK: store this kit like it"),
+                  (KIT_FACTS, "these facts for `bscrypto.py check --kit`")]
+    described = [(name, text) for name, text in described if name]
+    width = max(len(name) for name, _ in described)
+    lines += ["  %-*s  %s" % (width, name, text) for name, text in described]
+    lines += ["", "The catalog restore reads these volumes:"]
+    lines += ["  %-20s media type %s" % (v["name"], v["media_type"] or "(not in the bootstrap)")
+              for v in volumes] or ["  (none: no readable bootstrap file)"]
+    lines += ["", "Director: %s (the Director resource with the Key Encryption Key in the "
+              "bareos-sd configuration)" % (director or "none has a Key Encryption Key")]
+    if kek["included"]:
+        lines += ["KEK: IN THIS KIT (%s, and in the configuration copy): whoever holds this kit "
+                  "can read every tape." % KIT_KEK]
+        kek_option = "--kek %s" % KIT_KEK
+    elif kek["fingerprint"]:
+        lines += ["KEK: NOT in this kit.  It is the `Key Encryption Key` of Director %s (the "
+                  "same value in bareos-dir and bareos-sd); copy it from where you keep it, "
+                  "apart from this kit (password safe, sealed envelope), into /root/kek.key "
+                  "(mode 0600)." % director,
+                  "  its fingerprint: %s" % kek["fingerprint"],
+                  "  (%s)" % KEK_FINGERPRINT_METHOD]
+        kek_option = "--kek /root/kek.key"
+    else:
+        lines += ["KEK: none: the keys are not wrapped."]
+        kek_option = ""
+    placeholders = kek["placeholders"]
+    restore = "/tmp/bareos-restore"
+    steps = [
+        ["Check the host and the kit (in this directory, as root):",
+         "  python3 bscrypto.py selftest",
+         "  python3 bscrypto.py check --kit . %s" % kek_option]]
+    setup = ["Install the Bareos storage daemon and tools (bareos-storage, "
+             "bareos-storage-tape, bareos-tools) and put this configuration in place:",
+             "  mkdir -p /etc/bareos && cp -r config/. /etc/bareos/"]
+    if placeholders:
+        setup += ["then write the KEK over the placeholder \"%s\" in:" % KEK_PLACEHOLDER]
+        setup += ["  /etc/bareos/%s" % p for p in placeholders]
+    steps.append(setup)
+    cache_option = "--cache %s" % facts["cache"] if facts["cache"] else ""
+    steps.append(["Prepare the storage daemon with the volume keys:",
+                  "  python3 bscrypto.py prepare-sd /etc/bareos %s" % cache_option])
+    sources = " ".join(x for x in (cache_option, "--catalog %s" % facts["catalog"]
+                                   if facts["catalog"] else "", kek_option) if x)
+    for bsr in facts["bsr_volumes"]:
+        device = _kit_device(facts["devices"], bsr["media_type"])
+        load = ["Insert volume %s and load its key into the drive:" % bsr["volumes"][0]]
+        load += ["  python3 bscrypto.py load %s %s" % (device, sources)]
+        if len(bsr["volumes"]) > 1:
+            load += ["(when bextract asks for the next volume, run load again with it)"]
+        steps.append(load)
+        steps.append(["Restore the catalog backup from %s:" % bsr["bootstrap"],
+                      "  bextract -c /etc/bareos%s -V %s -b %s %s %s" % (
+                          " -D %s" % _shell(director) if director else "",
+                          _shell("|".join(bsr["volumes"])), _shell(bsr["bootstrap"]),
+                          _shell(device), restore)])
+    steps.append(["Clear the key and load the restored database dump (e.g. "
+                  "%s/var/lib/bareos/bareos.sql into PostgreSQL), then start Bareos:" % restore,
+                  "  python3 bscrypto.py clear-key %s" % _kit_device(facts["devices"], None)])
+    lines += ["", "On a fresh host:"]
+    for number, step in enumerate(steps, 1):
+        lines += ["%2d. %s" % (number, step[0])] + ["    " + s for s in step[1:]]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _kit_device(devices, media_type):
+    """The Archive Device of the configuration's Device for media_type (else the first)."""
+    for d in devices:
+        if d["archive_device"] and (media_type is None or d["media_type"] == media_type):
+            return d["archive_device"]
+    return "/dev/nst0"
+
+
+def _kit_config(kit, config, include_kek, problems):
+    """Copy the bareos-sd configuration (KEKs replaced unless include_kek);
+    ([kit names], [Device facts], [placeholder places], [every config KEK])."""
+    names, devices, places = [], [], []
+    try:
+        sd_path = sd_config_path(config)
+        base = os.path.dirname(os.path.abspath(sd_path).rstrip(os.sep))
+        keks = [k.kek for k in read_config_keks(sd_path)[0] if k.kek]
+        files = config_files(sd_path)
+    except BscryptoError as e:
+        problems.append("configuration %s: %s" % (config, e))
+        return names, devices, places, []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (OSError, IOError) as e:
+            problems.append("configuration %s: cannot read: %s" % (path, e.strerror or e))
+            continue
+        bom = b"\xef\xbb\xbf" if data.startswith(b"\xef\xbb\xbf") else b""
+        text = data[len(bom):].decode("latin-1")
+        name = "config/" + os.path.relpath(path, base).replace(os.sep, "/")
+        if not include_kek:
+            text = redact_config_keks(text, path)[0]
+            places += ["%s line %d" % (name[len("config/"):], k.line)
+                       for k in parse_config_keks(text, name)[0]]
+        devices += [{"name": fields.get("name"), "archive_device": fields.get("archivedevice"),
+                     "media_type": fields.get("mediatype")}
+                    for kind, fields in config_resources(text, path) if kind == "device"]
+        kit.write(name, bom + text.encode("latin-1"))
+        names.append(name)
+    return names, devices, places, keks
+
+
+def _kit_inputs(kit, cache, bsrs, catalog, problems):
+    """Copy and read back the cache, the export and the bootstraps; their facts."""
+    cache_name = entries = export_name = export = None
+    try:
+        op_backup_cache(cache, kit.directory, 1, io.StringIO())   # copied, read back, compared
+        copy = _backup_names(kit.directory, os.path.basename(os.path.realpath(cache)))[-1][1]
+        cache_name = os.path.basename(os.path.realpath(cache))
+        os.rename(os.path.join(kit.directory, copy), os.path.join(kit.directory, cache_name))
+        entries = read_cache(os.path.join(kit.directory, cache_name)).entries
+        with open(os.path.join(kit.directory, cache_name), "rb") as f:
+            kit.data[cache_name] = f.read()
+    except BscryptoError as e:
+        problems.append("crypto cache: %s" % kit.relative(e))
+    if catalog:
+        try:
+            with open(catalog, "rb") as f:
+                data = f.read()
+            export_name = kit.unique("catalog/" + os.path.basename(catalog))
+            export = read_catalog_export(kit.write(export_name, data))
+            problems.extend("catalog export %s line %d: %s" % (catalog, n, why)
+                            for n, why in export.bad)
+        except (OSError, IOError) as e:
+            problems.append("catalog export %s: cannot read: %s" % (catalog, e.strerror or e))
+        except BscryptoError as e:
+            problems.append("catalog export %s: %s" % (catalog, kit.relative(e)))
+    bootstraps, bsr_volumes_facts = [], []
+    for path in bsrs:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (OSError, IOError) as e:
+            problems.append("bootstrap %s: cannot read: %s" % (path, e.strerror or e))
+            continue
+        name = kit.unique("bootstrap/" + os.path.basename(path))
+        bootstraps.append(name)
+        try:
+            sections = read_bsr(kit.write(name, data))
+        except ValueError as e:
+            problems.append("bootstrap %s: unreadable: %s" % (path, kit.relative(e)))
+            continue
+        found = bsr_volumes(sections)
+        bsr_volumes_facts.append({"bootstrap": name, "volumes": [v for v, _ in found],
+                                  "media_type": found[0][1]})
+    return cache_name, entries, export_name, export, bootstraps, bsr_volumes_facts
+
+
+def _kit_kek(kek_text, kek_source, config, director, problems):
+    """(KEK text or None, where from, director) for the kit's proofs: the one
+    given, else the bareos-sd configuration's."""
+    try:
+        found = find_config_kek(sd_config_path(config), director, warn=None)
+    except BscryptoError as e:
+        if "no Key Encryption Key" not in str(e):
+            problems.append("configuration %s: %s" % (config, e))
+        found = None
+    if found is not None and kek_text is not None and (
+            kek_from_text(found.kek) != kek_from_text(kek_text)):
+        problems.append("the KEK given (%s, %s) is not the Key Encryption Key of Director %s "
+                        "in %s (%s)" % (kek_source, kek_fingerprint(kek_text), found.director,
+                                        config, kek_fingerprint(found.kek)))
+    if kek_text is None and found is not None:
+        return found.kek, "the Key Encryption Key in %s" % config, found.director
+    return kek_text, kek_source, found.director if found is not None else director
+
+
+def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_source=None,
+              director=None, keep=None, include_kek=False, tar=False, out=None):
+    """dr-kit: write one verified disaster-recovery kit into outdir (see the
+    section comment); EXIT_OK, or EXIT_KIT_INCOMPLETE with the kit written
+    and named ...-INCOMPLETE."""
+    import json
+    import shutil
+    import tempfile
+    if keep is not None and keep < 1:
+        raise UsageError("--keep must be 1 or more (the new kit is one of them)")
+    if not os.path.isdir(outdir):
+        raise UsageError("dr-kit: %s does not exist or is not a directory" % outdir)
+    tool_path, tool = running_tool()
+    out = out or sys.stdout
+    with cache_lock(os.path.join(outdir, ".dr-kit")):      # .dr-kit.lock
+        _remove_dead_kit_temps(outdir)
+        tmp = tempfile.mkdtemp(prefix="." + KIT_PREFIX, suffix=".tmp", dir=outdir)
+        try:
+            problems = []
+            kit = _KitFiles(tmp)
+            kit.write(KIT_TOOL, tool)
+            cache_name, entries, export_name, export, bootstraps, by_bsr = _kit_inputs(
+                kit, cache, bsrs, catalog, problems)
+            kek_text, kek_source, director = _kit_kek(kek_text, kek_source, config, director,
+                                                      problems)
+            config_names, devices, places, config_keks = _kit_config(kit, config, include_kek,
+                                                                     problems)
+            volumes = _unique(v for b in by_bsr for v in b["volumes"])
+            media = {}
+            for b in by_bsr:
+                for v in b["volumes"]:
+                    media.setdefault(v, b["media_type"])
+            problems += kit_key_problems(volumes, entries, export, kek_text, cache, catalog)
+            if include_kek:
+                if kek_text is None:
+                    problems.append("--include-kek: no KEK to include (give --kek or --kek-from)")
+                else:
+                    kit.write(KIT_KEK, kek_text)
+                    warn("dr-kit: the KEK is in the kit (%s and the configuration copy): store "
+                         "the kit like the KEK itself" % KIT_KEK)
+            else:
+                secrets = [k for k in config_keks + [kek_text] if k]
+                problems += ["%s: holds a Key Encryption Key; it was not removed" % name
+                             for name, data in sorted(kit.data.items()) if name != KIT_TOOL
+                             and any(k in data for k in secrets)]
+            problems += verify_manifest(tmp, dict(
+                (name, (_file_digest(data), len(data))) for name, data in kit.data.items()))
+            problems = _unique(problems)      # one unreadable config is found by two readers
+            name = _new_kit_name(outdir, bool(problems))
+            facts = {
+                "format": KIT_FORMAT, "name": name, "complete": not problems,
+                "problems": problems, "created_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                   time.gmtime()),
+                "host": os.uname()[1], "tool_version": __version__, "tool_source": tool_path,
+                "cache": cache_name, "catalog": export_name, "bootstraps": bootstraps,
+                "bsr_volumes": by_bsr, "config": config_names, "devices": devices,
+                "volumes": [{"name": v, "media_type": media[v]} for v in volumes],
+                "director": director,
+                "kek": {"fingerprint": kek_fingerprint(kek_text) if kek_text else None,
+                        "fingerprint_method": KEK_FINGERPRINT_METHOD, "source": kek_source,
+                        "included": bool(include_kek and kek_text), "placeholders": places}}
+            kit.write(KIT_FACTS, (json.dumps(facts, indent=2, sort_keys=True) + "\n").encode())
+            kit.write(KIT_RECOVERY, format_recovery(facts))
+            manifest = format_manifest(kit.data)
+            kit.write(KIT_MANIFEST, manifest)
+            listed = parse_manifest(manifest.decode("utf-8"))
+            broken = verify_manifest(tmp, listed)
+            if tar:
+                _write_kit_tar(tmp, name, sorted(kit.data))
+                broken += verify_kit_tar(tmp, listed, name)
+            if broken:
+                raise BscryptoError("dr-kit: the kit does not read back (%s); nothing kept: check "
+                                    "the disk of %s" % ("; ".join(broken), outdir),
+                                    EXIT_KIT_INCOMPLETE)
+            os.rename(tmp, os.path.join(outdir, name))
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, IOError)):
+                raise BscryptoError("dr-kit: cannot write the kit in %s: %s; nothing kept"
+                                    % (outdir, e.strerror or e), EXIT_KIT_INCOMPLETE)
+            raise
+        _fsync_directory(outdir)
+        pruned = prune_kits(outdir, keep, name) if keep else []
+    path = os.path.join(outdir, name)
+    out.write("dr-kit: wrote %s (%d files, mode 0700/0600, MANIFEST read back%s)\n"
+              % (path, len(kit.data), ", kit.tar" if tar else ""))
+    out.write("dr-kit: volumes for the catalog restore: %s\n" % (", ".join(
+        "%s (%s)" % (v, media[v] or "media type unknown") for v in volumes) or "none"))
+    if kek_text:
+        out.write("dr-kit: KEK %s (%s), %s\n" % (
+            "INCLUDED" if include_kek else "not in the kit", kek_fingerprint(kek_text),
+            "keys checked with %s" % kek_source))
+    if keep:
+        out.write("dr-kit: %d older kit%s removed, keeping %d\n"
+                  % (len(pruned), "" if len(pruned) == 1 else "s", keep))
+    out.flush()
+    if problems:
+        sys.stderr.write("".join("bscrypto: dr-kit: problem: %s\n" % p for p in problems))
+        sys.stderr.write("bscrypto: dr-kit: %d problem%s: the kit is INCOMPLETE: %s\n"
+                         % (len(problems), "" if len(problems) == 1 else "s", path))
+        return EXIT_KIT_INCOMPLETE
+    return EXIT_OK
+
+
+def _write_kit_tar(directory, name, files):
+    """kit.tar (stdlib tarfile): every file under NAME/, for off-site transfer."""
+    import tarfile
+    path = os.path.join(directory, KIT_TAR)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for member in files:
+                tar.add(os.path.join(directory, member), "%s/%s" % (name, member))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- check --kit --
+
+
+def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
+    """check --kit: verify a kit offline, as it will be used; CHECK_HEALTHY or
+    CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check."""
+    import json
+    import subprocess
+    try:
+        if not os.path.isdir(kit):
+            raise UsageError("%s is not a directory" % kit)
+        try:
+            with open(os.path.join(kit, KIT_FACTS), "rb") as f:
+                facts = json.loads(f.read().decode("utf-8"))
+            with open(os.path.join(kit, KIT_MANIFEST), "rb") as f:
+                manifest = parse_manifest(f.read().decode("utf-8"))
+        except (OSError, IOError) as e:
+            raise UsageError("not a dr-kit: %s: %s" % (e.filename, e.strerror or e))
+        except ValueError as e:
+            raise UsageError("not a readable dr-kit: %s" % e)
+        missing = [k for k in ("name", "complete", "problems", "cache", "catalog",
+                               "bootstraps", "kek") if not isinstance(facts, dict) or k not in facts]
+        if missing:
+            raise UsageError("not a readable dr-kit: %s lacks %s" % (KIT_FACTS, ", ".join(missing)))
+        if facts.get("format") != KIT_FORMAT:
+            raise UsageError("kit format %r is not %d: check it with the bscrypto.py inside it"
+                             % (facts.get("format"), KIT_FORMAT))
+        kek = facts["kek"]
+        if kek_text is None and kek["included"]:
+            kek_text = read_key_file(os.path.join(kit, KIT_KEK), "the kit's KEK file")
+            kek_source = "the KEK in the kit"
+    except BscryptoError as e:
+        raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
+    problems = verify_manifest(kit, manifest)
+    if os.path.exists(os.path.join(kit, KIT_TAR)):
+        problems += verify_kit_tar(kit, manifest, facts["name"])
+    if not facts["complete"]:
+        problems.append("the kit was made INCOMPLETE (%d problems, listed in %s)"
+                        % (len(facts["problems"]), KIT_RECOVERY))
+    entries = export = None
+    if facts["cache"]:
+        try:
+            entries = read_cache(os.path.join(kit, facts["cache"])).entries
+        except BscryptoError as e:
+            problems.append("crypto cache: %s" % e)
+    if facts["catalog"]:
+        try:
+            export = read_catalog_export(os.path.join(kit, facts["catalog"]))
+        except BscryptoError as e:
+            problems.append("catalog export: %s" % e)
+    volumes = []
+    for name in facts["bootstraps"]:
+        try:
+            volumes += [v for v, _ in bsr_volumes(read_bsr(os.path.join(kit, name)))]
+        except ValueError as e:
+            problems.append("bootstrap %s: unreadable: %s" % (name, e))
+    volumes = _unique(volumes)
+    if kek_text is not None and kek["fingerprint"] and (
+            kek_fingerprint(kek_text) != kek["fingerprint"]):
+        problems.append("KEK fingerprint mismatch: %s has %s, the kit was made with %s: not "
+                        "this site's KEK" % (kek_source, kek_fingerprint(kek_text),
+                                             kek["fingerprint"]))
+    elif kek_text is None and kek["fingerprint"]:
+        raise BscryptoError("check: could not check: the kit's keys are wrapped: give the KEK "
+                            "(--kek FILE or --kek-from CONFIG) to check that they unwrap",
+                            CHECK_UNABLE)
+    problems += kit_key_problems(volumes, entries, export, kek_text, facts["cache"],
+                                 facts["catalog"])
+    tool = os.path.join(kit, KIT_TOOL)
+    try:
+        child = subprocess.Popen([sys.executable, "-I", tool, "selftest"], cwd=kit,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        report = child.communicate(timeout=KIT_SELFTEST_TIMEOUT)[0]
+        if child.returncode != 0:
+            last = report.decode("utf-8", "replace").strip().splitlines()[-1:]
+            problems.append("%s selftest under %s exits %d%s" % (
+                KIT_TOOL, sys.executable, child.returncode, "".join(": " + x for x in last)))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problems.append("%s selftest under %s could not run: %s" % (KIT_TOOL, sys.executable, e))
+    out = out or sys.stdout
+    lines = ["kit %s: %s, %d files in the MANIFEST" % (
+        kit, facts["name"], len(manifest)),
+        "volumes for the catalog restore: %s" % (", ".join(volumes) or "none"),
+        "keys %s" % ("unwrapped with %s (%s)" % (kek_source, kek_fingerprint(kek_text))
+                     if kek_text is not None else "not wrapped"),
+        "%s selftest under %s" % (KIT_TOOL, sys.executable)]
+    out.write("".join("check: %s\n" % line for line in lines))
+    out.write("".join("problem: %s\n" % line for line in problems))
+    out.write("check: %s\n" % ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
+                               if problems else "healthy"))
+    out.flush()
+    return CHECK_PROBLEMS if problems else CHECK_HEALTHY
+
+
+# ---------------------------------------------------------------------------
 # Command line: the subcommands
 # ---------------------------------------------------------------------------
 #
@@ -5329,8 +6174,11 @@ def _add_recovery_commands(sub, common):
                     "none expires within --max-age-days, and (with --catalog) that every "
                     "catalog volume with a key is cached with the same key. Prints a summary "
                     "and one 'problem:' line per problem. Exit 0 healthy, 1 problems found, "
-                    "2 could not check (cache, KEK or export unreadable, bad arguments).")
-    p.add_argument("--cache", metavar="CACHE", required=True, help="crypto cache to check")
+                    "2 could not check (cache, KEK or export unreadable, bad arguments). "
+                    "With --kit: verify a dr-kit offline instead (MANIFEST, cache, export, "
+                    "bootstrap volumes, KEK fingerprint, keys, the embedded tool's selftest).")
+    p.add_argument("--cache", metavar="CACHE", help="crypto cache to check")
+    p.add_argument("--kit", metavar="DIR", help="a kit made by dr-kit to verify (no --cache)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="KEK file the keys are wrapped with")
     add_kek_from_arguments(p)
     p.add_argument("--max-age-days", metavar="N", type=int, default=DEFAULT_CHECK_DAYS,
@@ -5383,15 +6231,55 @@ def _run_rewrap(ns):
 
 def _run_check(ns):
     try:
+        if (ns.kit is None) == (ns.cache is None):
+            raise UsageError("give --cache CACHE or --kit DIR (one of them)")
+        if ns.kit is not None and ns.catalog:
+            raise UsageError("--catalog does not apply to --kit: the kit holds its export")
         kek_text = kek_from_arguments(ns)
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
+    if ns.kit is not None:
+        return op_check_kit(ns.kit, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director))
     return op_check(ns.cache, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director),
                     ns.max_age_days, ns.catalog, ns.now)
 
 
+def _add_kit_commands(sub, common):
+    """dr-kit (check --kit is an option of check)."""
+    p = sub.add_parser(
+        "dr-kit", parents=[common], help="write a verified disaster-recovery kit (RunAfterJob)",
+        description="For the catalog backup job's RunAfterJob: write OUTDIR/dr-kit-<UTC time> "
+                    "(atomically, mode 0700, files 0600) holding this tool, the crypto cache "
+                    "(read back), the catalog export, the bootstrap files (parsed), the "
+                    "bareos-sd configuration with each Key Encryption Key replaced by a "
+                    "placeholder, RECOVERY.txt with this site's names and commands, and a "
+                    "MANIFEST. Proves that every bootstrap volume has a key that unwraps and "
+                    "that cache and export agree; a kit with problems is still written, named "
+                    "...-INCOMPLETE, exit %d." % EXIT_KIT_INCOMPLETE)
+    p.add_argument("outdir", metavar="OUTDIR", help="directory for the kits")
+    p.add_argument("--cache", metavar="CACHE", required=True, help="the crypto cache")
+    p.add_argument("--bsr", metavar="BSR", action="append", required=True,
+                   help="bootstrap file of the catalog backup (Write Bootstrap); repeatable")
+    p.add_argument("--config", metavar="CONFIG", required=True,
+                   help="Bareos configuration: /etc/bareos, bareos-sd.d or bareos-sd.conf")
+    p.add_argument("--catalog", metavar="EXPORT", help="catalog key export to include")
+    p.add_argument("-w", "--kek", metavar="KEKFILE",
+                   help="prove the keys unwrap with this KEK (default: the config's)")
+    add_kek_from_arguments(p)
+    p.add_argument("--keep", metavar="N", type=int,
+                   help="keep the newest N kits of this command in OUTDIR (and the newest "
+                        "complete one); default: remove none")
+    p.add_argument("--include-kek", action="store_true",
+                   help="put the KEK into the kit (then store the kit like the KEK)")
+    p.add_argument("--tar", action="store_true", help="also write kit.tar inside the kit")
+    p.set_defaults(run=lambda ns: op_dr_kit(
+        ns.outdir, ns.cache, ns.bsr, ns.config, ns.catalog, kek_from_arguments(ns),
+        _kek_description(ns.kek, ns.kek_from, ns.director), ns.director, ns.keep,
+        ns.include_kek, ns.tar))
+
+
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
-                   _add_recovery_commands)
+                   _add_recovery_commands, _add_kit_commands)
 
 
 def _command_parser():

@@ -1349,6 +1349,7 @@ import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import struct  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -5376,6 +5377,423 @@ class TestBackupCache(RecoveryCacheTestCase):
         self.assertEqual(rc, bscrypto.EXIT_CACHE)
         self.assertIn("does not read back the same", err)
         self.assertEqual(os.listdir(backups), [])
+
+
+# ---------------------------------------------------------------------------
+# Disaster-recovery kit
+# ---------------------------------------------------------------------------
+
+CATALOG_BSR = b"""# Write Bootstrap of the catalog backup job
+Volume="Vol0002"
+MediaType="LTO-8"
+Storage="Tape"
+Slot=3
+VolSessionId=1
+VolSessionTime=1700000000
+VolAddr=0-123456
+FileIndex=1-3
+Count=3
+"""
+SD_DIRECTOR = b"""Director {
+  Name = bareos-dir
+  Password = "secret"   # not the KEK
+  Key Encryption Key = "%s"
+}
+"""
+SD_DEVICE = b"""Device {
+  Name = LTO8-0
+  Media Type = LTO-8
+  Archive Device = /dev/nst1
+}
+"""
+
+
+class TestBootstrapFiles(unittest.TestCase):
+    def test_sections_volumes_and_media_types(self):
+        text = ("volume = \"A-1|A-2\"\nMediaType=LTO-8\nvolsessionid=1,3-4\nVolSessionTime=17\n"
+                "VolAddr=0-99\nFileIndex=1-2,5\nCount=4\nJob=a,b\n# comment\n\n"
+                "Volume=B-1\nMedia Type = \"LTO-9\"\nDevice=Drive-1\nFileIndex=1\n"
+                "Volume=A-2\n")
+        sections = bscrypto.parse_bsr(text, "x.bsr")
+        self.assertEqual([s.volumes for s in sections], [("A-1", "A-2"), ("B-1",), ("A-2",)])
+        self.assertEqual([s.media_type for s in sections], ["LTO-8", "LTO-9", None])
+        self.assertEqual(sections[0].values["volsessionid"], ["1", "3-4"])
+        self.assertEqual(sections[0].values["job"], ["a", "b"])
+        self.assertEqual((sections[1].device, sections[1].line), ("Drive-1", 11))
+        self.assertEqual(bscrypto.bsr_volumes(sections),
+                         [("A-1", "LTO-8"), ("A-2", "LTO-8"), ("B-1", "LTO-9")])
+
+    def test_what_bareos_refuses(self):
+        for text, why in (("Volumes=A\n", "line 1: unknown keyword 'Volumes'"),
+                          ("Volume=A\nCount=1-2\n", "line 2: Count=1-2 is not a number"),
+                          ("Volume=A\nVolAddr=x\n", "VolAddr=x is not a number or range"),
+                          ("MediaType=LTO\nVolume=A\n", "line 1: MediaType before any Volume="),
+                          ("Volume=A||B\n", "empty volume name"),
+                          ("Volume=A,B\n", "malformed value for Volume"),
+                          ("Volume\n", "line 1: expected Keyword=value"),
+                          ("Volume=\"A\n", "quoted string is never closed"),
+                          ("Count=3\n", "names no volume")):
+            with self.assertRaises(ValueError) as e:
+                bscrypto.parse_bsr(text, "x.bsr")
+            self.assertIn(why, str(e.exception), text)
+
+
+class TestConfigRedaction(unittest.TestCase):
+    def test_every_kek_value_replaced_lines_kept(self):
+        text = ('Director {\n  Name = d1\n  Key Encryption Key = "ab\\"c" "de"  # kek\n'
+                '  KeyEncryptionKey = "x"\n   "y"\n  Password = "p"\n}\n'
+                'Director { Name = d2; key encryption key = plainword }\n')
+        out, count = bscrypto.redact_config_keks(text)
+        self.assertEqual(count, 3)
+        self.assertEqual(out.count("\n"), text.count("\n"))
+        for secret in ('ab\\"c', '"de"', '"x"', '"y"', "plainword"):
+            self.assertNotIn(secret, out)
+        self.assertIn('Password = "p"', out)
+        self.assertIn("  # kek\n", out)
+        keks = bscrypto.parse_config_keks(out)[0]
+        self.assertEqual([(k.director, k.kek, k.line) for k in keks],   # the last one counts
+                         [("d1", bscrypto.KEK_PLACEHOLDER.encode(), 4),
+                          ("d2", bscrypto.KEK_PLACEHOLDER.encode(), 8)])
+
+    def test_devices_from_resources(self):
+        resources = bscrypto.config_resources(SD_DEVICE.decode() + "Storage { Name = sd }\n")
+        self.assertEqual(resources, [("device", {"name": "LTO8-0", "mediatype": "LTO-8",
+                                                 "archivedevice": "/dev/nst1"}),
+                                     ("storage", {"name": "sd"})])
+
+
+class DrKitTestCase(TempDirTestCase):
+    """A site from the fixtures: basic.cryptoc, an export of Vol0002's key,
+    a catalog bootstrap naming Vol0002 and a bareos-sd.d tree with kek.key."""
+
+    def setUp(self):
+        need_fixtures(self)
+        TempDirTestCase.setUp(self)
+        self.kek = fixture("keys", "kek.key")
+        self.cache = self.write("bareos-sd.9103.cryptoc",
+                                read_bytes(fixture("cache", "basic.cryptoc")))
+        self.vol2_key = bscrypto.read_cache(self.cache).entries[1].encryption_key
+        self.export = self.write("media.txt", ("Vol0002|%s\n" % self.vol2_key).encode())
+        self.bsr = self.write("catalog.bsr", CATALOG_BSR)
+        self.config = self.path("etc-bareos")
+        for part, data in (("director/bareos-dir.conf", SD_DIRECTOR % read_bytes(self.kek)),
+                           ("device/LTO8-0.conf", SD_DEVICE),
+                           ("storage/bareos-sd.conf", b"Storage {\n  Name = bareos-sd\n}\n")):
+            path = os.path.join(self.config, "bareos-sd.d", part)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        os.makedirs(os.path.join(self.config, "bareos-dir.d", "director"))
+        with open(os.path.join(self.config, "bareos-dir.d", "director", "d.conf"), "wb") as f:
+            f.write(SD_DIRECTOR % b"dir-side copy, never copied into the kit")
+        self.out = self.path("kits")
+        os.mkdir(self.out)
+
+    def dr_kit(self, *extra, **kw):
+        args = ["dr-kit", self.out, "--cache", kw.get("cache", self.cache),
+                "--bsr", kw.get("bsr", self.bsr), "--config", self.config]
+        if kw.get("catalog", self.export):
+            args += ["--catalog", kw.get("catalog", self.export)]
+        return cli(*(args + list(extra)))
+
+    def kits(self):
+        return sorted(n for n in os.listdir(self.out) if n.startswith("dr-kit-"))
+
+    def only_kit(self):
+        kits = self.kits()
+        self.assertEqual(len(kits), 1, kits)
+        return os.path.join(self.out, kits[0])
+
+    def check_kit(self, kit, *extra):
+        return cli("check", "--kit", kit, *extra)
+
+
+class TestDrKit(DrKitTestCase):
+    def test_kit_from_the_fixtures(self):
+        rc, out, err = self.dr_kit("--tar")
+        self.assertEqual((rc, err), (0, ""))
+        kit = self.only_kit()
+        name = os.path.basename(kit)
+        self.assertRegex(name, r"^dr-kit-\d{8}T\d{6}Z$")
+        self.assertEqual(sorted(os.listdir(self.out)), [".dr-kit.lock", name])
+        files = bscrypto._kit_files(kit)
+        self.assertEqual(files, [
+            "MANIFEST", "RECOVERY.txt", "bareos-sd.9103.cryptoc", "bootstrap/catalog.bsr",
+            "bscrypto.py", "catalog/media.txt", "config/bareos-sd.d/device/LTO8-0.conf",
+            "config/bareos-sd.d/director/bareos-dir.conf",
+            "config/bareos-sd.d/storage/bareos-sd.conf", "kit.json", "kit.tar"])
+        for root, _, names in os.walk(kit):
+            self.assertEqual(stat.S_IMODE(os.stat(root).st_mode), 0o700, root)
+            for n in names:
+                self.assertEqual(stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode), 0o600, n)
+        self.assertEqual(read_bytes(os.path.join(kit, "bscrypto.py")), read_bytes(SCRIPT))
+        self.assertEqual(read_bytes(os.path.join(kit, "bareos-sd.9103.cryptoc")),
+                         read_bytes(self.cache))
+        kek = read_bytes(self.kek)
+        for n in files:
+            if n not in ("bscrypto.py", "kit.tar"):   # the tool's selftest holds this fixture KEK
+                self.assertFalse(kek in read_bytes(os.path.join(kit, n)), n)
+        manifest = read_bytes(os.path.join(kit, "MANIFEST")).decode()
+        for n in files[1:-1]:
+            data = read_bytes(os.path.join(kit, n))
+            self.assertIn("%s  %d  %s\n" % (hashlib.sha256(data).hexdigest(), len(data), n),
+                          manifest)
+        recovery = read_bytes(os.path.join(kit, "RECOVERY.txt")).decode()
+        fingerprint = "sha256:" + hashlib.sha256(kek[:16]).hexdigest()
+        for line in ("Bareos disaster-recovery kit %s" % name,
+                     "  Vol0002              media type LTO-8",
+                     "Director: bareos-dir",
+                     "  its fingerprint: %s" % fingerprint,
+                     "      /etc/bareos/bareos-sd.d/director/bareos-dir.conf line 4",
+                     "python3 bscrypto.py prepare-sd /etc/bareos --cache bareos-sd.9103.cryptoc",
+                     "python3 bscrypto.py load /dev/nst1 --cache bareos-sd.9103.cryptoc "
+                     "--catalog catalog/media.txt --kek /root/kek.key",
+                     "bextract -c /etc/bareos -D bareos-dir -V Vol0002 -b bootstrap/catalog.bsr "
+                     "/dev/nst1 /tmp/bareos-restore"):
+            self.assertIn(line, recovery)
+        self.assertNotIn("INCOMPLETE", recovery)
+        self.assertIn("dr-kit: KEK not in the kit (%s), keys checked with the Key Encryption "
+                      "Key in %s" % (fingerprint, self.config), out.decode())
+        # check --kit: healthy with the KEK; without it, it cannot check (wrapped keys).
+        rc, out, err = self.check_kit(kit, "--kek", self.kek)
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertTrue(out.decode().endswith("check: healthy\n"))
+        rc, _, err = self.check_kit(kit)
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE)
+        self.assertIn("the kit's keys are wrapped: give the KEK", err)
+        # The shell check the kit documents reads the same MANIFEST.
+        if shutil.which("sha256sum") and shutil.which("awk"):
+            rc = subprocess.call("awk '{print $1\"  \"$3}' MANIFEST | sha256sum -c --quiet",
+                                 shell=True, cwd=kit)
+            self.assertEqual(rc, 0)
+
+    def test_embedded_tool_runs_from_the_kit_alone(self):
+        self.assertEqual(self.dr_kit()[0], 0)
+        kit = self.only_kit()
+        elsewhere = self.path("elsewhere")
+        os.mkdir(elsewhere)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        child = subprocess.Popen([sys.executable, "-I", os.path.join(kit, "bscrypto.py"),
+                                  "selftest"], cwd=elsewhere, env=env, stdout=subprocess.PIPE)
+        out = child.communicate()[0]
+        self.assertEqual(child.returncode, 0, out)
+        self.assertIn(b"selftest: all", out)
+
+    def test_tool_read_from_stdin_is_refused(self):
+        with open(SCRIPT, "rb") as script:
+            child = subprocess.Popen([sys.executable, "-", "dr-kit", self.out, "--cache",
+                                      self.cache, "--bsr", self.bsr, "--config", self.config],
+                                     stdin=script, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+            out, err = child.communicate()
+        self.assertEqual(child.returncode, bscrypto.EXIT_USAGE, err)
+        self.assertIn(b"was not run from a file (python3 - < bscrypto.py?)", err)
+        self.assertEqual(self.kits(), [])
+
+    def test_include_kek(self):
+        rc, out, err = self.dr_kit("--include-kek")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("the KEK is in the kit (kek.key and the configuration copy): store the kit "
+                      "like the KEK itself", err)
+        kit = self.only_kit()
+        self.assertEqual(read_bytes(os.path.join(kit, "kek.key")), read_bytes(self.kek))
+        self.assertIn(read_bytes(self.kek), read_bytes(os.path.join(
+            kit, "config", "bareos-sd.d", "director", "bareos-dir.conf")))
+        self.assertIn("KEK: IN THIS KIT", read_bytes(os.path.join(kit, "RECOVERY.txt")).decode())
+        rc, out, err = self.check_kit(kit)           # no --kek: the kit's own
+        self.assertEqual(rc, 0, out + err.encode())
+        self.assertIn(b"keys unwrapped with the KEK in the kit", out)
+
+    def test_pruning_only_own_kits_never_the_new_or_last_complete(self):
+        def fake(name, facts=True):
+            os.mkdir(os.path.join(self.out, name))
+            if facts:
+                with open(os.path.join(self.out, name, "kit.json"), "w") as f:
+                    f.write("{}")
+        own = ["dr-kit-20200101T000000Z", "dr-kit-20200102T000000Z-INCOMPLETE",
+               "dr-kit-20200103T000000Z.1"]
+        foreign = ["dr-kit-20200104T000000Z", "dr-kit-20200105T000000Z.bak", "notes"]
+        for name in own:
+            fake(name)
+        fake(foreign[0], facts=False)                 # no kit.json: not made by dr-kit
+        fake(foreign[1])
+        with open(os.path.join(self.out, foreign[2]), "w") as f:
+            f.write("x")
+        rc, out, err = self.dr_kit("--keep", "2")
+        self.assertEqual(rc, 0, err)
+        new = [n for n in self.kits() if n not in own + foreign]
+        self.assertEqual(len(new), 1)
+        self.assertEqual(sorted(os.listdir(self.out)),
+                         sorted([".dr-kit.lock", own[2]] + foreign + new))
+        self.assertIn("dr-kit: 2 older kits removed, keeping 2", out.decode())
+        # An incomplete run with --keep 1 keeps itself and the newest complete kit.
+        rc, _, err = self.dr_kit("--keep", "1", bsr=self.path("missing.bsr"))
+        self.assertEqual(rc, bscrypto.EXIT_KIT_INCOMPLETE, err)
+        left = [n for n in self.kits() if n not in foreign]
+        self.assertEqual(len(left), 2, left)
+        self.assertEqual(left[0], new[0])
+        self.assertTrue(left[1].endswith("-INCOMPLETE"))
+        self.assertEqual(cli("dr-kit", self.out, "--cache", self.cache, "--bsr", self.bsr,
+                             "--config", self.config, "--keep", "0")[0], bscrypto.EXIT_USAGE)
+
+    def test_kill_during_writing_leaves_no_half_kit(self):
+        script = ("import os, signal, sys\n"
+                  "sys.path.insert(0, %r)\n"
+                  "import bscrypto\n"
+                  "real = bscrypto.replace_file_atomically\n"
+                  "def hook(path, *a, **kw):\n"
+                  "    if path.endswith('RECOVERY.txt'):\n"
+                  "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "    return real(path, *a, **kw)\n"
+                  "bscrypto.replace_file_atomically = hook\n"
+                  "sys.exit(bscrypto.main(sys.argv[1:]))\n" % HERE)
+        child = subprocess.Popen([sys.executable, "-c", script, "dr-kit", self.out,
+                                  "--cache", self.cache, "--bsr", self.bsr, "--config",
+                                  self.config], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.communicate()
+        self.assertEqual(child.returncode, -signal.SIGKILL)
+        self.assertEqual(self.kits(), [])
+        temps = [n for n in os.listdir(self.out) if n.endswith(".tmp")]
+        self.assertEqual(len(temps), 1)             # the dead run's hidden work
+        self.assertTrue(os.path.isfile(os.path.join(self.out, temps[0], "bscrypto.py")))
+        rc, _, err = self.dr_kit()
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(self.kits()), 1)
+        self.assertEqual([n for n in os.listdir(self.out) if n.endswith(".tmp")], [])
+
+
+class TestDrKitProblems(DrKitTestCase):
+    """Every failure kind: the kit is still written, named -INCOMPLETE, one
+    line per problem, exit 14; check --kit says the same (exit 1)."""
+
+    def incomplete(self, *extra, **kw):
+        rc, out, err = self.dr_kit(*extra, **kw)
+        self.assertEqual(rc, bscrypto.EXIT_KIT_INCOMPLETE, err)
+        kit = self.only_kit()
+        self.assertTrue(kit.endswith("-INCOMPLETE"))
+        problems = [line[len("bscrypto: dr-kit: problem: "):] for line in err.splitlines()
+                    if line.startswith("bscrypto: dr-kit: problem: ")]
+        self.assertIn("bscrypto: dr-kit: %d problem%s: the kit is INCOMPLETE: %s\n"
+                      % (len(problems), "" if len(problems) == 1 else "s", kit), err)
+        recovery = read_bytes(os.path.join(kit, "RECOVERY.txt")).decode()
+        self.assertIn("*** INCOMPLETE: %d problem" % len(problems), recovery)
+        for p in problems:
+            self.assertIn("  problem: %s\n" % p, recovery)
+        rc, out, _ = self.check_kit(kit, "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.CHECK_PROBLEMS, out)
+        self.assertIn(b"problem: the kit was made INCOMPLETE", out)
+        return problems, out.decode()
+
+    def test_bootstrap_volume_without_key(self):
+        self.write("catalog.bsr", CATALOG_BSR + b"Volume=Vol9999\n")
+        problems, checked = self.incomplete()
+        self.assertEqual(problems, [
+            "volume Vol9999: no key in the crypto cache %s" % self.cache,
+            "volume Vol9999: no key in the catalog export %s" % self.export])
+        self.assertIn("problem: volume Vol9999: no key in the crypto cache", checked)
+
+    def test_key_that_does_not_unwrap(self):
+        entries = bscrypto.read_cache(self.cache).entries
+        entries.append(bscrypto.CacheEntry("Vol0005", bscrypto.wrap_passphrase(
+            b"another-kek-0123456789abcdefghij", b"p" * 32), entries[0].added))
+        bscrypto.write_cache(self.cache, entries)
+        self.write("catalog.bsr", CATALOG_BSR + b"Volume=Vol0005|Full-0003\n")
+        problems, checked = self.incomplete(catalog="")
+        self.assertEqual(problems, [
+            "volume Vol0005: the cache key does not unwrap with the KEK (wrong KEK or damaged "
+            "key)",
+            "volume Full-0003: the cache key is not a Bareos key: not base64: 9 characters "
+            "cannot encode whole bytes"])
+        self.assertIn("problem: volume Vol0005: the cache key does not unwrap", checked)
+
+    def test_export_and_cache_disagree(self):
+        other = bscrypto.wrap_passphrase(read_bytes(self.kek), b"q" * 32)
+        self.write("media.txt", ("Vol0002|%s\n" % other).encode())
+        problems, checked = self.incomplete()
+        self.assertEqual(problems, ["volume Vol0002: the crypto cache and the catalog export "
+                                    "hold different keys"])
+        self.assertIn("problem: volume Vol0002: the crypto cache and the catalog export", checked)
+
+    def test_unreadable_bootstrap(self):
+        self.write("catalog.bsr", CATALOG_BSR + b"Volumes=Vol0002\n")
+        problems, _ = self.incomplete("--bsr", self.path("gone.bsr"))
+        self.assertEqual(problems, [
+            "bootstrap %s: unreadable: bootstrap/catalog.bsr line 11: unknown keyword 'Volumes'"
+            % self.bsr,
+            "bootstrap %s: cannot read: No such file or directory" % self.path("gone.bsr")])
+
+    def test_disk_full_keeps_nothing(self):
+        def full(*_, **__):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch.object(bscrypto, "replace_file_atomically", full):
+            rc, _, err = self.dr_kit()
+        self.assertEqual(rc, bscrypto.EXIT_KIT_INCOMPLETE)
+        self.assertIn("dr-kit: cannot write the kit in %s: %s; nothing kept"
+                      % (self.out, os.strerror(errno.ENOSPC)), err)
+        self.assertEqual(os.listdir(self.out), [".dr-kit.lock"])
+
+    def test_wrong_kek_given(self):
+        other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
+        problems, _ = self.incomplete("--kek", other)
+        self.assertIn("the KEK given (KEK file %s, sha256:" % other, problems[0])
+        self.assertIn("is not the Key Encryption Key of Director bareos-dir", problems[0])
+        self.assertEqual(problems[1:], [
+            "volume Vol0002: the cache key does not unwrap with the KEK (wrong KEK or damaged "
+            "key)", "volume Vol0002: the catalog export key does not unwrap with the KEK (wrong "
+            "KEK or damaged key)"])
+
+
+class TestCheckKit(DrKitTestCase):
+    def setUp(self):
+        DrKitTestCase.setUp(self)
+        self.assertEqual(self.dr_kit("--tar")[0], 0)
+        self.kit = self.only_kit()
+
+    def test_kek_from_the_site_config(self):
+        sd = os.path.join(self.config, "bareos-sd.d")
+        rc, out, err = self.check_kit(self.kit, "--kek-from", sd)
+        self.assertEqual((rc, err), (0, ""), out)
+        self.assertIn("check: keys unwrapped with the Key Encryption Key in %s (sha256:" % sd,
+                      out.decode())
+
+    def test_kek_fingerprint_mismatch(self):
+        other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
+        rc, out, err = self.check_kit(self.kit, "--kek", other)
+        self.assertEqual(rc, bscrypto.CHECK_PROBLEMS, err)
+        text = out.decode()
+        self.assertIn("problem: KEK fingerprint mismatch: KEK file %s has sha256:" % other, text)
+        self.assertIn("the kit was made with sha256:%s: not this site's KEK"
+                      % hashlib.sha256(read_bytes(self.kek)[:16]).hexdigest(), text)
+        self.assertIn("problem: volume Vol0002: the cache key does not unwrap", text)
+
+    def test_changed_files_and_a_broken_tool(self):
+        with open(os.path.join(self.kit, "bscrypto.py"), "r+b") as f:
+            tool = f.read()
+            f.seek(0)
+            f.write(b"import sys; sys.exit(7)\n" + tool)
+        with open(os.path.join(self.kit, "stray.txt"), "wb") as f:
+            f.write(b"x")
+        with open(os.path.join(self.kit, "kit.tar"), "r+b") as f:
+            f.truncate(2048)
+        rc, out, err = self.check_kit(self.kit, "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.CHECK_PROBLEMS, err)
+        text = out.decode()
+        self.assertIn("problem: bscrypto.py: differs from the MANIFEST", text)
+        self.assertIn("problem: stray.txt: in the kit but not in the MANIFEST", text)
+        self.assertIn("problem: kit.tar: ", text)
+        self.assertIn("problem: bscrypto.py selftest under %s exits 7" % sys.executable, text)
+        self.assertTrue(text.endswith("check: 4 problems\n"), text)
+
+    def test_could_not_check(self):
+        for args in (["--kit", self.path("nokit")], ["--kit", self.out],
+                     ["--kit", self.kit, "--cache", self.cache],
+                     ["--kit", self.kit, "--catalog", self.export], []):
+            rc, _, err = cli("check", *args)
+            self.assertEqual(rc, bscrypto.CHECK_UNABLE, (args, err))
+        os.unlink(os.path.join(self.kit, "MANIFEST"))
+        rc, _, err = self.check_kit(self.kit, "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE)
+        self.assertIn("check: could not check: not a dr-kit", err)
 
 
 # ---------------------------------------------------------------------------
