@@ -72,7 +72,7 @@ EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
 EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
-EXIT_KIT_INCOMPLETE = 14   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
+EXIT_KIT_INCOMPLETE = 16   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 
 EXIT_CODES = (

@@ -5664,7 +5664,7 @@ class TestDrKit(DrKitTestCase):
 
 class TestDrKitProblems(DrKitTestCase):
     """Every failure kind: the kit is still written, named -INCOMPLETE, one
-    line per problem, exit 14; check --kit says the same (exit 1)."""
+    line per problem, exit 16; check --kit says the same (exit 1)."""
 
     def incomplete(self, *extra, **kw):
         rc, out, err = self.dr_kit(*extra, **kw)
