@@ -72,6 +72,8 @@ EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
 EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
+EXIT_WRONG_KEY = 14        # the drive cannot decrypt the tape with the loaded key
+EXIT_SD_NOT_READY = 15     # prepare-sd: the storage daemon's setup misses requirements
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 
 EXIT_CODES = (
@@ -89,6 +91,8 @@ EXIT_CODES = (
     (EXIT_SCSI, "other SCSI or transport error"),
     (EXIT_LABEL, "not a Bareos volume or label unreadable"),
     (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
+    (EXIT_WRONG_KEY, "the loaded key does not decrypt this tape (load cleared it)"),
+    (EXIT_SD_NOT_READY, "prepare-sd: storage daemon requirements missing"),
     (EXIT_INTERNAL, "internal error (a bug)"),
 )
 
@@ -125,6 +129,20 @@ CACHE_LAYOUT_NAMES = ("lp64-le", "ilp32-le", "lp64-be", "ilp32-be")
 
 # Debug level set by -d/--debug; debug() never receives key material.
 DEBUG_LEVEL = 0
+
+
+def _program():
+    """This program as the user invoked it, for hints: `python3 bscrypto.py`
+    when a Python ran the file, its name when it ran from PATH (`bscrypto` on
+    a Bareos host is the C tool, which has no subcommands)."""
+    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else "bscrypto.py"
+    if arg0 in ("-c", "-m"):
+        arg0 = "bscrypto.py"
+    if os.sep in arg0 and os.access(arg0, os.X_OK):
+        directory, name = os.path.split(arg0)
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        return name if os.path.realpath(directory) in map(os.path.realpath, path) else arg0
+    return "python3 " + arg0
 
 
 def debug(level, message):
@@ -1857,6 +1875,29 @@ def cdb_test_unit_ready():
     return bytes(6)
 
 
+# Tape motion (SSC-4), for `verify`: REWIND, SPACE(6) and READ(6) only; never
+# a command that writes.
+OP_REWIND = 0x01
+OP_READ_6 = 0x08
+OP_SPACE_6 = 0x11
+SPACE_BLOCKS = 0
+SPACE_FILEMARKS = 1
+
+
+def cdb_rewind():
+    return bytes([OP_REWIND, 0, 0, 0, 0, 0])
+
+
+def cdb_space(code, count):
+    """SPACE(6): code SPACE_BLOCKS or SPACE_FILEMARKS, count signed 24 bits."""
+    return bytes([OP_SPACE_6, code]) + (count & 0xFFFFFF).to_bytes(3, "big") + b"\0"
+
+
+def cdb_read6(length, sili=True):
+    """READ(6) of one variable-length block; SILI: a shorter block is no error."""
+    return bytes([OP_READ_6, 0x02 if sili else 0]) + length.to_bytes(3, "big") + b"\0"
+
+
 # -- Parsers: bytes from the drive to records --
 
 def _page_body(data, page_code, minimum, what):
@@ -2213,6 +2254,7 @@ SENSE_NOT_READY = 0x2
 SENSE_ILLEGAL_REQUEST = 0x5
 SENSE_UNIT_ATTENTION = 0x6
 SENSE_DATA_PROTECT = 0x7
+SENSE_BLANK_CHECK = 0x8            # end of data reached
 
 
 def parse_sense(data):
@@ -2416,7 +2458,7 @@ def describe_foreign_block(data):
             return "an LTFS volume label (VOL1 volume serial %r)" % serial
         return ("%s tape label (VOL1, volume serial %r): Bareos puts its own label in the "
                 "next tape file; read it with `mt fsf 1` and `dd bs=256k count=1` into a file "
-                "and run `bscrypto label` on that file" % (kind, serial))
+                "and run `%s label` on that file" % (kind, serial, _program()))
     if len(data) >= 262 and data[257:262] == b"ustar":
         return "a tar archive"
     if not data.strip(b"\0"):
@@ -2688,27 +2730,39 @@ def _tape_block_size(ops, fd):
         return None
 
 
+class TapeReadError(BscryptoError):
+    """A failed read() of a tape block: errno is the system's (EIO, ENOMEM ...),
+    kind what it means here ("io", "fixed_block" or "other")."""
+
+    exit_code = EXIT_LABEL
+
+    def __init__(self, message, error_number=None, kind="other"):
+        BscryptoError.__init__(self, message)
+        self.errno, self.kind = error_number, kind
+
+
 def _tape_read_error(ops, fd, path, e):
     block_size = _tape_block_size(ops, fd)
     if block_size:
-        return BscryptoError("cannot read the first block of %s (%s): the drive is in fixed-block "
+        return TapeReadError("cannot read the first block of %s (%s): the drive is in fixed-block "
                              "mode (%d bytes) and Bareos writes variable-length blocks; set "
                              "variable mode with `mt -f %s setblk 0` and retry"
-                             % (path, e.strerror or e, block_size, path), EXIT_LABEL)
+                             % (path, e.strerror or e, block_size, path), e.errno,
+                             "fixed_block")
     if e.errno == errno.EIO:
-        return BscryptoError(
+        return TapeReadError(
             "I/O error reading the first block of %s. The label is never encrypted, but a drive "
             "holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear the "
-            "drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape fails "
-            "the same way" % (path, path), EXIT_LABEL)
+            "drive key first (%s clear-key %s) and retry; a blank or damaged tape fails "
+            "the same way" % (path, _program(), path), e.errno, "io")
     # st: ENOMEM = block longer than the read (variable mode), EINVAL = read
     # size not a multiple of the fixed block size.
     if e.errno in (errno.EINVAL, errno.ENOMEM):
-        return BscryptoError("cannot read the first block of %s: %s (a block larger than %d "
+        return TapeReadError("cannot read the first block of %s: %s (a block larger than %d "
                              "bytes is not a Bareos label)" % (path, e.strerror or e,
-                                                               LABEL_READ_SIZE), EXIT_LABEL)
-    return BscryptoError("cannot read the first block of %s: %s" % (path, e.strerror or e),
-                         EXIT_LABEL)
+                                                               LABEL_READ_SIZE), e.errno)
+    return TapeReadError("cannot read the first block of %s: %s" % (path, e.strerror or e),
+                         e.errno)
 
 
 def _open_error(path, e):
@@ -2728,7 +2782,8 @@ def _read_tape_block(ops, path, st):
         raise BscryptoError(
             "reading a tape device is done through the Linux st driver only; here, rewind the "
             "tape and copy its first block into a file (`mt -f %s rewind; dd if=%s of=label.block "
-            "bs=256k count=1`), then run `bscrypto label label.block`" % (path, path), EXIT_DEVICE)
+            "bs=256k count=1`), then run `%s label label.block`" % (path, path, _program()),
+            EXIT_DEVICE)
     if os.major(st.st_rdev) == SG_MAJOR:
         raise BscryptoError("%s is a SCSI generic node; give the tape node of the same drive "
                             "(/dev/nstN)" % path, EXIT_DEVICE)
@@ -3789,61 +3844,42 @@ def _warn_not_application_managed(device, status, err):
         err.flush()
 
 
-def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=None,
-                   decrypt_only=False, key_desc=None, clear=False, err=None,
-                   file_key_desc=None):
-    """Load (or with clear=True, clear) the drive key.
+# What set-key may ask of the drive besides the key (DriveKeyOptions fields):
+# algorithm_index (None: the drive's AES-256-GCM), ckod, raw_read (None: the
+# algorithm's default, True or False), decrypt_only, key_desc (--key-desc),
+# file_key_desc (a stenc key file's description: dropped with a warning when
+# the drive cannot take it, where --key-desc is an error).
+_DRIVE_KEY_DEFAULTS = {"algorithm_index": None, "ckod": False, "raw_read": None,
+                       "decrypt_only": False, "key_desc": None, "file_key_desc": None}
 
-    Returns (DataEncryptionStatus read back, AlgorithmDescriptor used or None).
-    key: the 32 bytes for the KEY field (drive_key_bytes(passphrase) for
-    Bareos tapes).  raw_read: None (algorithm default), True or False.
-    file_key_desc: a key descriptor that is dropped, with a warning, when the
-    drive cannot take it (stenc key files carry one).
-    """
-    device = transport.device
-    err = err or sys.stderr
+
+def drive_key_options(**given):
+    """A DriveKeyOptions record: the defaults above, overridden by `given`."""
+    values = dict(_DRIVE_KEY_DEFAULTS)
+    values.update(given)
+    return _record("DriveKeyOptions", " ".join(sorted(_DRIVE_KEY_DEFAULTS)))(**values)
+
+
+def _drive_encryption_state(transport):
+    """(DataEncryptionStatus, DataEncryptionCapabilities or None) before a key page."""
     check_encryption_support(transport)
     status = read_drive_status(transport)
-    if not clear:
-        _warn_not_application_managed(device, status, err)
     try:
         capabilities = read_capabilities(transport)
     except ScsiError as e:
         if e.exit_code == EXIT_NO_ENCRYPTION and e.sense is not None and e.sense.asc == 0x20:
             raise
         debug(1, "%s: capabilities page unreadable (%s); using algorithm index 1 as Bareos "
-              "does" % (device, e))
+              "does" % (transport.device, e))
         capabilities = None
-    if clear:
-        algorithm = None
-        index = algorithm_index
-        if index is None and capabilities is not None:
-            gcm = [a for a in capabilities.algorithms
-                   if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
-            index = gcm[0].algorithm_index if gcm else None
-        page = bareos_clear_key_page(1 if index is None else index)
-    else:
-        algorithm = choose_algorithm(capabilities, algorithm_index, decrypt_only, device)
-        index = algorithm.algorithm_index if algorithm is not None else (
-            1 if algorithm_index is None else algorithm_index)
-        kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
-        if key_desc:
-            kad, kad_format = _key_descriptor(key_desc, algorithm, device)
-            kads = (kad,)
-        elif file_key_desc:
-            try:
-                kad, kad_format = _key_descriptor(file_key_desc, algorithm, device)
-                kads = (kad,)
-            except UsageError as e:
-                err.write("bscrypto: warning: key file description not sent: %s\n" % e)
-        rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read
-                                                      else RDMC_DISABLED)
-        page = build_set_data_encryption_page(
-            key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
-            DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
-            kads=kads)
+    return status, capabilities
+
+
+def _send_key_page(transport, page, status, index, action):
+    """SPOUT the Set Data Encryption page; return the status page read back."""
+    device = transport.device
     debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
-        device, "clear" if clear else "load key", index, len(page)))
+        device, action, index, len(page)))
     what = "SECURITY PROTOCOL OUT (set data encryption)"
     try:
         scsi_command(transport, what, cdb_security_protocol_out(
@@ -3859,7 +3895,55 @@ def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=No
                                 _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
                             EXIT_KEY_REFUSED, e.sense, e.status)
         raise
-    return read_drive_status(transport), algorithm
+    return read_drive_status(transport)
+
+
+def load_drive_key(transport, key, options=None, err=None):
+    """Load the drive key.
+
+    Returns (DataEncryptionStatus read back, AlgorithmDescriptor used or None).
+    key: the 32 bytes for the KEY field (drive_key_bytes(passphrase) for
+    Bareos tapes).  options: a DriveKeyOptions record (drive_key_options()).
+    """
+    options = options or drive_key_options()
+    device = transport.device
+    err = err or sys.stderr
+    status, capabilities = _drive_encryption_state(transport)
+    _warn_not_application_managed(device, status, err)
+    algorithm = choose_algorithm(capabilities, options.algorithm_index, options.decrypt_only,
+                                 device)
+    index = algorithm.algorithm_index if algorithm is not None else (
+        1 if options.algorithm_index is None else options.algorithm_index)
+    kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
+    if options.key_desc:
+        kad, kad_format = _key_descriptor(options.key_desc, algorithm, device)
+        kads = (kad,)
+    elif options.file_key_desc:
+        try:
+            kad, kad_format = _key_descriptor(options.file_key_desc, algorithm, device)
+            kads = (kad,)
+        except UsageError as e:
+            err.write("bscrypto: warning: key file description not sent: %s\n" % e)
+    raw_read = options.raw_read
+    rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read else RDMC_DISABLED)
+    page = build_set_data_encryption_page(
+        key, ENCRYPTION_MODE_DISABLE if options.decrypt_only else ENCRYPTION_MODE_ENCRYPT,
+        DECRYPTION_MODE_MIXED, index, ckod=options.ckod, rdmc=rdmc, kad_format=kad_format,
+        kads=kads)
+    return _send_key_page(transport, page, status, index, "load key"), algorithm
+
+
+def clear_drive_key(transport, algorithm_index=None):
+    """Clear the drive key (Bareos's page: encryption and decryption off, zero
+    key); returns the DataEncryptionStatus read back."""
+    status, capabilities = _drive_encryption_state(transport)
+    index = algorithm_index
+    if index is None and capabilities is not None:
+        gcm = [a for a in capabilities.algorithms
+               if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
+        index = gcm[0].algorithm_index if gcm else None
+    index = 1 if index is None else index
+    return _send_key_page(transport, bareos_clear_key_page(index), status, index, "clear")
 
 
 def _key_loaded_line(device, status, algorithm):
@@ -3873,24 +3957,23 @@ def _key_loaded_line(device, status, algorithm):
 
 
 def op_load_passphrase(device, passphrase, out=None, timeout=DEFAULT_SCSI_TIMEOUT,
-                       transport=None, **options):
+                       transport=None, options=None):
     """Load a Bareos passphrase into the drive as Bareos does (key bytes
     passphrase[:31] + NUL), choosing the AES-256-GCM index from the drive.
 
-    options: algorithm_index, ckod, raw_read, decrypt_only, key_desc.  Prints
-    a confirmation line to `out` when given; returns EXIT_OK.
+    options: a DriveKeyOptions record.  Prints a confirmation line to `out`
+    when given; returns EXIT_OK.
     """
-    return op_load_key(device, drive_key_bytes(passphrase), out, timeout, transport,
-                       **options)
+    return op_load_key(device, drive_key_bytes(passphrase), out, timeout, transport, options)
 
 
 def op_load_key(device, key, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
-                **options):
+                options=None):
     """Load 32 raw key bytes (see op_load_passphrase for the options)."""
     if len(key) != DRIVE_KEY_LENGTH:
         raise KeyFileError("a drive key is %d bytes, got %d" % (DRIVE_KEY_LENGTH, len(key)))
     with _drive(device, timeout, transport) as t:
-        status, algorithm = load_drive_key(t, key, **options)
+        status, algorithm = load_drive_key(t, key, options)
     if out is not None:
         out.write(_key_loaded_line(device, status, algorithm))
         out.flush()
@@ -3901,8 +3984,7 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
                  algorithm_index=None):
     """-c / clear-key: encryption and decryption off, zero key (Bareos's page)."""
     with _drive(device, timeout, transport) as t:
-        status, _ = load_drive_key(t, bytes(DRIVE_KEY_LENGTH), clear=True,
-                                   algorithm_index=algorithm_index)
+        status = clear_drive_key(t, algorithm_index)
     if out is not None:
         out.write("%s: key cleared: encryption %s, decryption %s, key instance counter %d\n"
                   % (device, _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
@@ -3939,17 +4021,17 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
 
 
 def op_set_key(device, key_file=None, kek_file=None, base64=False, hex_key_file=None,
-               timeout=DEFAULT_SCSI_TIMEOUT, out=None, key_desc=None, prompt=True,
-               **options):
+               timeout=DEFAULT_SCSI_TIMEOUT, out=None, options=None, prompt=True):
     """-s / set-key: load the key from a Bareos key file (or a stenc hex key file).
 
     A description line in a hex key file becomes the key descriptor when the
-    drive takes one; --key-desc wins over it.
+    drive takes one; --key-desc (options.key_desc) wins over it.
     """
+    options = options or drive_key_options()
     key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt)
-    if key_desc is None and description is not None:
-        options["file_key_desc"] = description
-    return op_load_key(device, key, out, timeout, key_desc=key_desc, **options)
+    if description is not None:
+        options = options._replace(file_key_desc=description)
+    return op_load_key(device, key, out, timeout, options=options)
 
 
 def _json_dump(obj, out):
@@ -4058,8 +4140,12 @@ def _format_detail(status, extra):
 
 
 def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None,
-                     transport=None):
-    """-v / volume-status: the next block's encryption status (Bareos's text or JSON)."""
+                     transport=None, readable=False):
+    """-v / volume-status: the next block's encryption status (Bareos's text or JSON).
+
+    readable (the subcommand, never -v): after Bareos's lines, the block's key
+    descriptors and, for status 6, what it means and what to do.
+    """
     out = out or sys.stdout
     with _drive(device, timeout, transport) as t:
         check_encryption_support(t)
@@ -4068,7 +4154,195 @@ def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=No
         _json_dump({"device": device, "next_block_status": next_block_status_dict(nbes)}, out)
         return EXIT_OK
     out.write(format_volume_status_bareos(nbes))
+    if readable:
+        out.write(_block_key_lines(device, nbes))
     out.flush()
+    return EXIT_OK
+
+
+def _ukad_text(nbes):
+    """The block's U-KAD as text, or None when it carries none."""
+    for kad in nbes.kads:
+        if kad.descriptor_type == KAD_TYPE_UKAD:
+            return _kad_text(kad)
+    return None
+
+
+def _block_key_lines(device, nbes):
+    i = BAREOS_STATUS_INDENT
+    lines = [i + "Key descriptor (%s): %s\n" % (_name(KAD_TYPE_NAMES, kad.descriptor_type),
+                                                 _kad_text(kad)) for kad in nbes.kads]
+    if nbes.encryption_status == NEXT_BLOCK_NO_VALID_KEY:
+        lines.append("hint: the loaded key is not this block's key: load this volume's key "
+                     "(`%s load %s --cache CACHE`) and check it with `%s verify %s`\n"
+                     % (_program(), device, _program(), device))
+    return "".join(lines)
+
+
+# -- verify: does the loaded key decrypt this tape? --
+#
+# SSC-4's Next Block Encryption Status page (0021h) tells, without reading
+# the block, whether the block at the current position is encrypted and
+# whether the key loaded decrypts it.  A Bareos tape starts with its label
+# block (never encrypted) and a filemark; the first data block follows.  The
+# tape is moved with SCSI REWIND / SPACE / READ through the same pass-through
+# as the pages (so it works on sg nodes and every platform's transport), and
+# left rewound, where st's own idea of the position (set by its last MTREW)
+# agrees with the drive.
+
+NEXT_BLOCK_NO_BLOCK = 1            # encryption status: no logical block there (end of data)
+NEXT_BLOCK_NOT_A_BLOCK = 2         # a filemark
+NEXT_BLOCK_PLAIN = 3
+NEXT_BLOCK_DECRYPTABLE = 5
+NEXT_BLOCK_NO_VALID_KEY = 6
+VERIFY_READ_SIZE = 65536           # Bareos writes its label in at most 64,512 bytes
+VERIFY_MAX_FILEMARKS = 3           # the label's, and an empty file's two at end of data
+VERIFY_OUTCOMES = ("verified", "wrong_key", "not_encrypted", "nothing", "undetermined")
+
+
+def _verification(outcome, text, nbes=None, label_type=None):
+    return _record("TapeVerification", "outcome text next_block label_type")(
+        outcome, text, nbes, label_type)
+
+
+def _tape_motion(transport, what, cdb, data_in_len=0):
+    """Data (bytes) of a READ or SPACE that ended GOOD, or "filemark" / "end"
+    when it stopped at a filemark / end of data."""
+    try:
+        return scsi_command(transport, what, cdb, data_in_len=data_in_len)
+    except ScsiError as e:
+        sense = e.sense
+        if sense is not None and (sense.sense_key == SENSE_BLANK_CHECK
+                                  or (sense.sense_key == SENSE_NO_SENSE and sense.eom)):
+            return "end"
+        if sense is not None and sense.sense_key == SENSE_NO_SENSE and sense.filemark:
+            return "filemark"
+        raise
+
+
+def _past_label(transport, read_label):
+    """Move past the first block; (label type or None, a TapeVerification when
+    there is nothing more to look at)."""
+    got = None
+    if read_label:
+        try:
+            got = _tape_motion(transport, "READ(6) of the label block",
+                               cdb_read6(VERIFY_READ_SIZE), VERIFY_READ_SIZE)
+        except ScsiError as e:
+            # A key in decrypt (not mixed) mode refuses the plain label: skip it.
+            if e.sense is None or e.sense.sense_key != SENSE_DATA_PROTECT:
+                raise
+            debug(1, "%s: label not readable (%s); spacing over it" % (transport.device, e))
+            scsi_command(transport, "REWIND", cdb_rewind())
+    if got is None:
+        got = _tape_motion(transport, "SPACE over the label block", cdb_space(SPACE_BLOCKS, 1))
+    if got in ("end", "filemark"):
+        return None, _verification("nothing", "nothing to verify: the tape is blank or starts "
+                                   "with a filemark (no Bareos label)")
+    if not got:
+        return None, None
+    try:
+        label_type = parse_label_block(got).LabelType
+    except BscryptoError as e:
+        debug(1, "%s: first block: %s" % (transport.device, e))
+        return None, None
+    if label_type == PRE_LABEL:
+        return label_type, _verification("nothing", "nothing to verify: the label is a "
+                                         "PRE_LABEL (labelled, never written to)",
+                                         label_type=label_type)
+    return label_type, None
+
+
+def _next_data_block(transport):
+    """(NextBlockEncryptionStatus of the first block after the filemarks at the
+    position, None), or (None, a TapeVerification) when the tape ends first."""
+    for _ in range(VERIFY_MAX_FILEMARKS + 1):
+        nbes = read_next_block_status(transport)
+        if nbes.encryption_status != NEXT_BLOCK_NOT_A_BLOCK:
+            return nbes, None
+        if _tape_motion(transport, "SPACE over a filemark",
+                        cdb_space(SPACE_FILEMARKS, 1)) == "end":
+            break
+    return None, _verification("nothing", "nothing to verify: the tape ends after the label "
+                               "(no data block follows it)")
+
+
+def _judge_block(nbes, label_type):
+    block = nbes.logical_object_number
+    status = nbes.encryption_status
+    ukad = _ukad_text(nbes)
+    if status == NEXT_BLOCK_DECRYPTABLE:
+        return _verification("verified", "block %d is encrypted and the loaded key decrypts it"
+                             % block, nbes, label_type)
+    if status == NEXT_BLOCK_NO_VALID_KEY:
+        return _verification("wrong_key", "block %d is encrypted and the drive cannot decrypt "
+                             "it with the loaded key%s" % (block, "" if ukad is None else
+                                                           " (its U-KAD: %s)" % ukad),
+                             nbes, label_type)
+    if status == NEXT_BLOCK_PLAIN:
+        return _verification("not_encrypted", "block %d is not encrypted: this volume's data "
+                             "is plain (a loaded key is harmless but not needed)" % block,
+                             nbes, label_type)
+    if status == NEXT_BLOCK_NO_BLOCK:
+        return _verification("nothing", "nothing to verify: the tape ends after the label (no "
+                             "data block follows it)", nbes, label_type)
+    return _verification("undetermined", "cannot verify: the drive reports encryption status "
+                         "%d (%s) for block %d" % (status, _name(ENCRYPTION_STATUS_NAMES, status),
+                                                   block), nbes, label_type)
+
+
+def verify_tape(transport, read_label=True, label_type=None):
+    """Whether the drive's key decrypts the tape's first data block: past the
+    label and its filemark(s), page 0021h, then rewound.  Only REWIND, SPACE
+    and READ are sent.  read_label: read the first block (to tell a PRE_LABEL)
+    rather than space over it; label_type: the caller read it already.
+    Returns a TapeVerification record."""
+    if label_type == PRE_LABEL:
+        return _verification("nothing", "nothing to verify: the label is a PRE_LABEL "
+                             "(labelled, never written to)", label_type=label_type)
+    scsi_command(transport, "REWIND", cdb_rewind())
+    try:
+        found, result = _past_label(transport, read_label and label_type is None)
+        label_type = found if label_type is None else label_type
+        if result is None:
+            nbes, result = _next_data_block(transport)
+            result = result or _judge_block(nbes, label_type)
+    except BscryptoError:
+        try:
+            scsi_command(transport, "REWIND", cdb_rewind())
+        except BscryptoError as e:
+            debug(1, "%s: rewind after a failed verify: %s" % (transport.device, e))
+        raise
+    scsi_command(transport, "REWIND", cdb_rewind())
+    return result
+
+
+def verification_dict(device, v):
+    return {"device": device, "outcome": v.outcome, "text": v.text,
+            "label_type": LABEL_TYPE_NAMES.get(v.label_type),
+            "next_block_status": (next_block_status_dict(v.next_block)
+                                  if v.next_block is not None else None)}
+
+
+def op_verify(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None, transport=None):
+    """verify: does the key in the drive (set-key, -s, the plugin) decrypt the
+    tape in it?  The outcomes and exit codes of `load`'s check."""
+    out = out or sys.stdout
+    with _drive(device, timeout, transport) as t:
+        check_encryption_support(t)
+        status = read_drive_status(t)
+        v = verify_tape(t)
+    if as_json:
+        _json_dump(verification_dict(device, v), out)
+    elif v.outcome != "wrong_key":
+        out.write("%s: %s\n" % (device, v.text))
+        out.flush()
+    if v.outcome == "wrong_key":
+        held = ("the drive holds no key" if status.decryption_mode == DECRYPTION_MODE_DISABLE
+                else "the loaded key is not this volume's")
+        raise BscryptoError("verify: %s: %s: %s; load this volume's key with `%s load %s "
+                            "--cache CACHE` (or --catalog EXPORT)" % (
+                                device, v.text, held, _program(), device), EXIT_WRONG_KEY)
     return EXIT_OK
 
 
@@ -4202,7 +4476,7 @@ def _kek_description(kek_file=None, kek_from=None, director=None):
 # -- load: label -> key -> unwrap -> drive --
 
 _CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos > media.txt) "
-                 "and add them with `bscrypto populate-cache %%s --from-catalog media.txt`, "
+                 "and add them with `%%s populate-cache %%s --from-catalog media.txt`, "
                  "or pass --catalog media.txt" % CATALOG_EXPORT_SQL)
 
 
@@ -4211,7 +4485,7 @@ def _label_failure(device, error, timeout, transport):
     when the drive can tell it (a key in decrypt mode refuses the plain label)."""
     hint = "; or give --volume NAME to skip reading the label"
     text = "load: reading the volume label failed: %s" % error
-    if error.exit_code == EXIT_LABEL and "I/O error" in str(error):
+    if getattr(error, "kind", None) == "io":
         try:
             status = get_drive_status(device, timeout, transport)
         except BscryptoError as e:
@@ -4221,9 +4495,9 @@ def _label_failure(device, error, timeout, transport):
                                                              DECRYPTION_MODE_DECRYPT):
             text = ("load: reading the volume label failed: %s: %s reading the first block: "
                     "a key is loaded with decryption mode %s, which refuses the unencrypted "
-                    "label: clear it with `bscrypto clear-key %s` and retry"
+                    "label: clear it with `%s clear-key %s` and retry"
                     % (device, os.strerror(errno.EIO),
-                       _BAREOS_DECRYPTION_MODE[status.decryption_mode], device))
+                       _BAREOS_DECRYPTION_MODE[status.decryption_mode], _program(), device))
         elif status is not None:
             text += " (the drive holds no key that refuses the label)"
     return BscryptoError(text + hint, error.exit_code)
@@ -4288,18 +4562,19 @@ def _not_found_text(want, cache, entries, catalog, export):
         text += "; names differing only in case: %s" % ", ".join(close)
     if cache and catalog is None:
         text += ": the cache only holds volumes mounted in the last 60 days; " + (
-            _CATALOG_HINT % cache)
+            _CATALOG_HINT % (_program(), cache))
     elif catalog is not None:
-        text += ": export the catalog again (the volume may be newer than the export) or check " \
-                "the name on the tape with `bscrypto label`"
+        text += (": export the catalog again (the volume may be newer than the export) or "
+                 "check the name on the tape with `%s label`" % _program())
     return text
 
 
 def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=None,
                    volume=None, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT,
-                   algorithm_index=None, ops=None, transport=None, out=None):
+                   algorithm_index=None, ops=None, transport=None, out=None, verify=True):
     """load: read the label, find the volume's key in the cache and/or a catalog
-    export, unwrap it, load it as Bareos does and confirm Encrypt + Mixed.
+    export, unwrap it, load it as Bareos does, confirm Encrypt + Mixed and
+    (verify) check on the tape's first data block that the key decrypts it.
 
     Each failure names its step and what to try.  Prints a summary (or JSON)
     that never contains the key.
@@ -4350,23 +4625,24 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
             sys.stderr.write("bscrypto: note: the key of volume %s in %s is %s: loaded as "
                              "it is; the KEK is not needed for it\n"
                              % (shown, source, _form_text(False)))
-    # 5. Load it with Bareos's key bytes and 6. confirm.
-    try:
-        with _drive(device, timeout, transport) as t:
+    # 5. Load it with Bareos's key bytes, 6. confirm, 7. verify on the tape.
+    with _drive(device, timeout, transport) as t:
+        try:
             status, algorithm = load_drive_key(t, drive_key_bytes(passphrase),
-                                               algorithm_index=algorithm_index)
-    except BscryptoError as e:
-        raise BscryptoError("load: loading the key of volume %s into the drive failed: %s"
-                            % (shown, e), e.exit_code)
-    if (status.encryption_mode, status.decryption_mode) != (ENCRYPTION_MODE_ENCRYPT,
-                                                             DECRYPTION_MODE_MIXED):
-        raise BscryptoError(
-            "load: the drive took the key of volume %s but reports encryption mode %s and "
-            "decryption mode %s, not Encrypt and Mixed: check `bscrypto drive-status --detail "
-            "%s` (a library or key manager may control the drive)" % (
-                shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
-                _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), device),
-            EXIT_KEY_REFUSED)
+                                               drive_key_options(algorithm_index=algorithm_index))
+        except BscryptoError as e:
+            raise BscryptoError("load: loading the key of volume %s into the drive failed: %s"
+                                % (shown, e), e.exit_code)
+        if (status.encryption_mode, status.decryption_mode) != (ENCRYPTION_MODE_ENCRYPT,
+                                                                 DECRYPTION_MODE_MIXED):
+            raise BscryptoError(
+                "load: the drive took the key of volume %s but reports encryption mode %s and "
+                "decryption mode %s, not Encrypt and Mixed: check `%s drive-status --detail "
+                "%s` (a library or key manager may control the drive)" % (
+                    shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
+                    _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), _program(),
+                    device), EXIT_KEY_REFUSED)
+        check = _verify_loaded(t, shown, source, label, algorithm_index) if verify else None
     name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
             if algorithm is not None else None)
     if as_json:
@@ -4376,7 +4652,8 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
                   "algorithm": name, "algorithm_index": status.algorithm_index,
                   "key_instance_counter": status.key_instance_counter,
                   "encryption_mode": _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
-                  "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode)}
+                  "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode),
+                  "verify": verification_dict(device, check) if check is not None else None}
         if label is not None:
             record["label"] = {"PoolName": label.PoolName, "MediaType": label.MediaType,
                                "LabelType": LABEL_TYPE_NAMES.get(label.LabelType)}
@@ -4392,11 +4669,38 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
              "Encrypt, decryption Mixed" % (device, name + ", " if name else "",
                                             status.algorithm_index,
                                             status.key_instance_counter),
+             "verify: %s" % (check.text if check is not None else "skipped (--no-verify)"),
              "the drive now reads this volume's encrypted blocks; clear the key with "
-             "`bscrypto clear-key %s` when done" % device]
+             "`%s clear-key %s` when done" % (_program(), device)]
     out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK
+
+
+def _verify_loaded(transport, shown, source, label, algorithm_index):
+    """load's step 7: verify_tape with the key just loaded; a key that does not
+    decrypt the tape is cleared again and reported (EXIT_WRONG_KEY)."""
+    device = transport.device
+    try:
+        check = verify_tape(transport, read_label=False,
+                            label_type=label.LabelType if label is not None else None)
+    except BscryptoError as e:
+        raise BscryptoError("load: the key of volume %s is loaded, but verifying it on the "
+                            "tape failed: %s (skip the check with --no-verify)" % (shown, e),
+                            e.exit_code)
+    if check.outcome != "wrong_key":
+        return check
+    try:
+        clear_drive_key(transport, algorithm_index)
+        cleared = "the key was cleared from the drive"
+    except BscryptoError as e:
+        cleared = "clearing the key failed too (%s): run `%s clear-key %s`" % (
+            e, _program(), device)
+    raise BscryptoError(
+        "load: the drive cannot decrypt volume %s's data with the key found in %s: %s; %s; "
+        "try the other source (--cache or --catalog) or the KEK of another director "
+        "(--kek-from CONFIG --director NAME)" % (shown, source, check.text, cleared),
+        EXIT_WRONG_KEY)
 
 
 # -- populate-cache --from-catalog --
@@ -4944,7 +5248,19 @@ def _add_drive_commands(sub, common):
                                    "current position, in Bareos's words.")
     p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout))
+    p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout,
+                                                   readable=True))
+
+    p = sub.add_parser(
+        "verify", parents=parents, help="check that the drive's key decrypts the tape in it",
+        description="Rewind, pass the label and its filemark(s), read the first data block's "
+                    "encryption status (page 0021h, the block itself is not read) and rewind; "
+                    "nothing is written or loaded. Use it after set-key, -s or the plugin. "
+                    "Exit 0: verified, not encrypted, or nothing to verify (PRE_LABEL, no "
+                    "data); exit %d: the drive cannot decrypt it with its key." % EXIT_WRONG_KEY)
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=lambda ns: op_verify(ns.device, ns.json, ns.timeout))
 
 
 def _run_set_key(ns):
@@ -4952,10 +5268,11 @@ def _run_set_key(ns):
         raise UsageError("set-key needs a key file or --hex-key FILE (one of them)")
     if ns.hex_key is not None and (ns.kek or ns.base64):
         raise UsageError("--hex-key takes a raw key: -w and -b do not apply")
+    options = drive_key_options(algorithm_index=ns.algorithm_index, ckod=ns.ckod,
+                                raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
+                                key_desc=ns.key_desc)
     return op_set_key(ns.device, ns.keyfile, ns.kek, ns.base64, ns.hex_key, ns.timeout,
-                      sys.stdout, key_desc=ns.key_desc, algorithm_index=ns.algorithm_index,
-                      ckod=ns.ckod, raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
-                      prompt=sys.stdin.isatty())
+                      sys.stdout, options, prompt=sys.stdin.isatty())
 
 
 def _add_recovery_commands(sub, common):
@@ -5000,9 +5317,10 @@ def _add_recovery_commands(sub, common):
                     "and after, never written), find the volume's key in the crypto cache "
                     "and/or a catalog export, unwrap it with the KEK if it is wrapped (54 "
                     "characters; 43 characters is a key that is not wrapped), load it into "
-                    "the drive as Bareos does and confirm encryption Encrypt and decryption "
-                    "Mixed. Every failure names its step and what to try. The key is never "
-                    "printed.")
+                    "the drive as Bareos does, confirm encryption Encrypt and decryption "
+                    "Mixed, and verify on the first data block that the key decrypts the tape "
+                    "(a wrong key is cleared again, exit %d). Every failure names its step and "
+                    "what to try. The key is never printed." % EXIT_WRONG_KEY)
     p.add_argument("device", metavar="DEVICE", help="tape device, e.g. /dev/nst0")
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
     p.add_argument("--catalog", metavar="EXPORT",
@@ -5017,10 +5335,12 @@ def _add_recovery_commands(sub, common):
                    default=DEFAULT_SCSI_TIMEOUT,
                    help="SCSI command timeout (default %d)" % DEFAULT_SCSI_TIMEOUT)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not check on the tape's first data block that the key decrypts it")
     p.set_defaults(run=lambda ns: op_load_volume(
         ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
         _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
-        ns.algorithm_index))
+        ns.algorithm_index, verify=ns.verify))
 
     p = sub.add_parser(
         "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",

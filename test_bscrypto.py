@@ -3812,7 +3812,7 @@ class TestLabelFromTape(unittest.TestCase):
 
     def test_io_error_says_clear_the_key_and_still_rewinds(self):
         tape = self.fails(FakeTape(read_error=5), bscrypto.EXIT_LABEL,
-                          "clear the drive key first (bscrypto clear-key /dev/nst0)")
+                          "clear the drive key first (%s clear-key /dev/nst0)" % bscrypto._program())
         self.assertEqual(tape.calls[-2:], [self.REWIND, ("close", 7)])
         self.assertIn(("MTIOCGET",), tape.calls)      # only asked, never set
 
@@ -4366,7 +4366,7 @@ class RecoveryDriveTestCase(DriveTestCase):
             bscrypto.load_drive_key(t, bscrypto.drive_key_bytes(passphrase))
             for data in DATA_BLOCKS:
                 self.write_block(data)
-            bscrypto.load_drive_key(t, bytes(32), clear=True)
+            bscrypto.clear_drive_key(t)
         self.rewind()
 
     def cache(self, entries, name="c.cryptoc"):
@@ -4544,7 +4544,8 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("load: reading the volume label failed: %s: Input/output error reading "
                       "the first block: a key is loaded with decryption mode Decrypt" % self.dev,
                       err)
-        self.assertIn("clear it with `bscrypto clear-key %s` and retry" % self.dev, err)
+        self.assertIn("clear it with `%s clear-key %s` and retry" % (bscrypto._program(),
+                                                                      self.dev), err)
         page = bscrypto.bareos_clear_key_page(1)                      # no key now, but
         self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
         self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
@@ -4571,6 +4572,183 @@ class TestLoad(RecoveryDriveTestCase):
         self.run_fail(bscrypto.EXIT_KEY_FILE, "load", self.dev, "--catalog",
                       os.path.join(self.tmp, "none"))
         self.assertEqual(self.spout_count(), 2)
+
+
+def bareos_tape(label, data=DATA_BLOCKS, key=None, filemarks=1, kads=()):
+    """A Medium as a storage daemon leaves it: the plain label block, `filemarks`
+    filemarks, then the data blocks (encrypted with `key` when given)."""
+    blocks = [Block(d, key, GCM, 1, kads) if key is not None else Block(d) for d in data]
+    return Medium([Block(label)] + [FILEMARK] * filemarks + blocks)
+
+
+class TestVerify(RecoveryDriveTestCase):
+    """load's check and `verify`: page 0021h of the first data block after the
+    label, through REWIND / SPACE / READ only, always left rewound."""
+
+    KEY = bscrypto.drive_key_bytes(RecoveryDriveTestCase.PASSPHRASE)
+    UKAD = (0, 0, b"Full-0042 key")
+
+    def tape(self, **kw):
+        self.drive.medium = bareos_tape(build_label_block(VolumeName=self.VOLUME), **kw)
+        self.drive.position, self.drive.log = 0, []
+
+    def load(self, *extra, **kw):
+        cache = kw.get("cache") or self.wrapped_cache()
+        return cli("load", self.dev, "--cache", cache, "--kek", self.kek, *extra)
+
+    def assert_read_only_and_rewound(self, since=0):
+        sent = {cdb[0] for cdb, _ in self.drive.log[since:]}
+        self.assertFalse(sent & {0x0A, 0x10, 0x19, 0x04}, sent)       # no write, filemark, erase
+        self.assertEqual(self.drive.position, 0)
+
+    def test_verified_after_the_label_and_its_filemark(self):
+        self.tape(key=self.KEY, filemarks=1)
+        rc, out, err = self.load()
+        self.assertEqual((rc, err), (0, ""))
+        self.assertIn("\nverify: block 2 is encrypted and the loaded key decrypts it\n",
+                      out.decode())
+        self.assert_read_only_and_rewound()
+        spaces = [cdb for cdb, _ in self.drive.log if cdb[0] == 0x11]
+        self.assertEqual(spaces, [bytes([0x11, 0, 0, 0, 1, 0]), bytes([0x11, 1, 0, 0, 1, 0])])
+        self.assertEqual(self.drive.key, self.KEY)
+        data = json.loads(self.load("--json")[1])
+        self.assertEqual((data["verify"]["outcome"],
+                          data["verify"]["next_block_status"]["logical_object_number"]),
+                         ("verified", 2))
+
+    def test_several_filemarks_and_no_filemark(self):
+        for filemarks, block in ((0, 1), (2, 3), (3, 4)):
+            self.tape(key=self.KEY, filemarks=filemarks)
+            rc, out, err = self.load()
+            self.assertEqual(rc, 0, err)
+            self.assertIn("verify: block %d is encrypted and the loaded key decrypts it" % block,
+                          out.decode())
+
+    def test_wrong_key_is_cleared_and_shows_the_ukad(self):
+        self.tape(key=b"W" * 32, kads=[self.UKAD])
+        before = self.drive.key_instance_counter
+        rc, out, err = self.load()
+        self.assertEqual(rc, bscrypto.EXIT_WRONG_KEY, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("load: the drive cannot decrypt volume Full-0042's data with the key "
+                      "found in crypto cache %s: block 2 is encrypted and the drive cannot "
+                      "decrypt it with the loaded key (its U-KAD: \"Full-0042 key\"); the key "
+                      "was cleared from the drive; try the other source" % self.wrapped_cache(),
+                      err)
+        self.assertIn("--kek-from CONFIG --director NAME", err)
+        self.assertIsNone(self.drive.key)
+        self.assertEqual((self.drive.encryption_mode, self.drive.decryption_mode), (0, 0))
+        self.assertEqual(self.drive.key_instance_counter, before + 2)   # loaded, then cleared
+        self.assert_read_only_and_rewound()
+
+    def test_not_encrypted(self):
+        self.tape()
+        rc, out, err = self.load()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: block 2 is not encrypted: this volume's data is plain",
+                      out.decode())
+        self.assertEqual(self.drive.key, self.KEY)
+
+    def test_nothing_to_verify(self):
+        pre = build_label_block(VolumeName=self.VOLUME, FileIndex=-1)
+        cases = (
+            (Medium([Block(pre), FILEMARK]), "the label is a PRE_LABEL"),
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[]),
+             "the tape ends after the label"),                          # label, filemark, EOD
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[], filemarks=0),
+             "the tape ends after the label"),                          # label, EOD
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[], filemarks=2),
+             "the tape ends after the label"),
+        )
+        for medium, text in cases:
+            self.drive.medium, self.drive.position = medium, 0
+            rc, out, err = self.load()
+            self.assertEqual(rc, 0, err)
+            self.assertIn("verify: nothing to verify: " + text, out.decode())
+            self.assertEqual(self.drive.position, 0)
+
+    def test_no_verify_reads_no_next_block_page(self):
+        self.tape(key=b"W" * 32)
+        before = len(self.drive.log)
+        rc, out, err = self.load("--no-verify")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: skipped (--no-verify)", out.decode())
+        pages = [cdb[2:4] for cdb, _ in self.drive.log[before:] if cdb[0] == 0xA2]
+        self.assertNotIn(b"\x00\x21", pages)
+        self.assertEqual(self.drive.key, self.KEY)
+
+    def test_verify_command(self):
+        self.tape(key=self.KEY, filemarks=1, kads=[self.UKAD])
+        err = self.run_fail(bscrypto.EXIT_WRONG_KEY, "verify", self.dev)
+        self.assertIn("the drive holds no key", err)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, self.KEY)
+        before = len(self.drive.log)
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertEqual(out, "%s: block 2 is encrypted and the loaded key decrypts it\n"
+                         % self.dev)
+        self.assert_read_only_and_rewound(before)
+        reads = [cdb for cdb, _ in self.drive.log[before:] if cdb[0] == 0x08]
+        self.assertEqual(reads, [bytes([0x08, 0x02, 0x01, 0x00, 0x00, 0])])  # SILI, 64 KiB
+        data = json.loads(self.run_ok("verify", self.dev, "--json")[0])
+        self.assertEqual((data["outcome"], data["label_type"],
+                          data["next_block_status"]["kads"][0]["text"]),
+                         ("verified", "VOL_LABEL", "Full-0042 key"))
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, b"B" * 32)
+        err = self.run_fail(bscrypto.EXIT_WRONG_KEY, "verify", self.dev)
+        self.assertIn("the loaded key is not this volume's", err)
+        self.assertIn('(its U-KAD: "Full-0042 key")', err)
+        self.assertEqual(self.drive.key, b"B" * 32)                      # verify loads nothing
+
+    def test_verify_tells_a_pre_label_from_the_block_itself(self):
+        pre = build_label_block(VolumeName=self.VOLUME, FileIndex=-1)
+        self.drive.medium = Medium([Block(pre), FILEMARK, Block(b"x" * 99, b"W" * 32, GCM, 1)])
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("nothing to verify: the label is a PRE_LABEL", out)
+        self.drive.medium = Medium()
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("nothing to verify: the tape is blank", out)
+
+    def test_verify_with_a_decrypt_only_key_spaces_over_the_label(self):
+        self.tape(key=self.KEY)
+        page = bscrypto.build_set_data_encryption_page(self.KEY, 0, 2, 1)   # decrypt, not mixed
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("block 2 is encrypted and the loaded key decrypts it", out)
+
+    def test_a_failure_midway_still_rewinds(self):
+        self.tape(key=self.KEY)
+        spin = self.drive.COMMANDS[0xA2]
+
+        def broken(drive, cdb, data_out):
+            if cdb[2:4] == b"\x00\x21":
+                raise CheckCondition(MEDIUM_ERROR, 0x11, 0x00)
+            return spin(drive, cdb, data_out)
+        with mock.patch.dict(EmulatedTapeDrive.COMMANDS, {0xA2: broken}):
+            err = self.run_fail(bscrypto.EXIT_SCSI, "load", self.dev, "--cache",
+                                self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: the key of volume Full-0042 is loaded, but verifying it on the tape "
+                      "failed:", err)
+        self.assertIn("--no-verify", err)
+        self.assertEqual(self.drive.position, 0)
+
+    def test_volume_status_hint_and_ukad(self):
+        self.tape(key=self.KEY, kads=[self.UKAD])
+        self.drive.position = 2
+        out, _ = self.run_ok("volume-status", self.dev)
+        self.assertIn('   Key descriptor (U-KAD): "Full-0042 key"\n', out)
+        self.assertIn("hint: the loaded key is not this block's key: load this volume's key "
+                      "(`%s load %s --cache CACHE`)" % (bscrypto._program(), self.dev), out)
+        legacy, _ = self.run_ok("-v", self.dev)
+        self.assertEqual(out.split("   Key descriptor")[0], legacy)       # Bareos's text kept
+        self.assertNotIn("hint", legacy)
+        self.assertNotIn("U-KAD", legacy)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, self.KEY)
+        out, _ = self.run_ok("volume-status", self.dev)
+        self.assertNotIn("hint", out)
+        self.assertIn("U-KAD", out)
 
 
 class TestLoadLibraryManaged(RecoveryDriveTestCase):
