@@ -621,8 +621,40 @@ def make_key_text(passphrase, kek_text=None, base64=False):
     return passphrase
 
 
-def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base64=False):
-    """Recover the passphrase from key-file text (the inverse of make_key_text)."""
+# A key file read without a KEK that holds Bareos's wrapped form (54 base64
+# characters, 40 bytes): "refuse" (the subcommands), "warn" (-s: Bareos loads
+# the text, scripts may rely on that) or "allow" (-k, --as-is).
+WRAPPED_REFUSE, WRAPPED_WARN, WRAPPED_ALLOW = "refuse", "warn", "allow"
+
+
+def holds_wrapped_key(text):
+    """True if key-file text is exactly a wrapped key (54 characters, 40 bytes)."""
+    if len(text) != 54:
+        return False
+    try:
+        return len(b64decode(text)) == WRAPPED_LENGTH
+    except ValueError:
+        return False
+
+
+def _wrapped_without_kek(text, source, policy):
+    if policy == WRAPPED_ALLOW or not holds_wrapped_key(text):
+        return
+    if policy == WRAPPED_REFUSE:
+        raise UnwrapError("%s holds a wrapped key: give --kek KEKFILE (or --kek-from)"
+                          % source)
+    sys.stderr.write("bscrypto: warning: %s holds a wrapped key and no -w KEKFILE was given: "
+                     "its text is loaded as the passphrase, as Bareos does, and will not "
+                     "read the tape; give -w KEKFILE\n" % source)
+    sys.stderr.flush()
+
+
+def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base64=False,
+                             wrapped=WRAPPED_ALLOW):
+    """Recover the passphrase from key-file text (the inverse of make_key_text).
+    wrapped: what to do with a wrapped key when there is no KEK (see above)."""
+    if kek_text is None:
+        _wrapped_without_kek(text, source, wrapped)
     if kek_text is not None:
         try:
             return unwrap_passphrase(kek_text, text)
@@ -657,12 +689,15 @@ def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
     return EXIT_OK
 
 
-def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None):
-    """-k: print the passphrase held in a key file."""
-    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None, kek_text=None,
+                kek_source=None, wrapped=WRAPPED_ALLOW):
+    """-k / show: print the passphrase held in a key file.  The KEK comes from
+    kek_path, or as kek_text (described by kek_source) from --kek-from."""
+    if kek_text is None and kek_path:
+        kek_text, kek_source = read_key_file(kek_path, "KEK file"), kek_path
     text = read_key_file(source, prompt=prompt)
     name = "stdin" if source == "-" else source
-    passphrase = passphrase_from_key_text(text, name, kek_text, kek_path, base64)
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
     out = out or _stdout_bytes()
     out.write(passphrase + b"\n")
     out.flush()
@@ -3995,7 +4030,7 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
 
 
 def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file=None,
-                        prompt=True):
+                        prompt=True, kek_text=None, kek_source=None, wrapped=WRAPPED_ALLOW):
     """(32 key bytes, description or None) from the set-key inputs.
 
     A Bareos key file gives drive_key_bytes(passphrase): with a KEK it is
@@ -4013,22 +4048,25 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
                 raise KeyFileError("cannot read hex key file %s: %s"
                                    % (hex_key_file, e.strerror or e))
         return parse_hex_key_file(data, hex_key_file)
-    kek_text = read_key_file(kek_file, "KEK file") if kek_file else None
+    if kek_text is None and kek_file:
+        kek_text, kek_source = read_key_file(kek_file, "KEK file"), kek_file
     text = read_key_file(key_file, prompt=prompt)
     name = "stdin" if key_file == "-" else key_file
-    passphrase = passphrase_from_key_text(text, name, kek_text, kek_file, base64)
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
     return drive_key_bytes(passphrase), None
 
 
 def op_set_key(device, key_file=None, kek_file=None, base64=False, hex_key_file=None,
-               timeout=DEFAULT_SCSI_TIMEOUT, out=None, options=None, prompt=True):
+               timeout=DEFAULT_SCSI_TIMEOUT, out=None, options=None, prompt=True,
+               kek_text=None, kek_source=None, wrapped=WRAPPED_ALLOW):
     """-s / set-key: load the key from a Bareos key file (or a stenc hex key file).
 
     A description line in a hex key file becomes the key descriptor when the
     drive takes one; --key-desc (options.key_desc) wins over it.
     """
     options = options or drive_key_options()
-    key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt)
+    key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt,
+                                           kek_text, kek_source, wrapped)
     if description is not None:
         options = options._replace(file_key_desc=description)
     return op_load_key(device, key, out, timeout, options=options)
@@ -5095,6 +5133,10 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
 # Each group adds its subcommands; _command_parser() builds them all.
 
 
+AS_IS_HELP = ("use the file's text as the passphrase even when it is a wrapped key "
+              "(54 base64 characters), as Bareos's -s/-k do")
+
+
 # Subcommands: name -> (function adding its arguments, function running it, help).
 def _add_key_commands(sub, common):
     p = sub.add_parser("generate", parents=[common], help="generate a new passphrase key file",
@@ -5110,9 +5152,13 @@ def _add_key_commands(sub, common):
                        description="Print the passphrase held in FILE ('-' reads stdin).")
     p.add_argument("file", help="key file, or '-' for stdin")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="unwrap with this KEK")
+    add_kek_from_arguments(p)
     p.add_argument("-b", "--base64", action="store_true", help="the file holds base64")
-    p.set_defaults(run=lambda ns: op_show_key(ns.file, ns.kek, ns.base64,
-                                              prompt=sys.stdin.isatty()))
+    p.add_argument("--as-is", action="store_true", help=AS_IS_HELP)
+    p.set_defaults(run=lambda ns: op_show_key(
+        ns.file, None, ns.base64, prompt=sys.stdin.isatty(), kek_text=kek_from_arguments(ns),
+        kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
+        wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE))
 
     p = sub.add_parser("selftest", parents=[common], help="run the built-in known-answer tests",
                        description="Run the known-answer tests built into this file: the "
@@ -5204,7 +5250,9 @@ def _add_drive_commands(sub, common):
     p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
     p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
+    add_kek_from_arguments(p)
     p.add_argument("-b", "--base64", action="store_true", help="the key file holds base64")
+    p.add_argument("--as-is", action="store_true", help=AS_IS_HELP)
     p.add_argument("--hex-key", metavar="FILE",
                    help="load a raw 256-bit key: 64 hex digits, optional description line "
                         "(stenc's key file) instead of a Bareos key file")
@@ -5266,13 +5314,16 @@ def _add_drive_commands(sub, common):
 def _run_set_key(ns):
     if (ns.keyfile is None) == (ns.hex_key is None):
         raise UsageError("set-key needs a key file or --hex-key FILE (one of them)")
-    if ns.hex_key is not None and (ns.kek or ns.base64):
-        raise UsageError("--hex-key takes a raw key: -w and -b do not apply")
+    if ns.hex_key is not None and (ns.kek or ns.kek_from or ns.base64 or ns.as_is):
+        raise UsageError("--hex-key takes a raw key: -w, --kek-from, -b and --as-is do not apply")
     options = drive_key_options(algorithm_index=ns.algorithm_index, ckod=ns.ckod,
                                 raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
                                 key_desc=ns.key_desc)
-    return op_set_key(ns.device, ns.keyfile, ns.kek, ns.base64, ns.hex_key, ns.timeout,
-                      sys.stdout, options, prompt=sys.stdin.isatty())
+    return op_set_key(ns.device, ns.keyfile, None, ns.base64, ns.hex_key, ns.timeout,
+                      sys.stdout, options, prompt=sys.stdin.isatty(),
+                      kek_text=kek_from_arguments(ns),
+                      kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
+                      wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE)
 
 
 def _add_recovery_commands(sub, common):
@@ -5501,7 +5552,7 @@ def _legacy_drive_ops(ns):
         op_drive_status(device, timeout=timeout)
     if ns.set_encryption_key:
         return op_set_key(device, ns.set_encryption_key, ns.wrap_unwrap_key, ns.base64,
-                          timeout=timeout)
+                          timeout=timeout, wrapped=WRAPPED_WARN)
     if ns.volume_encryption_status:
         op_volume_status(device, timeout=timeout)
     if ns.drive_encryption_status or ns.volume_encryption_status:

@@ -3353,6 +3353,56 @@ class TestDriveCommandsQuantum(TestDriveCommandsIbm):
     gcm_index = 0
 
 
+class TestWrappedKeyWithoutKek(DriveTestCase):
+    """A wrapped key (54 characters, 40 bytes) is never taken for a passphrase
+    by the subcommands; -s keeps Bareos's behaviour with a warning."""
+
+    def setUp(self):
+        DriveTestCase.setUp(self)
+        self.kek, self.key, self.passphrase = wrapped_key_files(self)
+        with open(self.key, "rb") as f:
+            self.text = f.read().rstrip(b"\n")
+        self.assertEqual(len(self.text), 54)
+
+    def test_set_key_and_show_refuse(self):
+        for args in (["set-key", self.dev, self.key], ["show", self.key],
+                     ["set-key", self.dev, self.key, "-b"]):
+            err = self.run_fail(bscrypto.EXIT_UNWRAP, *args)
+            self.assertEqual(err, "bscrypto: %s holds a wrapped key: give --kek KEKFILE (or "
+                             "--kek-from)\n" % self.key)
+        self.assertIsNone(self.drive.key)
+        self.assertFalse(bscrypto.holds_wrapped_key(bscrypto.b64encode(b"p" * 32).encode()))
+        self.assertFalse(bscrypto.holds_wrapped_key(b"*" * 54))
+
+    def test_as_is_and_kek_options(self):
+        out, err = self.run_ok("show", self.key, "--as-is")
+        self.assertEqual((out, err), (self.text[:32].decode() + "\n", ""))
+        self.run_ok("set-key", self.dev, self.key, "--as-is")
+        self.assertEqual(self.drive.key, self.text[:31] + b"\0")
+        out, _ = self.run_ok("show", self.key, "--kek", self.kek)
+        self.assertEqual(out.encode(), self.passphrase + b"\n")
+        with open(self.kek, "rb") as f:
+            conf = self.write("bareos-sd.conf", b'Director {\n  Name = d\n  Key Encryption Key = "'
+                              + f.read().rstrip(b"\n") + b'"\n}\n')
+        out, _ = self.run_ok("show", self.key, "--kek-from", conf)
+        self.assertEqual(out.encode(), self.passphrase + b"\n")
+        self.run_ok("set-key", self.dev, self.key, "--kek-from", conf)
+        self.assertEqual(self.drive.key, self.passphrase[:31] + b"\0")
+        self.run_fail(bscrypto.EXIT_USAGE, "set-key", self.dev, "--hex-key", self.key, "--as-is")
+
+    def test_legacy_flags_keep_bareos_behaviour(self):
+        rc, out, err = cli("-s", self.key, self.dev)
+        self.assertEqual((rc, out), (0, b""))
+        self.assertEqual(err, "bscrypto: warning: %s holds a wrapped key and no -w KEKFILE was "
+                         "given: its text is loaded as the passphrase, as Bareos does, and will "
+                         "not read the tape; give -w KEKFILE\n" % self.key)
+        self.assertEqual(self.drive.key, self.text[:31] + b"\0")
+        rc, out, err = cli("-k", self.key)
+        self.assertEqual((rc, out, err), (0, self.text[:32] + b"\n", ""))
+        rc, out, err = cli("-s", self.key, "-w", self.kek, self.dev)
+        self.assertEqual((rc, err), (0, ""))
+
+
 class TestDriveCommandsLibrary(DriveTestCase):
     profile = "library"
 
