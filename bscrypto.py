@@ -3036,19 +3036,24 @@ def scan_config(text, path="config"):
 
 
 def _config_statement(tokens):
-    """(keyword in lower case, value token) of `keyword = value`, else None."""
+    """(keyword in lower case, [value tokens]) of `keyword = value[, value...]`,
+    else None."""
     if (len(tokens) >= 3 and tokens[0][0] == "word" and tokens[1][0] == "="
             and tokens[2][0] in _CONFIG_WORDS):
-        return tokens[0][1].lower(), tokens[2]
+        return tokens[0][1].lower(), [t for t in tokens[2:] if t[0] in _CONFIG_WORDS]
     return None
 
 
-def parse_config_keks(text, path="config"):
-    """Director resources with a Key Encryption Key in one configuration
-    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
-    of each @include])."""
-    ConfigKek = _record("ConfigKek", _CONFIG_KEK_FIELDS)
-    keks = []
+def parse_config_resources(text, path="config"):
+    """The resources of one configuration text: ([ConfigResource(type, name,
+    directives, path, line)], [(path, line, target) of each @include]).
+
+    type is lower case ("storage", "device", "director" ...); directives maps
+    each keyword of the resource's own level (lower case, spaces dropped) to
+    its last ([value strings], line of the first value); name is its Name.
+    """
+    ConfigResource = _record("ConfigResource", "type name directives path line")
+    resources = []
     includes = []
     depth = 0
     resource = None
@@ -3058,12 +3063,10 @@ def parse_config_keks(text, path="config"):
     statement = []
 
     def finish_statement():
-        if depth == 1 and resource == "director":
-            found = _config_statement(statement)
-            if found and found[0] == "name":
-                fields["name"] = found[1][1]
-            elif found and found[0] == "keyencryptionkey":
-                fields["kek"] = found[1]
+        found = _config_statement(statement) if depth == 1 else None
+        if found:
+            keyword, values = found
+            fields[keyword] = ([v for _, v, _ in values], values[0][2])
         del statement[:]
 
     for kind, value, line in scan_config(text, path):
@@ -3081,13 +3084,9 @@ def parse_config_keks(text, path="config"):
             if depth == 0:
                 raise _config_error(path, line, "'}' without a matching '{'")
             depth -= 1
-            if depth == 0 and resource == "director" and "kek" in fields:
-                name = fields.get("name")
-                if name is None:
-                    raise _config_error(path, opened, "Director resource with a Key Encryption "
-                                        "Key but no Name")
-                kek_token = fields["kek"]
-                keks.append(ConfigKek(name, kek_token[1].encode("latin-1"), path, kek_token[2]))
+            if depth == 0:
+                name = fields.get("name", ([None], 0))[0][0]
+                resources.append(ConfigResource(resource, name, fields, path, opened))
         elif kind == "eol":
             finish_statement()
         elif depth == 0:
@@ -3097,7 +3096,28 @@ def parse_config_keks(text, path="config"):
             statement.append((kind, value, line))
     if depth:
         raise _config_error(path, opened, "resource opened here is never closed (missing '}')")
-    return keks, includes
+    return resources, includes
+
+
+def parse_config_keks(text, path="config"):
+    """Director resources with a Key Encryption Key in one configuration
+    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
+    of each @include])."""
+    ConfigKek = _record("ConfigKek", _CONFIG_KEK_FIELDS)
+    resources, includes = parse_config_resources(text, path)
+    return [ConfigKek(r.name, r.directives["keyencryptionkey"][0][0].encode("latin-1"), path,
+                      r.directives["keyencryptionkey"][1])
+            for r in resources if _director_kek(r)], includes
+
+
+def _director_kek(resource):
+    """True for a Director resource with a Key Encryption Key (it must have a Name)."""
+    if resource.type != "director" or "keyencryptionkey" not in resource.directives:
+        return False
+    if resource.name is None:
+        raise _config_error(resource.path, resource.line, "Director resource with a Key "
+                            "Encryption Key but no Name")
+    return True
 
 
 def config_files(path):
@@ -3125,22 +3145,27 @@ def config_files(path):
     return files
 
 
+def _read_config_text(name):
+    """A configuration file's text; latin-1 maps every byte to one character, so
+    a KEK's bytes survive."""
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
+    return data.decode("latin-1")
+
+
 def read_config_keks(path):
     """parse_config_keks over every file config_files(path) names."""
     keks = []
     includes = []
     for name in config_files(path):
-        try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
-        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
-        # latin-1 maps every byte to one character, so the KEK's bytes survive.
-        found, inc = parse_config_keks(data.decode("latin-1"), name)
+        found, inc = parse_config_keks(_read_config_text(name), name)
         keks.extend(found)
         includes.extend(inc)
     return keks, includes
@@ -5126,6 +5151,272 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
     return EXIT_OK
 
 
+# -- prepare-sd: the storage daemon ready for restores that span volumes --
+#
+# bextract/bls with the scsicrypto-sd plugin load each volume's key from
+# <Working Directory>/bareos-sd.<SD Port>.cryptoc on every mount.  prepare-sd
+# checks what that needs in the bareos-sd configuration and puts the keys
+# there (populate-cache's rules, lock and atomic write).
+
+SD_DEFAULT_WORKING_DIRECTORY = "/var/lib/bareos"     # Bareos's compiled-in defaults
+SD_DEFAULT_PORT = 9103
+SD_PLUGIN = "scsicrypto"
+SD_PLUGIN_FILE = "scsicrypto-sd.so"
+SD_PLUGIN_DIRECTORIES = ("/usr/lib/bareos/plugins", "/usr/lib64/bareos/plugins")
+_CONFIG_TRUE = ("yes", "true")
+
+
+def sd_config_files(path):
+    """config_files(path) without the director's: bareos-sd.conf or its .d tree."""
+    director = (os.path.join(path, "bareos-dir.conf"), os.path.join(path, "bareos-dir.d", ""))
+    files = [f for f in config_files(path) if f != director[0] and not f.startswith(director[1])]
+    if not files:
+        raise KeyFileError("no bareos-sd configuration in %s" % path)
+    return files
+
+
+def _config_for_tools(path):
+    """What bextract/bls take as -c: a file, or the directory above bareos-sd.d."""
+    path = path.rstrip(os.sep) or os.sep
+    parent = os.path.dirname(path)
+    if os.path.basename(path) == "bareos-sd.d":
+        return parent or "."
+    if os.path.basename(parent) == "bareos-sd.d":
+        return os.path.dirname(parent) or "."
+    return path
+
+
+def _directive(resource, keyword):
+    """([values], line) of a directive, or None."""
+    return resource.directives.get(keyword)
+
+
+def _where(resource):
+    return "%s %s in %s (resource at line %d)" % (
+        resource.type.capitalize(), '"%s"' % resource.name if resource.name else "(no Name)",
+        resource.path, resource.line)
+
+
+def _is_tape_device(resource):
+    kind = _directive(resource, "devicetype")
+    if kind is not None:
+        return kind[0][0].lower() == "tape"
+    archive = _directive(resource, "archivedevice")
+    return archive is not None and archive[0][0].startswith("/dev/")
+
+
+def _storage_requirements(storage, report):
+    """Plugin Directory with the plugin in it, and Plugin Names (when set)."""
+    found = _directive(storage, "plugindirectory")
+    if found is None:
+        guess = next((d for d in SD_PLUGIN_DIRECTORIES
+                      if os.path.exists(os.path.join(d, SD_PLUGIN_FILE))),
+                     SD_PLUGIN_DIRECTORIES[0])
+        report("missing", "Plugin Directory is not set: add the line `Plugin Directory = %s` "
+               "to %s" % (guess, _where(storage)))
+    else:
+        directory = found[0][0]
+        report("met", "Plugin Directory = %s (%s line %d)" % (directory, storage.path, found[1]))
+        if os.path.exists(os.path.join(directory, SD_PLUGIN_FILE)):
+            report("met", "%s is in %s" % (SD_PLUGIN_FILE, directory))
+        else:
+            report("missing", "%s is not in %s: install Bareos's tape storage package "
+                   "(bareos-storage-tape) or copy the plugin there" % (SD_PLUGIN_FILE, directory))
+    names = _directive(storage, "pluginnames")
+    if names is not None:
+        listed = [n for value in names[0] for n in value.split(":") if n]
+        if SD_PLUGIN in listed:
+            report("met", "Plugin Names includes %s (%s line %d)"
+                   % (SD_PLUGIN, storage.path, names[1]))
+        else:
+            report("missing", "Plugin Names does not include %s: change line %d of %s to "
+                   "`Plugin Names = \"%s\"`" % (SD_PLUGIN, names[1], storage.path,
+                                                 ":".join(listed + [SD_PLUGIN])))
+
+
+def _device_requirements(devices, config, report):
+    tapes = [d for d in devices if _is_tape_device(d)]
+    if not tapes:
+        report("missing", "no tape Device resource (Device Type = tape) in %s" % config)
+    for device in tapes:
+        for keyword, line, state in (("drivecryptoenabled", "Drive Crypto Enabled = yes",
+                                      "missing"),
+                                     ("querycryptostatus", "Query Crypto Status = yes",
+                                      "recommended")):
+            found = _directive(device, keyword)
+            if found is not None and found[0][0].lower() in _CONFIG_TRUE:
+                report("met", "Device %s: %s (%s line %d)" % (device.name, line, device.path,
+                                                              found[1]))
+            else:
+                report(state, "add the line `%s` to %s" % (line, _where(device)))
+    return tapes
+
+
+def _unwrapping(keys, kek_text):
+    """How many of the distinct wrapped keys unwrap with kek_text."""
+    kek = kek_from_text(kek_text)
+    good = 0
+    for raw in keys:
+        try:
+            aes_key_unwrap(kek, raw)
+            good += 1
+        except UnwrapError:
+            pass
+    return good
+
+
+def _director_requirements(directors, keys, report):
+    """The Director whose KEK unwraps the keys (its name, for -D), or None."""
+    wrapped = set()
+    for _, key in keys or ():
+        try:
+            is_wrapped, raw = key_form(key)
+        except ValueError:
+            continue
+        if is_wrapped:
+            wrapped.add(raw)
+    with_kek = [d for d in directors if _director_kek(d)]
+    if keys is not None and not wrapped:
+        report("met", "the keys are not wrapped: no Key Encryption Key is needed")
+        return None
+    if not with_kek:
+        where = _where(directors[0]) if directors else "a Director resource (none found)"
+        report("missing" if wrapped else "note",
+               "no Director resource has a Key Encryption Key%s: add the line `Key Encryption "
+               "Key = \"<the director's KEK>\"` to %s" % (
+                   " and the keys are wrapped" if wrapped else " (needed for wrapped keys)",
+                   where))
+        return None
+    if not wrapped:
+        report("met", "Director %s has a Key Encryption Key (%s line %d)" % (
+            with_kek[0].name, with_kek[0].path, with_kek[0].directives["keyencryptionkey"][1]))
+        return with_kek[0].name
+    best, best_count = with_kek[0], -1
+    for d in with_kek:
+        count = _unwrapping(wrapped, d.directives["keyencryptionkey"][0][0].encode("latin-1"))
+        if count > best_count:
+            best, best_count = d, count
+    line = best.directives["keyencryptionkey"][1]
+    if best_count == len(wrapped):
+        report("met", "all %d wrapped keys unwrap with the Key Encryption Key of Director %s "
+               "(%s line %d)" % (len(wrapped), best.name, best.path, line))
+    else:
+        report("missing", "only %d of %d wrapped keys unwrap with the Key Encryption Key of "
+               "Director %s (%s line %d): set it to the KEK of the director that wrote the "
+               "tapes" % (best_count, len(wrapped), best.name, best.path, line))
+    return best.name
+
+
+def _install_keys(path, cache=None, catalog=None, now=None, out=None):
+    """Merge the keys into the SD's cache with Bareos's rules, under the lock,
+    atomically; a new cache is given the working directory's owner."""
+    created = not os.path.exists(path)
+    if catalog is not None:
+        op_populate_from_catalog(path, catalog, now, out=out)
+    else:
+        source = read_cache(cache)
+        now = resolve_now(now)
+        with cache_lock(path):
+            try:
+                current = read_cache(path)
+            except CacheMissingError:
+                current = CryptoCache([], None)
+            entries, stats = apply_cache_updates(
+                current.entries, [(e.volume_name, e.encryption_key) for e in source.entries],
+                now)
+            write = cache_changed(stats)
+            if write:
+                write_cache(path, entries)
+        out.write("%s: from crypto cache %s: %d read, %d added, %d updated, %d unchanged; %d "
+                  "expired removed; %s\n" % (path, cache, len(source.entries), stats["added"],
+                                             stats["updated"], stats["unchanged"],
+                                             stats["expired_removed"], "written" if write
+                                             else "nothing changed, not written"))
+    if created and os.path.exists(path) and os.geteuid() == 0:
+        owner = os.stat(os.path.dirname(path) or ".")
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def op_prepare_sd(config, cache=None, catalog=None, check=False, now=None, out=None):
+    """prepare-sd: report what the scsicrypto-sd plugin needs in a bareos-sd
+    configuration (met / missing, with the line to add and where) and, without
+    check, install the keys in the SD's crypto cache; print the bextract and
+    bls command lines.  EXIT_SD_NOT_READY when something is missing."""
+    if cache and catalog:
+        raise UsageError("prepare-sd takes the keys from --cache or from --catalog, not both")
+    if not check and not (cache or catalog):
+        raise UsageError("prepare-sd installs the keys of --cache CACHE or --catalog EXPORT; "
+                         "give one, or --check to only check the configuration")
+    out = out or sys.stdout
+    resources = []
+    files = sd_config_files(config)
+    for name in files:
+        found, includes = parse_config_resources(_read_config_text(name), name)
+        resources.extend(found)
+        for inc in includes:
+            warn("%s line %d: @%s is not followed; check the included file too" % inc)
+    lines = ["prepare-sd: bareos-sd configuration %s (%d file%s)" % (
+        config, len(files), "" if len(files) == 1 else "s")]
+    missing = []
+
+    def report(state, text):
+        lines.append("%-12s %s" % (state + ":", text))
+        if state == "missing":
+            missing.append(text)
+
+    keys = None
+    if cache:
+        keys = [(e.volume_name, e.encryption_key) for e in read_cache(cache).entries]
+    elif catalog:
+        keys = read_catalog_export(catalog).entries
+    storages = [r for r in resources if r.type == "storage"]
+    working, port = SD_DEFAULT_WORKING_DIRECTORY, SD_DEFAULT_PORT
+    if not storages:
+        report("missing", "no Storage resource in %s: is this a bareos-sd configuration?"
+               % config)
+    else:
+        storage = storages[0]
+        working = (_directive(storage, "workingdirectory") or ([working], 0))[0][0]
+        port_text = (_directive(storage, "sdport") or ([str(port)], 0))[0][0]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise KeyFileError("%s: SD Port %r is not a number" % (storage.path, port_text))
+        _storage_requirements(storage, report)
+    tapes = _device_requirements([r for r in resources if r.type == "device"], config, report)
+    director = _director_requirements([r for r in resources if r.type == "director"], keys,
+                                      report)
+    target = os.path.join(working, "bareos-sd.%d.cryptoc" % port)
+    if not os.path.isdir(working):
+        report("missing", "Working Directory %s does not exist: create it, owned by the user "
+               "bareos-sd runs as" % working)
+    lines.append("%-12s %s (Working Directory %s, SD Port %d)" % ("cache:", target, working,
+                                                                   port))
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    if not check and os.path.isdir(working):
+        _install_keys(target, cache, catalog, now, out)
+    tool_args = "%s-c %s" % ("-D %s " % _quoted_arg(director) if director else "",
+                             _quoted_arg(_config_for_tools(config)))
+    device = _quoted_arg(tapes[0].name if tapes else "DEVICE")
+    out.write("list the jobs on a volume:  bls %s -j -V VOLUME %s\n"
+              "restore (the job's volumes in order, from `bls -j` or the catalog):\n"
+              "  bextract %s -V 'VOLUME1|VOLUME2' %s /tmp/restore\n"
+              % (tool_args, device, tool_args, device))
+    out.flush()
+    if missing:
+        raise BscryptoError("prepare-sd: %d requirement%s missing (the 'missing:' lines above)"
+                            % (len(missing), "" if len(missing) == 1 else "s"),
+                            EXIT_SD_NOT_READY)
+    return EXIT_OK
+
+
+def _quoted_arg(text):
+    """text as one shell word."""
+    import shlex
+    return shlex.quote(text)
+
+
 # ---------------------------------------------------------------------------
 # Command line: the subcommands
 # ---------------------------------------------------------------------------
@@ -5451,6 +5742,30 @@ def _add_recovery_commands(sub, common):
     p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep))
 
 
+def _add_prepare_sd_command(sub, common):
+    p = sub.add_parser(
+        "prepare-sd", parents=[common],
+        help="make bareos-sd ready for restores that span volumes (scsicrypto-sd plugin)",
+        description="Check a bareos-sd configuration (file, bareos-sd.d tree or /etc/bareos) "
+                    "for what the scsicrypto-sd plugin needs to load each volume's key in "
+                    "bextract/bls: Plugin Directory holding %s, Plugin Names with %s, "
+                    "'Drive Crypto Enabled = yes' in each tape Device, a Director with a Key "
+                    "Encryption Key that unwraps the keys. Each is reported met or missing "
+                    "with the line to add and the file. Without --check, the keys of --cache "
+                    "or --catalog are merged into <Working Directory>/bareos-sd.<SD Port>"
+                    ".cryptoc (Bareos's rules, under the lock, atomically). Prints the "
+                    "bextract and bls command lines. Exit %d when something is missing."
+                    % (SD_PLUGIN_FILE, SD_PLUGIN, EXIT_SD_NOT_READY))
+    p.add_argument("config", metavar="CONFIG", help="bareos-sd.conf, bareos-sd.d or /etc/bareos")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--cache", metavar="CACHE", help="crypto cache holding the keys")
+    keys.add_argument("--catalog", metavar="EXPORT", help="catalog export holding the keys")
+    p.add_argument("--check", action="store_true", help="only check; install nothing")
+    p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
+    p.set_defaults(run=lambda ns: op_prepare_sd(ns.config, ns.cache, ns.catalog, ns.check,
+                                                ns.now))
+
+
 def _named_kek(ns, which):
     """(KEK text, description) from --WHICH-kek or --WHICH-kek-from."""
     path = getattr(ns, which + "_kek")
@@ -5486,7 +5801,7 @@ def _run_check(ns):
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
-                   _add_recovery_commands)
+                   _add_recovery_commands, _add_prepare_sd_command)
 
 
 def _command_parser():

@@ -5235,6 +5235,173 @@ class TestBackupCache(RecoveryCacheTestCase):
 # Command line
 # ---------------------------------------------------------------------------
 
+class TestPrepareSd(RecoveryCacheTestCase):
+    """prepare-sd over bareos-sd configuration trees: one requirement at a time."""
+
+    STORAGE = ('Storage {\n  Name = bareos-sd\n  Plugin Directory = "%(plugins)s"\n'
+               '%(names)s  Working Directory = %(work)s\n%(port)s}\n')
+    DEVICE = ("Device {\n  Name = Tape0\n  Media Type = LTO-8\n  Archive Device = /dev/nst0\n"
+              "  Device Type = tape\n%(crypto)s}\n"
+              "Device {\n  Name = FileStorage\n  Archive Device = /var/lib/bareos/storage\n"
+              "  Device Type = File\n}\n")
+    DIRECTOR = 'Director {\n  Name = bareos-dir\n  Password = "x"\n%(kek)s}\n'
+    DRIVE_CRYPTO = "  Drive Crypto Enabled = yes\n  Query Crypto Status = yes\n"
+
+    def tree(self, names="", crypto=DRIVE_CRYPTO, kek=OLD_KEK, plugin=True, port=""):
+        """/etc/bareos with a bareos-sd.d tree (and a director's, which is ignored)."""
+        root = self.path("etc-bareos")
+        self.plugins, self.work = self.path("plugins"), self.path("work")
+        for d in ("bareos-sd.d/storage", "bareos-sd.d/device", "bareos-sd.d/director",
+                  "bareos-dir.d/director"):
+            os.makedirs(os.path.join(root, d), exist_ok=True)
+        os.makedirs(self.plugins, exist_ok=True)
+        os.makedirs(self.work, exist_ok=True)
+        if plugin:
+            self.write("plugins/scsicrypto-sd.so", b"\x7fELF")
+        files = {"bareos-sd.d/storage/bareos-sd.conf": self.STORAGE % {
+                     "plugins": self.plugins, "names": names, "work": self.work, "port": port},
+                 "bareos-sd.d/device/Tape0.conf": self.DEVICE % {"crypto": crypto},
+                 "bareos-sd.d/director/bareos-dir.conf": self.DIRECTOR % {
+                     "kek": '  Key Encryption Key = "%s"\n' % kek.decode() if kek else ""},
+                 "bareos-dir.d/director/bareos-dir.conf": self.DIRECTOR % {
+                     "kek": '  Key Encryption Key = "%s"\n' % NEW_KEK.decode()}}
+        for name, text in files.items():
+            with open(os.path.join(root, name), "w") as f:
+                f.write(text)
+        return root
+
+    def export(self, kek=OLD_KEK, name="media.txt"):
+        return self.write(name, "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                        for e in self.make(3, kek)).encode())
+
+    def prepare(self, *args):
+        rc, out, err = cli("prepare-sd", *args)
+        return rc, out.decode(), err
+
+    def test_everything_met_installs_the_keys_by_merging(self):
+        root = self.tree()
+        target = os.path.join(self.work, "bareos-sd.9103.cryptoc")
+        bscrypto.write_cache(target, [bscrypto.CacheEntry("Other", B64_PLAIN, self.T)])
+        rc, out, err = self.prepare(root, "--catalog", self.export(), "--now", str(self.T))
+        self.assertEqual((rc, err), (0, ""))
+        self.assertNotIn("missing:", out)
+        self.assertIn("met:         all 3 wrapped keys unwrap with the Key Encryption Key of "
+                      "Director bareos-dir", out)
+        self.assertIn("cache:       %s (Working Directory %s, SD Port 9103)" % (target, self.work),
+                      out)
+        self.assertIn("3 read, 3 added, 0 updated", out)
+        self.assertEqual([e[0] for e in self.entries(target)],
+                         ["Other", "Vol00000", "Vol00001", "Vol00002"])
+        self.assertIn("  bextract -D bareos-dir -c %s -V 'VOLUME1|VOLUME2' Tape0 /tmp/restore\n"
+                      % root, out)
+        self.assertIn("bls -D bareos-dir -c %s -j -V VOLUME Tape0\n" % root, out)
+        # From a cache instead: the same rules, nothing new the second time.
+        source = self.path("rescue.cryptoc")
+        bscrypto.write_cache(source, self.make(3))
+        rc, out, err = self.prepare(root, "--cache", source, "--now", str(self.T))
+        self.assertEqual(rc, 0, err)
+        self.assertIn("from crypto cache %s: 3 read, 0 added, 0 updated, 3 unchanged; 0 expired "
+                      "removed; nothing changed, not written" % source, out)
+
+    def test_check_writes_nothing_and_needs_no_keys(self):
+        root = self.tree()
+        rc, out, err = self.prepare(root, "--check")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertIn("met:         Director bareos-dir has a Key Encryption Key", out)
+        self.assertEqual(os.listdir(self.work), [])
+        rc, _, err = self.prepare(root)
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("give one, or --check", err)
+
+    def missing(self, root, *args):
+        rc, out, err = self.prepare(root, "--check", *args)
+        self.assertEqual(rc, bscrypto.EXIT_SD_NOT_READY, (out, err))
+        lines = [line for line in out.splitlines() if line.startswith("missing:")]
+        self.assertEqual(err, "bscrypto: prepare-sd: %d requirement%s missing (the 'missing:' "
+                         "lines above)\n" % (len(lines), "" if len(lines) == 1 else "s"))
+        return lines
+
+    def test_drive_crypto_enabled_and_query_crypto_status(self):
+        lines = self.missing(self.tree(crypto=""))
+        self.assertEqual(lines, ["missing:     add the line `Drive Crypto Enabled = yes` to Device "
+                                 '"Tape0" in %s (resource at line 1)' % os.path.join(
+                                     self.path("etc-bareos"), "bareos-sd.d/device/Tape0.conf")])
+        rc, out, _ = self.prepare(self.tree(crypto="  Drive Crypto Enabled = Yes\n"), "--check")
+        self.assertEqual(rc, 0)
+        self.assertIn("recommended: add the line `Query Crypto Status = yes` to Device", out)
+
+    def test_plugin_directory_and_file(self):
+        root = self.tree(plugin=False)
+        self.assertEqual(self.missing(root), ["missing:     scsicrypto-sd.so is not in %s: install "
+                                              "Bareos's tape storage package (bareos-storage-tape) "
+                                              "or copy the plugin there" % self.plugins])
+        storage = os.path.join(root, "bareos-sd.d/storage/bareos-sd.conf")
+        with open(storage, "w") as f:
+            f.write("Storage {\n  Name = bareos-sd\n  Working Directory = %s\n}\n" % self.work)
+        lines = self.missing(root)
+        self.assertEqual(len(lines), 1)
+        self.assertIn("Plugin Directory is not set: add the line `Plugin Directory = ", lines[0])
+        self.assertIn('to Storage "bareos-sd" in %s (resource at line 1)' % storage, lines[0])
+
+    def test_plugin_names(self):
+        lines = self.missing(self.tree(names='  Plugin Names = "python3"\n'))
+        self.assertEqual(lines, ["missing:     Plugin Names does not include scsicrypto: change "
+                                 'line 4 of %s to `Plugin Names = "python3:scsicrypto"`' % os.path.join(
+                                     self.path("etc-bareos"), "bareos-sd.d/storage/bareos-sd.conf")])
+        rc, out, _ = self.prepare(self.tree(names='  Plugin Names = "python3:scsicrypto"\n'),
+                                  "--check")
+        self.assertEqual(rc, 0)
+        self.assertIn("met:         Plugin Names includes scsicrypto", out)
+
+    def test_director_kek_against_the_keys(self):
+        lines = self.missing(self.tree(kek=None), "--catalog", self.export())
+        self.assertEqual(len(lines), 1)
+        self.assertIn("no Director resource has a Key Encryption Key and the keys are wrapped: "
+                      "add the line `Key Encryption Key = \"<the director's KEK>\"` to Director "
+                      '"bareos-dir"', lines[0])
+        lines = self.missing(self.tree(kek=NEW_KEK), "--catalog", self.export())
+        self.assertIn("only 0 of 3 wrapped keys unwrap with the Key Encryption Key of Director "
+                      "bareos-dir", lines[0])
+        plain = self.write("plain.txt", ("Vol1|%s\n" % B64_PLAIN).encode())
+        rc, out, _ = self.prepare(self.tree(kek=None), "--check", "--catalog", plain)
+        self.assertEqual(rc, 0)
+        self.assertIn("met:         the keys are not wrapped: no Key Encryption Key is needed", out)
+        self.assertIn("  bextract -c ", out)                        # no -D without a KEK
+
+    def test_single_file_port_and_missing_tape_device(self):
+        work = self.path("wd")
+        os.mkdir(work)
+        conf = self.write("bareos-sd.conf", (
+            "Storage {\n  Name = sd\n  SD Port = 9200\n  Working Directory = %s\n"
+            "  Plugin Directory = %s\n}\n" % (work, self.tmp)).encode())
+        self.write("scsicrypto-sd.so", b"")
+        lines = self.missing(conf)
+        self.assertEqual(lines, ["missing:     no tape Device resource (Device Type = tape) in %s"
+                                 % conf])
+        rc, out, _ = self.prepare(conf, "--catalog", self.export())
+        self.assertEqual(rc, bscrypto.EXIT_SD_NOT_READY)
+        self.assertIn("cache:       %s/bareos-sd.9200.cryptoc" % work, out)
+        self.assertEqual(len(self.entries(os.path.join(work, "bareos-sd.9200.cryptoc"))), 3)
+
+    def test_unreadable_cache_is_left_alone(self):
+        root = self.tree()
+        target = os.path.join(self.work, "bareos-sd.9103.cryptoc")
+        self.put(b"not a cache", target)
+        before = self.snapshot(target)
+        rc, _, err = self.prepare(root, "--catalog", self.export())
+        self.assertEqual(rc, bscrypto.EXIT_CACHE, err)
+        self.assertEqual(self.snapshot(target), before)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root for chown")
+    def test_new_cache_is_owned_like_the_working_directory(self):
+        root = self.tree()
+        os.chown(self.work, 4321, 4322)
+        rc, _, err = self.prepare(root, "--catalog", self.export())
+        self.assertEqual(rc, 0, err)
+        st = os.stat(os.path.join(self.work, "bareos-sd.9103.cryptoc"))
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (4321, 4322, 0o640))
+
+
 class TestLegacyCommandLine(unittest.TestCase):
     """Bareos's argument rules, messages and exit code 1."""
 
