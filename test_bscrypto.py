@@ -5459,6 +5459,26 @@ class TestLegacyCommandLine(unittest.TestCase):
                     if "| %d |" % code not in text]
         self.assertEqual(missing, [], "README.md lacks these")
 
+    def test_hints_name_the_program_as_invoked(self):
+        with tempfile.TemporaryDirectory() as d:
+            script = os.path.join(d, "bscrypto.py")
+            with open(script, "w"):
+                pass
+            for mode, arg0, path, expected in (
+                    (0o644, "bscrypto.py", d, "python3 bscrypto.py"),   # python3 bscrypto.py
+                    (0o644, script, d, "python3 " + script),            # not executable
+                    (0o755, script, d, "bscrypto.py"),                  # found on PATH
+                    (0o755, script, "/nowhere", script)):               # run by its path
+                os.chmod(script, mode)
+                with mock.patch.object(sys, "argv", [arg0]), \
+                        mock.patch.dict(os.environ, {"PATH": path}):
+                    self.assertEqual(bscrypto._program(), expected, (arg0, path))
+        with mock.patch.object(sys, "argv", ["bscrypto.py"]):
+            err = str(bscrypto._tape_read_error(FakeTape(), 3, "/dev/nst0",
+                                                OSError(errno.EIO, "I/O error")))
+        self.assertIn("(python3 bscrypto.py clear-key /dev/nst0)", err)
+        self.assertNotIn("`bscrypto ", err)
+
     def test_unknown_option_is_usage_error(self):
         for args in (["--no-such-option"], ["generate"], ["-d", "x", "-g", "-"]):
             rc, _, err = cli(*args)
