@@ -4717,6 +4717,14 @@ class TestVerify(RecoveryDriveTestCase):
             self.assertIn("verify: nothing to verify: " + text, out.decode())
             self.assertEqual(self.drive.position, 0)
 
+    def test_undetermined_when_the_drive_cannot_tell(self):
+        self.drive.medium = Medium([Block(build_label_block(VolumeName=self.VOLUME)), FILEMARK,
+                                    Block(b"x" * 64, b"K" * 32, 0x00010099, 1)])  # unknown algorithm
+        rc, out, err = self.load()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: cannot verify: the drive reports encryption status 4 (", out.decode())
+        self.assertEqual(self.drive.position, 0)
+
     def test_no_verify_reads_no_next_block_page(self):
         self.tape(key=b"W" * 32)
         before = len(self.drive.log)
