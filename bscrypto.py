@@ -629,7 +629,7 @@ WRAPPED_REFUSE, WRAPPED_WARN, WRAPPED_ALLOW = "refuse", "warn", "allow"
 
 def holds_wrapped_key(text):
     """True if key-file text is exactly a wrapped key (54 characters, 40 bytes)."""
-    if len(text) != 54:
+    if len(text) != WRAPPED_KEY_CHARS:
         return False
     try:
         return len(b64decode(text)) == WRAPPED_LENGTH
