@@ -72,6 +72,8 @@ EXIT_KEY_REFUSED = 10      # drive refused the key page (index, AME)
 EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
+EXIT_WRONG_KEY = 14        # the drive cannot decrypt the tape with the loaded key
+EXIT_SD_NOT_READY = 15     # prepare-sd: the storage daemon's setup misses requirements
 EXIT_KIT_INCOMPLETE = 16   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 
@@ -90,6 +92,8 @@ EXIT_CODES = (
     (EXIT_SCSI, "other SCSI or transport error"),
     (EXIT_LABEL, "not a Bareos volume or label unreadable"),
     (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
+    (EXIT_WRONG_KEY, "the loaded key does not decrypt this tape (load cleared it)"),
+    (EXIT_SD_NOT_READY, "prepare-sd: storage daemon requirements missing"),
     (EXIT_KIT_INCOMPLETE, "dr-kit: kit incomplete (named ...-INCOMPLETE) or not written"),
     (EXIT_INTERNAL, "internal error (a bug)"),
 )
@@ -127,6 +131,20 @@ CACHE_LAYOUT_NAMES = ("lp64-le", "ilp32-le", "lp64-be", "ilp32-be")
 
 # Debug level set by -d/--debug; debug() never receives key material.
 DEBUG_LEVEL = 0
+
+
+def _program():
+    """This program as the user invoked it, for hints: `python3 bscrypto.py`
+    when a Python ran the file, its name when it ran from PATH (`bscrypto` on
+    a Bareos host is the C tool, which has no subcommands)."""
+    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else "bscrypto.py"
+    if arg0 in ("-c", "-m"):
+        arg0 = "bscrypto.py"
+    if os.sep in arg0 and os.access(arg0, os.X_OK):
+        directory, name = os.path.split(arg0)
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        return name if os.path.realpath(directory) in map(os.path.realpath, path) else arg0
+    return "python3 " + arg0
 
 
 def debug(level, message):
@@ -605,8 +623,40 @@ def make_key_text(passphrase, kek_text=None, base64=False):
     return passphrase
 
 
-def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base64=False):
-    """Recover the passphrase from key-file text (the inverse of make_key_text)."""
+# A key file read without a KEK that holds Bareos's wrapped form (54 base64
+# characters, 40 bytes): "refuse" (the subcommands), "warn" (-s: Bareos loads
+# the text, scripts may rely on that) or "allow" (-k, --as-is).
+WRAPPED_REFUSE, WRAPPED_WARN, WRAPPED_ALLOW = "refuse", "warn", "allow"
+
+
+def holds_wrapped_key(text):
+    """True if key-file text is exactly a wrapped key (54 characters, 40 bytes)."""
+    if len(text) != WRAPPED_KEY_CHARS:
+        return False
+    try:
+        return len(b64decode(text)) == WRAPPED_LENGTH
+    except ValueError:
+        return False
+
+
+def _wrapped_without_kek(text, source, policy):
+    if policy == WRAPPED_ALLOW or not holds_wrapped_key(text):
+        return
+    if policy == WRAPPED_REFUSE:
+        raise UnwrapError("%s holds a wrapped key: give --kek KEKFILE (or --kek-from)"
+                          % source)
+    sys.stderr.write("bscrypto: warning: %s holds a wrapped key and no -w KEKFILE was given: "
+                     "its text is loaded as the passphrase, as Bareos does, and will not "
+                     "read the tape; give -w KEKFILE\n" % source)
+    sys.stderr.flush()
+
+
+def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base64=False,
+                             wrapped=WRAPPED_ALLOW):
+    """Recover the passphrase from key-file text (the inverse of make_key_text).
+    wrapped: what to do with a wrapped key when there is no KEK (see above)."""
+    if kek_text is None:
+        _wrapped_without_kek(text, source, wrapped)
     if kek_text is not None:
         try:
             return unwrap_passphrase(kek_text, text)
@@ -641,12 +691,15 @@ def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
     return EXIT_OK
 
 
-def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None):
-    """-k: print the passphrase held in a key file."""
-    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None, kek_text=None,
+                kek_source=None, wrapped=WRAPPED_ALLOW):
+    """-k / show: print the passphrase held in a key file.  The KEK comes from
+    kek_path, or as kek_text (described by kek_source) from --kek-from."""
+    if kek_text is None and kek_path:
+        kek_text, kek_source = read_key_file(kek_path, "KEK file"), kek_path
     text = read_key_file(source, prompt=prompt)
     name = "stdin" if source == "-" else source
-    passphrase = passphrase_from_key_text(text, name, kek_text, kek_path, base64)
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
     out = out or _stdout_bytes()
     out.write(passphrase + b"\n")
     out.flush()
@@ -1863,6 +1916,29 @@ def cdb_test_unit_ready():
     return bytes(6)
 
 
+# Tape motion (SSC-4), for `verify`: REWIND, SPACE(6) and READ(6) only; never
+# a command that writes.
+OP_REWIND = 0x01
+OP_READ_6 = 0x08
+OP_SPACE_6 = 0x11
+SPACE_BLOCKS = 0
+SPACE_FILEMARKS = 1
+
+
+def cdb_rewind():
+    return bytes([OP_REWIND, 0, 0, 0, 0, 0])
+
+
+def cdb_space(code, count):
+    """SPACE(6): code SPACE_BLOCKS or SPACE_FILEMARKS, count signed 24 bits."""
+    return bytes([OP_SPACE_6, code]) + (count & 0xFFFFFF).to_bytes(3, "big") + b"\0"
+
+
+def cdb_read6(length, sili=True):
+    """READ(6) of one variable-length block; SILI: a shorter block is no error."""
+    return bytes([OP_READ_6, 0x02 if sili else 0]) + length.to_bytes(3, "big") + b"\0"
+
+
 # -- Parsers: bytes from the drive to records --
 
 def _page_body(data, page_code, minimum, what):
@@ -2256,7 +2332,7 @@ SENSE_NOT_READY = 0x2
 SENSE_ILLEGAL_REQUEST = 0x5
 SENSE_UNIT_ATTENTION = 0x6
 SENSE_DATA_PROTECT = 0x7
-SENSE_BLANK_CHECK = 0x8
+SENSE_BLANK_CHECK = 0x8            # end of data reached
 
 
 def parse_sense(data):
@@ -2463,7 +2539,7 @@ def describe_foreign_block(data):
             return "an LTFS volume label (VOL1 volume serial %r)" % serial
         return ("%s tape label (VOL1, volume serial %r): Bareos puts its own label in the "
                 "next tape file; read it with `mt fsf 1` and `dd bs=256k count=1` into a file "
-                "and run `bscrypto label` on that file" % (kind, serial))
+                "and run `%s label` on that file" % (kind, serial, _program()))
     if len(data) >= 262 and data[257:262] == b"ustar":
         return "a tar archive"
     if not data.strip(b"\0"):
@@ -2735,27 +2811,39 @@ def _tape_block_size(ops, fd):
         return None
 
 
+class TapeReadError(BscryptoError):
+    """A failed read() of a tape block: errno is the system's (EIO, ENOMEM ...),
+    kind what it means here ("io", "fixed_block" or "other")."""
+
+    exit_code = EXIT_LABEL
+
+    def __init__(self, message, error_number=None, kind="other"):
+        BscryptoError.__init__(self, message)
+        self.errno, self.kind = error_number, kind
+
+
 def _tape_read_error(ops, fd, path, e):
     block_size = _tape_block_size(ops, fd)
     if block_size:
-        return BscryptoError("cannot read the first block of %s (%s): the drive is in fixed-block "
+        return TapeReadError("cannot read the first block of %s (%s): the drive is in fixed-block "
                              "mode (%d bytes) and Bareos writes variable-length blocks; set "
                              "variable mode with `mt -f %s setblk 0` and retry"
-                             % (path, e.strerror or e, block_size, path), EXIT_LABEL)
+                             % (path, e.strerror or e, block_size, path), e.errno,
+                             "fixed_block")
     if e.errno == errno.EIO:
-        return BscryptoError(
+        return TapeReadError(
             "I/O error reading the first block of %s. The label is never encrypted, but a drive "
             "holding a key in decrypt (not mixed) mode refuses unencrypted blocks: clear the "
-            "drive key first (bscrypto clear-key %s) and retry; a blank or damaged tape fails "
-            "the same way" % (path, path), EXIT_LABEL)
+            "drive key first (%s clear-key %s) and retry; a blank or damaged tape fails "
+            "the same way" % (path, _program(), path), e.errno, "io")
     # st: ENOMEM = block longer than the read (variable mode), EINVAL = read
     # size not a multiple of the fixed block size.
     if e.errno in (errno.EINVAL, errno.ENOMEM):
-        return BscryptoError("cannot read the first block of %s: %s (a block larger than %d "
+        return TapeReadError("cannot read the first block of %s: %s (a block larger than %d "
                              "bytes is not a Bareos label)" % (path, e.strerror or e,
-                                                               LABEL_READ_SIZE), EXIT_LABEL)
-    return BscryptoError("cannot read the first block of %s: %s" % (path, e.strerror or e),
-                         EXIT_LABEL)
+                                                               LABEL_READ_SIZE), e.errno)
+    return TapeReadError("cannot read the first block of %s: %s" % (path, e.strerror or e),
+                         e.errno)
 
 
 def _open_error(path, e):
@@ -2775,7 +2863,8 @@ def _read_tape_block(ops, path, st):
         raise BscryptoError(
             "reading a tape device is done through the Linux st driver only; here, rewind the "
             "tape and copy its first block into a file (`mt -f %s rewind; dd if=%s of=label.block "
-            "bs=256k count=1`), then run `bscrypto label label.block`" % (path, path), EXIT_DEVICE)
+            "bs=256k count=1`), then run `%s label label.block`" % (path, path, _program()),
+            EXIT_DEVICE)
     if os.major(st.st_rdev) == SG_MAJOR:
         raise BscryptoError("%s is a SCSI generic node; give the tape node of the same drive "
                             "(/dev/nstN)" % path, EXIT_DEVICE)
@@ -2997,19 +3086,24 @@ def scan_config(text, path="config", spans=None):
 
 
 def _config_statement(tokens):
-    """(keyword in lower case, value token) of `keyword = value`, else None."""
+    """(keyword in lower case, [value tokens]) of `keyword = value[, value...]`,
+    else None."""
     if (len(tokens) >= 3 and tokens[0][0] == "word" and tokens[1][0] == "="
             and tokens[2][0] in _CONFIG_WORDS):
-        return tokens[0][1].lower(), tokens[2]
+        return tokens[0][1].lower(), [t for t in tokens[2:] if t[0] in _CONFIG_WORDS]
     return None
 
 
-def parse_config_keks(text, path="config"):
-    """Director resources with a Key Encryption Key in one configuration
-    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
-    of each @include])."""
-    ConfigKek = _record("ConfigKek", _CONFIG_KEK_FIELDS)
-    keks = []
+def parse_config_resources(text, path="config"):
+    """The resources of one configuration text: ([ConfigResource(type, name,
+    directives, path, line)], [(path, line, target) of each @include]).
+
+    type is lower case ("storage", "device", "director" ...); directives maps
+    each keyword of the resource's own level (lower case, spaces dropped) to
+    its last ([value strings], line of the first value); name is its Name.
+    """
+    ConfigResource = _record("ConfigResource", "type name directives path line")
+    resources = []
     includes = []
     depth = 0
     resource = None
@@ -3019,12 +3113,10 @@ def parse_config_keks(text, path="config"):
     statement = []
 
     def finish_statement():
-        if depth == 1 and resource == "director":
-            found = _config_statement(statement)
-            if found and found[0] == "name":
-                fields["name"] = found[1][1]
-            elif found and found[0] == "keyencryptionkey":
-                fields["kek"] = found[1]
+        found = _config_statement(statement) if depth == 1 else None
+        if found:
+            keyword, values = found
+            fields[keyword] = ([v for _, v, _ in values], values[0][2])
         del statement[:]
 
     for kind, value, line in scan_config(text, path):
@@ -3042,13 +3134,9 @@ def parse_config_keks(text, path="config"):
             if depth == 0:
                 raise _config_error(path, line, "'}' without a matching '{'")
             depth -= 1
-            if depth == 0 and resource == "director" and "kek" in fields:
-                name = fields.get("name")
-                if name is None:
-                    raise _config_error(path, opened, "Director resource with a Key Encryption "
-                                        "Key but no Name")
-                kek_token = fields["kek"]
-                keks.append(ConfigKek(name, kek_token[1].encode("latin-1"), path, kek_token[2]))
+            if depth == 0:
+                name = fields.get("name", ([None], 0))[0][0]
+                resources.append(ConfigResource(resource, name, fields, path, opened))
         elif kind == "eol":
             finish_statement()
         elif depth == 0:
@@ -3058,7 +3146,28 @@ def parse_config_keks(text, path="config"):
             statement.append((kind, value, line))
     if depth:
         raise _config_error(path, opened, "resource opened here is never closed (missing '}')")
-    return keks, includes
+    return resources, includes
+
+
+def parse_config_keks(text, path="config"):
+    """Director resources with a Key Encryption Key in one configuration
+    text: ([ConfigKek(director, kek bytes, path, line)], [(path, line, target)
+    of each @include])."""
+    ConfigKek = _record("ConfigKek", _CONFIG_KEK_FIELDS)
+    resources, includes = parse_config_resources(text, path)
+    return [ConfigKek(r.name, r.directives["keyencryptionkey"][0][0].encode("latin-1"), path,
+                      r.directives["keyencryptionkey"][1])
+            for r in resources if _director_kek(r)], includes
+
+
+def _director_kek(resource):
+    """True for a Director resource with a Key Encryption Key (it must have a Name)."""
+    if resource.type != "director" or "keyencryptionkey" not in resource.directives:
+        return False
+    if resource.name is None:
+        raise _config_error(resource.path, resource.line, "Director resource with a Key "
+                            "Encryption Key but no Name")
+    return True
 
 
 def config_files(path):
@@ -3086,22 +3195,27 @@ def config_files(path):
     return files
 
 
+def _read_config_text(name):
+    """A configuration file's text; latin-1 maps every byte to one character, so
+    a KEK's bytes survive."""
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
+    return data.decode("latin-1")
+
+
 def read_config_keks(path):
     """parse_config_keks over every file config_files(path) names."""
     keks = []
     includes = []
     for name in config_files(path):
-        try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
-        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]        # UTF-8 byte order mark, skipped as Bareos does
-        # latin-1 maps every byte to one character, so the KEK's bytes survive.
-        found, inc = parse_config_keks(data.decode("latin-1"), name)
+        found, inc = parse_config_keks(_read_config_text(name), name)
         keks.extend(found)
         includes.extend(inc)
     return keks, includes
@@ -4032,89 +4146,34 @@ def _warn_not_application_managed(device, status, err):
         err.flush()
 
 
-def load_drive_key(transport, key, algorithm_index=None, ckod=False, raw_read=None,
-                   decrypt_only=False, key_desc=None, clear=False, err=None,
-                   file_key_desc=None):
-    """Load (or with clear=True, clear) the drive key.
+# What set-key may ask of the drive besides the key (DriveKeyOptions fields):
+# algorithm_index (None: the drive's AES-256-GCM), ckod, raw_read (None: the
+# algorithm's default, True or False), decrypt_only, key_desc (--key-desc),
+# file_key_desc (a stenc key file's description: dropped with a warning when
+# the drive cannot take it, where --key-desc is an error).
+_DRIVE_KEY_DEFAULTS = {"algorithm_index": None, "ckod": False, "raw_read": None,
+                       "decrypt_only": False, "key_desc": None, "file_key_desc": None}
 
-    Returns (DataEncryptionStatus read back, AlgorithmDescriptor used or None).
-    key: the 32 bytes for the KEY field (drive_key_bytes(passphrase) for
-    Bareos tapes).  raw_read: None (algorithm default), True or False.
-    file_key_desc: a key descriptor that is dropped, with a warning, when the
-    drive cannot take it (stenc key files carry one).
-    """
-    device = transport.device
-    err = err or sys.stderr
+
+def drive_key_options(**given):
+    """A DriveKeyOptions record: the defaults above, overridden by `given`."""
+    values = dict(_DRIVE_KEY_DEFAULTS)
+    values.update(given)
+    return _record("DriveKeyOptions", " ".join(sorted(_DRIVE_KEY_DEFAULTS)))(**values)
+
+
+def _drive_encryption_state(transport):
+    """(DataEncryptionStatus, DataEncryptionCapabilities or None) before a key page."""
     check_encryption_support(transport)
-    status = read_drive_status(transport)
-    if not clear:
-        _warn_not_application_managed(device, status, err)
-    capabilities = read_capabilities_or_none(transport)
-    kads = ()
-    if clear:
-        algorithm = None
-        index = algorithm_index
-        if index is not None:
-            choose_algorithm(capabilities, index, device=device)   # listed by the drive?
-        if index is None and capabilities is not None:
-            gcm = [a for a in capabilities.algorithms
-                   if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
-            index = gcm[0].algorithm_index if gcm else None
-        page = bareos_clear_key_page(1 if index is None else index)
-    else:
-        algorithm = choose_algorithm(capabilities, algorithm_index, decrypt_only, device)
-        index = algorithm.algorithm_index if algorithm is not None else (
-            1 if algorithm_index is None else algorithm_index)
-        kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
-        if decrypt_only and (key_desc or file_key_desc) and not (
-                algorithm is not None and algorithm.dkad_c == DKAD_C_REQUIRED):
-            # Nothing is written encrypted, so no block could carry it; drives
-            # refuse a descriptor with encryption off (stenc drops it too).
-            err.write("bscrypto: warning: key descriptor not sent: with --decrypt-only "
-                      "nothing is written encrypted\n")
-            key_desc = file_key_desc = None
-        if key_desc:
-            kad, kad_format = _key_descriptor(key_desc, algorithm, device)
-            kads = (kad,)
-        elif file_key_desc:
-            try:
-                kad, kad_format = _key_descriptor(file_key_desc, algorithm, device)
-                kads = (kad,)
-            except UsageError as e:
-                err.write("bscrypto: warning: key file description not sent: %s\n" % e)
-        _check_capabilities(algorithm, raw_read, kads, device)
-        if ckod:
-            _need_tape_for_ckod(transport)
-        rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read
-                                                      else RDMC_DISABLED)
-
-        def page_with(kads, kad_format):
-            return build_set_data_encryption_page(
-                key, ENCRYPTION_MODE_DISABLE if decrypt_only else ENCRYPTION_MODE_ENCRYPT,
-                DECRYPTION_MODE_MIXED, index, ckod=ckod, rdmc=rdmc, kad_format=kad_format,
-                kads=kads)
-        page = page_with(kads, kad_format)
-    try:
-        _send_set_data_encryption(transport, page, status, clear)
-    except ScsiError as e:
-        # A description taken from a stenc key file is optional: without it, once.
-        if not (kads and file_key_desc and not key_desc and e.exit_code == EXIT_KEY_REFUSED
-                and e.sense is not None and e.sense.field_pointer is not None
-                and set_data_encryption_field(page, e.sense.field_pointer)
-                in (_KEY_DESCRIPTOR_FIELD, "KAD FORMAT")):
-            raise
-        err.write("bscrypto: warning: the drive refused the key file's description as key "
-                  "descriptor (%s); loading the key without it\n" % sense_text(e.sense))
-        _send_set_data_encryption(transport, page_with((), KAD_FORMAT_UNSPECIFIED), status,
-                                  clear)
-    return read_drive_status(transport), algorithm
+    return read_drive_status(transport), read_capabilities_or_none(transport)
 
 
-def _send_set_data_encryption(transport, page, status, clear):
-    """SPOUT the page; a refusal says which field and what to do about it."""
+def _send_key_page(transport, page, status, index, action):
+    """SPOUT the Set Data Encryption page; a refusal says which field and what
+    to do about it.  Returns the status page read back."""
     device = transport.device
     debug(1, "%s: set data encryption page: %s, algorithm index %s, %d bytes" % (
-        device, "clear" if clear else "load key", page[8], len(page)))
+        device, action, index, len(page)))
     what = "SECURITY PROTOCOL OUT (set data encryption)"
     try:
         scsi_command(transport, what, cdb_security_protocol_out(
@@ -4130,6 +4189,83 @@ def _send_set_data_encryption(transport, page, status, clear):
                                 _BAREOS_PARAMETERS_CONTROL[status.parameters_control]),
                             EXIT_KEY_REFUSED, e.sense, e.status)
         raise _spout_refusal(device, what, e, page) or e
+    return read_drive_status(transport)
+
+
+def load_drive_key(transport, key, options=None, err=None):
+    """Load the drive key.
+
+    Returns (DataEncryptionStatus read back, AlgorithmDescriptor used or None).
+    key: the 32 bytes for the KEY field (drive_key_bytes(passphrase) for
+    Bareos tapes).  options: a DriveKeyOptions record (drive_key_options()).
+    """
+    options = options or drive_key_options()
+    device = transport.device
+    err = err or sys.stderr
+    status, capabilities = _drive_encryption_state(transport)
+    _warn_not_application_managed(device, status, err)
+    algorithm = choose_algorithm(capabilities, options.algorithm_index, options.decrypt_only,
+                                 device)
+    index = algorithm.algorithm_index if algorithm is not None else (
+        1 if options.algorithm_index is None else options.algorithm_index)
+    key_desc, file_key_desc = options.key_desc, options.file_key_desc
+    if options.decrypt_only and (key_desc or file_key_desc) and not (
+            algorithm is not None and algorithm.dkad_c == DKAD_C_REQUIRED):
+        # Nothing is written encrypted, so no block could carry it; drives
+        # refuse a descriptor with encryption off (stenc drops it too).
+        err.write("bscrypto: warning: key descriptor not sent: with --decrypt-only "
+                  "nothing is written encrypted\n")
+        key_desc = file_key_desc = None
+    kads, kad_format = (), KAD_FORMAT_UNSPECIFIED
+    if key_desc:
+        kad, kad_format = _key_descriptor(key_desc, algorithm, device)
+        kads = (kad,)
+    elif file_key_desc:
+        try:
+            kad, kad_format = _key_descriptor(file_key_desc, algorithm, device)
+            kads = (kad,)
+        except UsageError as e:
+            err.write("bscrypto: warning: key file description not sent: %s\n" % e)
+    raw_read = options.raw_read
+    _check_capabilities(algorithm, raw_read, kads, device)
+    if options.ckod:
+        _need_tape_for_ckod(transport)
+    rdmc = RDMC_DEFAULT if raw_read is None else (RDMC_ENABLED if raw_read else RDMC_DISABLED)
+
+    def page_with(kads, kad_format):
+        return build_set_data_encryption_page(
+            key, ENCRYPTION_MODE_DISABLE if options.decrypt_only else ENCRYPTION_MODE_ENCRYPT,
+            DECRYPTION_MODE_MIXED, index, ckod=options.ckod, rdmc=rdmc,
+            kad_format=kad_format, kads=kads)
+    page = page_with(kads, kad_format)
+    try:
+        return _send_key_page(transport, page, status, index, "load key"), algorithm
+    except ScsiError as e:
+        # A description taken from a stenc key file is optional: without it, once.
+        if not (kads and file_key_desc and not key_desc and e.exit_code == EXIT_KEY_REFUSED
+                and e.sense is not None and e.sense.field_pointer is not None
+                and set_data_encryption_field(page, e.sense.field_pointer)
+                in (_KEY_DESCRIPTOR_FIELD, "KAD FORMAT")):
+            raise
+        err.write("bscrypto: warning: the drive refused the key file's description as key "
+                  "descriptor (%s); loading the key without it\n" % sense_text(e.sense))
+    page = page_with((), KAD_FORMAT_UNSPECIFIED)
+    return _send_key_page(transport, page, status, index, "load key"), algorithm
+
+
+def clear_drive_key(transport, algorithm_index=None):
+    """Clear the drive key (Bareos's page: encryption and decryption off, zero
+    key); returns the DataEncryptionStatus read back."""
+    status, capabilities = _drive_encryption_state(transport)
+    index = algorithm_index
+    if index is not None:
+        choose_algorithm(capabilities, index, device=transport.device)  # listed by the drive?
+    if index is None and capabilities is not None:
+        gcm = [a for a in capabilities.algorithms
+               if a.security_algorithm_code == ALGORITHM_AES_256_GCM]
+        index = gcm[0].algorithm_index if gcm else None
+    index = 1 if index is None else index
+    return _send_key_page(transport, bareos_clear_key_page(index), status, index, "clear")
 
 
 def _key_loaded_line(device, status, algorithm):
@@ -4143,24 +4279,23 @@ def _key_loaded_line(device, status, algorithm):
 
 
 def op_load_passphrase(device, passphrase, out=None, timeout=DEFAULT_SCSI_TIMEOUT,
-                       transport=None, **options):
+                       transport=None, options=None):
     """Load a Bareos passphrase into the drive as Bareos does (key bytes
     passphrase[:31] + NUL), choosing the AES-256-GCM index from the drive.
 
-    options: algorithm_index, ckod, raw_read, decrypt_only, key_desc.  Prints
-    a confirmation line to `out` when given; returns EXIT_OK.
+    options: a DriveKeyOptions record.  Prints a confirmation line to `out`
+    when given; returns EXIT_OK.
     """
-    return op_load_key(device, drive_key_bytes(passphrase), out, timeout, transport,
-                       **options)
+    return op_load_key(device, drive_key_bytes(passphrase), out, timeout, transport, options)
 
 
 def op_load_key(device, key, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
-                **options):
+                options=None):
     """Load 32 raw key bytes (see op_load_passphrase for the options)."""
     if len(key) != DRIVE_KEY_LENGTH:
         raise KeyFileError("a drive key is %d bytes, got %d" % (DRIVE_KEY_LENGTH, len(key)))
     with _drive(device, timeout, transport) as t:
-        status, algorithm = load_drive_key(t, key, **options)
+        status, algorithm = load_drive_key(t, key, options)
     if out is not None:
         out.write(_key_loaded_line(device, status, algorithm))
         out.flush()
@@ -4171,8 +4306,7 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
                  algorithm_index=None):
     """-c / clear-key: encryption and decryption off, zero key (Bareos's page)."""
     with _drive(device, timeout, transport) as t:
-        status, _ = load_drive_key(t, bytes(DRIVE_KEY_LENGTH), clear=True,
-                                   algorithm_index=algorithm_index)
+        status = clear_drive_key(t, algorithm_index)
     if out is not None:
         out.write("%s: key cleared: encryption %s, decryption %s, key instance counter %d\n"
                   % (device, _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
@@ -4183,7 +4317,7 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
 
 
 def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file=None,
-                        prompt=True):
+                        prompt=True, kek_text=None, kek_source=None, wrapped=WRAPPED_ALLOW):
     """(32 key bytes, description or None) from the set-key inputs.
 
     A Bareos key file gives drive_key_bytes(passphrase): with a KEK it is
@@ -4201,25 +4335,28 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
                 raise KeyFileError("cannot read hex key file %s: %s"
                                    % (hex_key_file, e.strerror or e))
         return parse_hex_key_file(data, hex_key_file)
-    kek_text = read_key_file(kek_file, "KEK file") if kek_file else None
+    if kek_text is None and kek_file:
+        kek_text, kek_source = read_key_file(kek_file, "KEK file"), kek_file
     text = read_key_file(key_file, prompt=prompt)
     name = "stdin" if key_file == "-" else key_file
-    passphrase = passphrase_from_key_text(text, name, kek_text, kek_file, base64)
+    passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
     return drive_key_bytes(passphrase), None
 
 
 def op_set_key(device, key_file=None, kek_file=None, base64=False, hex_key_file=None,
-               timeout=DEFAULT_SCSI_TIMEOUT, out=None, key_desc=None, prompt=True,
-               **options):
+               timeout=DEFAULT_SCSI_TIMEOUT, out=None, options=None, prompt=True,
+               kek_text=None, kek_source=None, wrapped=WRAPPED_ALLOW):
     """-s / set-key: load the key from a Bareos key file (or a stenc hex key file).
 
     A description line in a hex key file becomes the key descriptor when the
-    drive takes one; --key-desc wins over it.
+    drive takes one; --key-desc (options.key_desc) wins over it.
     """
-    key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt)
-    if key_desc is None and description is not None:
-        options["file_key_desc"] = description
-    return op_load_key(device, key, out, timeout, key_desc=key_desc, **options)
+    options = options or drive_key_options()
+    key, description = read_set_key_source(key_file, kek_file, base64, hex_key_file, prompt,
+                                           kek_text, kek_source, wrapped)
+    if description is not None:
+        options = options._replace(file_key_desc=description)
+    return op_load_key(device, key, out, timeout, options=options)
 
 
 def _json_dump(obj, out):
@@ -4336,8 +4473,9 @@ def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=No
                      transport=None, readable=False):
     """-v / volume-status: the next block's encryption status (Bareos's text or JSON).
 
-    readable (volume-status): Bareos's lines, then for an encrypted block
-    (status 5 or 6) its key descriptors, the tape's answer to "which key?".
+    readable (the subcommand, never -v): after Bareos's lines, an encrypted
+    block's key descriptors (status 5 or 6: the tape's answer to "which
+    key?") and, for status 6, what it means and what to do.
     """
     out = out or sys.stdout
     with _drive(device, timeout, transport) as t:
@@ -4347,9 +4485,195 @@ def op_volume_status(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=No
         _json_dump({"device": device, "next_block_status": next_block_status_dict(nbes)}, out)
         return EXIT_OK
     out.write(format_volume_status_bareos(nbes))
-    if readable and nbes.encryption_status in (5, 6):
-        out.write("".join(line + "\n" for line in _next_block_kad_lines(nbes)))
+    if readable:
+        out.write(_block_key_lines(device, nbes))
     out.flush()
+    return EXIT_OK
+
+
+def _ukad_text(nbes):
+    """The block's U-KAD as text, or None when it carries none."""
+    for kad in nbes.kads:
+        if kad.descriptor_type == KAD_TYPE_UKAD:
+            return _kad_text(kad)
+    return None
+
+
+def _block_key_lines(device, nbes):
+    lines = []
+    if nbes.encryption_status in (NEXT_BLOCK_DECRYPTABLE, NEXT_BLOCK_NO_VALID_KEY):
+        lines = _next_block_kad_lines(nbes)
+    if nbes.encryption_status == NEXT_BLOCK_NO_VALID_KEY:
+        lines.append("hint: the loaded key is not this block's key: load this volume's key "
+                     "(`%s load %s --cache CACHE`) and check it with `%s verify %s`"
+                     % (_program(), device, _program(), device))
+    return "".join(line + "\n" for line in lines)
+
+
+# -- verify: does the loaded key decrypt this tape? --
+#
+# SSC-4's Next Block Encryption Status page (0021h) tells, without reading
+# the block, whether the block at the current position is encrypted and
+# whether the key loaded decrypts it.  A Bareos tape starts with its label
+# block (never encrypted) and a filemark; the first data block follows.  The
+# tape is moved with SCSI REWIND / SPACE / READ through the same pass-through
+# as the pages (so it works on sg nodes and every platform's transport), and
+# left rewound, where st's own idea of the position (set by its last MTREW)
+# agrees with the drive.
+
+NEXT_BLOCK_NO_BLOCK = 1            # encryption status: no logical block there (end of data)
+NEXT_BLOCK_NOT_A_BLOCK = 2         # a filemark
+NEXT_BLOCK_PLAIN = 3
+NEXT_BLOCK_DECRYPTABLE = 5
+NEXT_BLOCK_NO_VALID_KEY = 6
+VERIFY_READ_SIZE = 65536           # Bareos writes its label in at most 64,512 bytes
+VERIFY_MAX_FILEMARKS = 3           # the label's, and an empty file's two at end of data
+VERIFY_OUTCOMES = ("verified", "wrong_key", "not_encrypted", "nothing", "undetermined")
+
+
+def _verification(outcome, text, nbes=None, label_type=None):
+    return _record("TapeVerification", "outcome text next_block label_type")(
+        outcome, text, nbes, label_type)
+
+
+def _tape_motion(transport, what, cdb, data_in_len=0):
+    """Data (bytes) of a READ or SPACE that ended GOOD, or "filemark" / "end"
+    when it stopped at a filemark / end of data."""
+    try:
+        return scsi_command(transport, what, cdb, data_in_len=data_in_len)
+    except ScsiError as e:
+        sense = e.sense
+        if sense is not None and (sense.sense_key == SENSE_BLANK_CHECK
+                                  or (sense.sense_key == SENSE_NO_SENSE and sense.eom)):
+            return "end"
+        if sense is not None and sense.sense_key == SENSE_NO_SENSE and sense.filemark:
+            return "filemark"
+        raise
+
+
+def _past_label(transport, read_label):
+    """Move past the first block; (label type or None, a TapeVerification when
+    there is nothing more to look at)."""
+    got = None
+    if read_label:
+        try:
+            got = _tape_motion(transport, "READ(6) of the label block",
+                               cdb_read6(VERIFY_READ_SIZE), VERIFY_READ_SIZE)
+        except ScsiError as e:
+            # A key in decrypt (not mixed) mode refuses the plain label: skip it.
+            if e.sense is None or e.sense.sense_key != SENSE_DATA_PROTECT:
+                raise
+            debug(1, "%s: label not readable (%s); spacing over it" % (transport.device, e))
+            scsi_command(transport, "REWIND", cdb_rewind())
+    if got is None:
+        got = _tape_motion(transport, "SPACE over the label block", cdb_space(SPACE_BLOCKS, 1))
+    if got in ("end", "filemark"):
+        return None, _verification("nothing", "nothing to verify: the tape is blank or starts "
+                                   "with a filemark (no Bareos label)")
+    if not got:
+        return None, None
+    try:
+        label_type = parse_label_block(got).LabelType
+    except BscryptoError as e:
+        debug(1, "%s: first block: %s" % (transport.device, e))
+        return None, None
+    if label_type == PRE_LABEL:
+        return label_type, _verification("nothing", "nothing to verify: the label is a "
+                                         "PRE_LABEL (labelled, never written to)",
+                                         label_type=label_type)
+    return label_type, None
+
+
+def _next_data_block(transport):
+    """(NextBlockEncryptionStatus of the first block after the filemarks at the
+    position, None), or (None, a TapeVerification) when the tape ends first."""
+    for _ in range(VERIFY_MAX_FILEMARKS + 1):
+        nbes = read_next_block_status(transport)
+        if nbes.encryption_status != NEXT_BLOCK_NOT_A_BLOCK:
+            return nbes, None
+        if _tape_motion(transport, "SPACE over a filemark",
+                        cdb_space(SPACE_FILEMARKS, 1)) == "end":
+            break
+    return None, _verification("nothing", "nothing to verify: the tape ends after the label "
+                               "(no data block follows it)")
+
+
+def _judge_block(nbes, label_type):
+    block = nbes.logical_object_number
+    status = nbes.encryption_status
+    ukad = _ukad_text(nbes)
+    if status == NEXT_BLOCK_DECRYPTABLE:
+        return _verification("verified", "block %d is encrypted and the loaded key decrypts it"
+                             % block, nbes, label_type)
+    if status == NEXT_BLOCK_NO_VALID_KEY:
+        return _verification("wrong_key", "block %d is encrypted and the drive cannot decrypt "
+                             "it with the loaded key%s" % (block, "" if ukad is None else
+                                                           " (its U-KAD: %s)" % ukad),
+                             nbes, label_type)
+    if status == NEXT_BLOCK_PLAIN:
+        return _verification("not_encrypted", "block %d is not encrypted: this volume's data "
+                             "is plain (a loaded key is harmless but not needed)" % block,
+                             nbes, label_type)
+    if status == NEXT_BLOCK_NO_BLOCK:
+        return _verification("nothing", "nothing to verify: the tape ends after the label (no "
+                             "data block follows it)", nbes, label_type)
+    return _verification("undetermined", "cannot verify: the drive reports encryption status "
+                         "%d (%s) for block %d" % (status, _name(ENCRYPTION_STATUS_NAMES, status),
+                                                   block), nbes, label_type)
+
+
+def verify_tape(transport, read_label=True, label_type=None):
+    """Whether the drive's key decrypts the tape's first data block: past the
+    label and its filemark(s), page 0021h, then rewound.  Only REWIND, SPACE
+    and READ are sent.  read_label: read the first block (to tell a PRE_LABEL)
+    rather than space over it; label_type: the caller read it already.
+    Returns a TapeVerification record."""
+    if label_type == PRE_LABEL:
+        return _verification("nothing", "nothing to verify: the label is a PRE_LABEL "
+                             "(labelled, never written to)", label_type=label_type)
+    scsi_command(transport, "REWIND", cdb_rewind())
+    try:
+        found, result = _past_label(transport, read_label and label_type is None)
+        label_type = found if label_type is None else label_type
+        if result is None:
+            nbes, result = _next_data_block(transport)
+            result = result or _judge_block(nbes, label_type)
+    except BscryptoError:
+        try:
+            scsi_command(transport, "REWIND", cdb_rewind())
+        except BscryptoError as e:
+            debug(1, "%s: rewind after a failed verify: %s" % (transport.device, e))
+        raise
+    scsi_command(transport, "REWIND", cdb_rewind())
+    return result
+
+
+def verification_dict(device, v):
+    return {"device": device, "outcome": v.outcome, "text": v.text,
+            "label_type": LABEL_TYPE_NAMES.get(v.label_type),
+            "next_block_status": (next_block_status_dict(v.next_block)
+                                  if v.next_block is not None else None)}
+
+
+def op_verify(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None, transport=None):
+    """verify: does the key in the drive (set-key, -s, the plugin) decrypt the
+    tape in it?  The outcomes and exit codes of `load`'s check."""
+    out = out or sys.stdout
+    with _drive(device, timeout, transport) as t:
+        check_encryption_support(t)
+        status = read_drive_status(t)
+        v = verify_tape(t)
+    if as_json:
+        _json_dump(verification_dict(device, v), out)
+    elif v.outcome != "wrong_key":
+        out.write("%s: %s\n" % (device, v.text))
+        out.flush()
+    if v.outcome == "wrong_key":
+        held = ("the drive holds no key" if status.decryption_mode == DECRYPTION_MODE_DISABLE
+                else "the loaded key is not this volume's")
+        raise BscryptoError("verify: %s: %s: %s; load this volume's key with `%s load %s "
+                            "--cache CACHE` (or --catalog EXPORT)" % (
+                                device, v.text, held, _program(), device), EXIT_WRONG_KEY)
     return EXIT_OK
 
 
@@ -4483,7 +4807,7 @@ def _kek_description(kek_file=None, kek_from=None, director=None):
 # -- load: label -> key -> unwrap -> drive --
 
 _CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos > media.txt) "
-                 "and add them with `bscrypto populate-cache %%s --from-catalog media.txt`, "
+                 "and add them with `%%s populate-cache %%s --from-catalog media.txt`, "
                  "or pass --catalog media.txt" % CATALOG_EXPORT_SQL)
 
 
@@ -4492,7 +4816,7 @@ def _label_failure(device, error, timeout, transport):
     when the drive can tell it (a key in decrypt mode refuses the plain label)."""
     hint = "; or give --volume NAME to skip reading the label"
     text = "load: reading the volume label failed: %s" % error
-    if error.exit_code == EXIT_LABEL and "I/O error" in str(error):
+    if getattr(error, "kind", None) == "io":
         try:
             status = get_drive_status(device, timeout, transport)
         except BscryptoError as e:
@@ -4502,9 +4826,9 @@ def _label_failure(device, error, timeout, transport):
                                                              DECRYPTION_MODE_DECRYPT):
             text = ("load: reading the volume label failed: %s: %s reading the first block: "
                     "a key is loaded with decryption mode %s, which refuses the unencrypted "
-                    "label: clear it with `bscrypto clear-key %s` and retry"
+                    "label: clear it with `%s clear-key %s` and retry"
                     % (device, os.strerror(errno.EIO),
-                       _BAREOS_DECRYPTION_MODE[status.decryption_mode], device))
+                       _BAREOS_DECRYPTION_MODE[status.decryption_mode], _program(), device))
         elif status is not None:
             text += " (the drive holds no key that refuses the label)"
     return BscryptoError(text + hint, error.exit_code)
@@ -4569,18 +4893,19 @@ def _not_found_text(want, cache, entries, catalog, export):
         text += "; names differing only in case: %s" % ", ".join(close)
     if cache and catalog is None:
         text += ": the cache only holds volumes mounted in the last 60 days; " + (
-            _CATALOG_HINT % cache)
+            _CATALOG_HINT % (_program(), cache))
     elif catalog is not None:
-        text += ": export the catalog again (the volume may be newer than the export) or check " \
-                "the name on the tape with `bscrypto label`"
+        text += (": export the catalog again (the volume may be newer than the export) or "
+                 "check the name on the tape with `%s label`" % _program())
     return text
 
 
 def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=None,
                    volume=None, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT,
-                   algorithm_index=None, ops=None, transport=None, out=None):
+                   algorithm_index=None, ops=None, transport=None, out=None, verify=True):
     """load: read the label, find the volume's key in the cache and/or a catalog
-    export, unwrap it, load it as Bareos does and confirm Encrypt + Mixed.
+    export, unwrap it, load it as Bareos does, confirm Encrypt + Mixed and
+    (verify) check on the tape's first data block that the key decrypts it.
 
     Each failure names its step and what to try.  Prints a summary (or JSON)
     that never contains the key.
@@ -4631,23 +4956,24 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
             sys.stderr.write("bscrypto: note: the key of volume %s in %s is %s: loaded as "
                              "it is; the KEK is not needed for it\n"
                              % (shown, source, _form_text(False)))
-    # 5. Load it with Bareos's key bytes and 6. confirm.
-    try:
-        with _drive(device, timeout, transport) as t:
+    # 5. Load it with Bareos's key bytes, 6. confirm, 7. verify on the tape.
+    with _drive(device, timeout, transport) as t:
+        try:
             status, algorithm = load_drive_key(t, drive_key_bytes(passphrase),
-                                               algorithm_index=algorithm_index)
-    except BscryptoError as e:
-        raise BscryptoError("load: loading the key of volume %s into the drive failed: %s"
-                            % (shown, e), e.exit_code)
-    if (status.encryption_mode, status.decryption_mode) != (ENCRYPTION_MODE_ENCRYPT,
-                                                             DECRYPTION_MODE_MIXED):
-        raise BscryptoError(
-            "load: the drive took the key of volume %s but reports encryption mode %s and "
-            "decryption mode %s, not Encrypt and Mixed: check `bscrypto drive-status --detail "
-            "%s` (a library or key manager may control the drive)" % (
-                shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
-                _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), device),
-            EXIT_KEY_REFUSED)
+                                               drive_key_options(algorithm_index=algorithm_index))
+        except BscryptoError as e:
+            raise BscryptoError("load: loading the key of volume %s into the drive failed: %s"
+                                % (shown, e), e.exit_code)
+        if (status.encryption_mode, status.decryption_mode) != (ENCRYPTION_MODE_ENCRYPT,
+                                                                 DECRYPTION_MODE_MIXED):
+            raise BscryptoError(
+                "load: the drive took the key of volume %s but reports encryption mode %s and "
+                "decryption mode %s, not Encrypt and Mixed: check `%s drive-status --detail "
+                "%s` (a library or key manager may control the drive)" % (
+                    shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
+                    _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), _program(),
+                    device), EXIT_KEY_REFUSED)
+        check = _verify_loaded(t, shown, source, label, algorithm_index) if verify else None
     name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
             if algorithm is not None else None)
     if as_json:
@@ -4657,7 +4983,8 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
                   "algorithm": name, "algorithm_index": status.algorithm_index,
                   "key_instance_counter": status.key_instance_counter,
                   "encryption_mode": _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
-                  "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode)}
+                  "decryption_mode": _name(DECRYPTION_MODE_NAMES, status.decryption_mode),
+                  "verify": verification_dict(device, check) if check is not None else None}
         if label is not None:
             record["label"] = {"PoolName": label.PoolName, "MediaType": label.MediaType,
                                "LabelType": LABEL_TYPE_NAMES.get(label.LabelType)}
@@ -4673,11 +5000,38 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
              "Encrypt, decryption Mixed" % (device, name + ", " if name else "",
                                             status.algorithm_index,
                                             status.key_instance_counter),
+             "verify: %s" % (check.text if check is not None else "skipped (--no-verify)"),
              "the drive now reads this volume's encrypted blocks; clear the key with "
-             "`bscrypto clear-key %s` when done" % device]
+             "`%s clear-key %s` when done" % (_program(), device)]
     out.write("\n".join(lines) + "\n")
     out.flush()
     return EXIT_OK
+
+
+def _verify_loaded(transport, shown, source, label, algorithm_index):
+    """load's step 7: verify_tape with the key just loaded; a key that does not
+    decrypt the tape is cleared again and reported (EXIT_WRONG_KEY)."""
+    device = transport.device
+    try:
+        check = verify_tape(transport, read_label=False,
+                            label_type=label.LabelType if label is not None else None)
+    except BscryptoError as e:
+        raise BscryptoError("load: the key of volume %s is loaded, but verifying it on the "
+                            "tape failed: %s (skip the check with --no-verify)" % (shown, e),
+                            e.exit_code)
+    if check.outcome != "wrong_key":
+        return check
+    try:
+        clear_drive_key(transport, algorithm_index)
+        cleared = "the key was cleared from the drive"
+    except BscryptoError as e:
+        cleared = "clearing the key failed too (%s): run `%s clear-key %s`" % (
+            e, _program(), device)
+    raise BscryptoError(
+        "load: the drive cannot decrypt volume %s's data with the key found in %s: %s; %s; "
+        "try the other source (--cache or --catalog) or the KEK of another director "
+        "(--kek-from CONFIG --director NAME)" % (shown, source, check.text, cleared),
+        EXIT_WRONG_KEY)
 
 
 # -- populate-cache --from-catalog --
@@ -5065,6 +5419,278 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
     return EXIT_OK
 
 
+# -- prepare-sd: the storage daemon ready for restores that span volumes --
+#
+# bextract/bls with the scsicrypto-sd plugin load each volume's key from
+# <Working Directory>/bareos-sd.<SD Port>.cryptoc on every mount.  prepare-sd
+# checks what that needs in the bareos-sd configuration and puts the keys
+# there (populate-cache's rules, lock and atomic write).
+
+SD_DEFAULT_WORKING_DIRECTORY = "/var/lib/bareos"     # Bareos's compiled-in defaults
+SD_DEFAULT_PORT = 9103
+SD_PLUGIN = "scsicrypto"
+SD_PLUGIN_FILE = "scsicrypto-sd.so"
+SD_PLUGIN_DIRECTORIES = ("/usr/lib/bareos/plugins", "/usr/lib64/bareos/plugins")
+_CONFIG_TRUE = ("yes", "true")
+
+
+def sd_config_files(path):
+    """config_files(path) without the director's: bareos-sd.conf or its .d tree."""
+    director = (os.path.join(path, "bareos-dir.conf"), os.path.join(path, "bareos-dir.d", ""))
+    files = [f for f in config_files(path) if f != director[0] and not f.startswith(director[1])]
+    if not files:
+        raise KeyFileError("no bareos-sd configuration in %s" % path)
+    return files
+
+
+def _config_for_tools(path):
+    """What bextract/bls take as -c: a file, or the directory above bareos-sd.d."""
+    path = path.rstrip(os.sep) or os.sep
+    parent = os.path.dirname(path)
+    if os.path.basename(path) == "bareos-sd.d":
+        return parent or "."
+    if os.path.basename(parent) == "bareos-sd.d":
+        return os.path.dirname(parent) or "."
+    return path
+
+
+def _directive(resource, keyword):
+    """([values], line) of a directive, or None."""
+    return resource.directives.get(keyword)
+
+
+def _directive_value(resource, keyword):
+    """The first value of a directive, or None."""
+    found = resource.directives.get(keyword)
+    return found[0][0] if found else None
+
+
+def _where(resource):
+    return "%s %s in %s (resource at line %d)" % (
+        resource.type.capitalize(), '"%s"' % resource.name if resource.name else "(no Name)",
+        resource.path, resource.line)
+
+
+def _is_tape_device(resource):
+    kind = _directive(resource, "devicetype")
+    if kind is not None:
+        return kind[0][0].lower() == "tape"
+    archive = _directive(resource, "archivedevice")
+    return archive is not None and archive[0][0].startswith("/dev/")
+
+
+def _storage_requirements(storage, report):
+    """Plugin Directory with the plugin in it, and Plugin Names (when set)."""
+    found = _directive(storage, "plugindirectory")
+    if found is None:
+        guess = next((d for d in SD_PLUGIN_DIRECTORIES
+                      if os.path.exists(os.path.join(d, SD_PLUGIN_FILE))),
+                     SD_PLUGIN_DIRECTORIES[0])
+        report("missing", "Plugin Directory is not set: add the line `Plugin Directory = %s` "
+               "to %s" % (guess, _where(storage)))
+    else:
+        directory = found[0][0]
+        report("met", "Plugin Directory = %s (%s line %d)" % (directory, storage.path, found[1]))
+        if os.path.exists(os.path.join(directory, SD_PLUGIN_FILE)):
+            report("met", "%s is in %s" % (SD_PLUGIN_FILE, directory))
+        else:
+            report("missing", "%s is not in %s: install Bareos's tape storage package "
+                   "(bareos-storage-tape) or copy the plugin there" % (SD_PLUGIN_FILE, directory))
+    names = _directive(storage, "pluginnames")
+    if names is not None:
+        listed = [n for value in names[0] for n in value.split(":") if n]
+        if SD_PLUGIN in listed:
+            report("met", "Plugin Names includes %s (%s line %d)"
+                   % (SD_PLUGIN, storage.path, names[1]))
+        else:
+            report("missing", "Plugin Names does not include %s: change line %d of %s to "
+                   "`Plugin Names = \"%s\"`" % (SD_PLUGIN, names[1], storage.path,
+                                                 ":".join(listed + [SD_PLUGIN])))
+
+
+def _device_requirements(devices, config, report):
+    tapes = [d for d in devices if _is_tape_device(d)]
+    if not tapes:
+        report("missing", "no tape Device resource (Device Type = tape) in %s" % config)
+    for device in tapes:
+        for keyword, line, state in (("drivecryptoenabled", "Drive Crypto Enabled = yes",
+                                      "missing"),
+                                     ("querycryptostatus", "Query Crypto Status = yes",
+                                      "recommended")):
+            found = _directive(device, keyword)
+            if found is not None and found[0][0].lower() in _CONFIG_TRUE:
+                report("met", "Device %s: %s (%s line %d)" % (device.name, line, device.path,
+                                                              found[1]))
+            else:
+                report(state, "add the line `%s` to %s" % (line, _where(device)))
+    return tapes
+
+
+def _unwrapping(keys, kek_text):
+    """How many of the distinct wrapped keys unwrap with kek_text."""
+    kek = kek_from_text(kek_text)
+    good = 0
+    for raw in keys:
+        try:
+            aes_key_unwrap(kek, raw)
+            good += 1
+        except UnwrapError:
+            pass
+    return good
+
+
+def _director_requirements(directors, keys, report):
+    """The Director whose KEK unwraps the keys (its name, for -D), or None."""
+    wrapped = set()
+    for _, key in keys or ():
+        try:
+            is_wrapped, raw = key_form(key)
+        except ValueError:
+            continue
+        if is_wrapped:
+            wrapped.add(raw)
+    with_kek = [d for d in directors if _director_kek(d)]
+    if keys is not None and not wrapped:
+        report("met", "the keys are not wrapped: no Key Encryption Key is needed")
+        return None
+    if not with_kek:
+        where = _where(directors[0]) if directors else "a Director resource (none found)"
+        report("missing" if wrapped else "note",
+               "no Director resource has a Key Encryption Key%s: add the line `Key Encryption "
+               "Key = \"<the director's KEK>\"` to %s" % (
+                   " and the keys are wrapped" if wrapped else " (needed for wrapped keys)",
+                   where))
+        return None
+    if not wrapped:
+        report("met", "Director %s has a Key Encryption Key (%s line %d)" % (
+            with_kek[0].name, with_kek[0].path, with_kek[0].directives["keyencryptionkey"][1]))
+        return with_kek[0].name
+    best, best_count = with_kek[0], -1
+    for d in with_kek:
+        count = _unwrapping(wrapped, d.directives["keyencryptionkey"][0][0].encode("latin-1"))
+        if count > best_count:
+            best, best_count = d, count
+    line = best.directives["keyencryptionkey"][1]
+    if best_count == len(wrapped):
+        report("met", "all %d wrapped keys unwrap with the Key Encryption Key of Director %s "
+               "(%s line %d)" % (len(wrapped), best.name, best.path, line))
+    else:
+        report("missing", "only %d of %d wrapped keys unwrap with the Key Encryption Key of "
+               "Director %s (%s line %d): set it to the KEK of the director that wrote the "
+               "tapes" % (best_count, len(wrapped), best.name, best.path, line))
+    return best.name
+
+
+def _install_keys(path, cache=None, catalog=None, now=None, out=None):
+    """Merge the keys into the SD's cache with Bareos's rules, under the lock,
+    atomically; a new cache is given the working directory's owner."""
+    created = not os.path.exists(path)
+    if catalog is not None:
+        op_populate_from_catalog(path, catalog, now, out=out)
+    else:
+        source = read_cache(cache)
+        now = resolve_now(now)
+        with cache_lock(path):
+            try:
+                current = read_cache(path)
+            except CacheMissingError:
+                current = CryptoCache([], None)
+            entries, stats = apply_cache_updates(
+                current.entries, [(e.volume_name, e.encryption_key) for e in source.entries],
+                now)
+            write = cache_changed(stats)
+            if write:
+                write_cache(path, entries)
+        out.write("%s: from crypto cache %s: %d read, %d added, %d updated, %d unchanged; %d "
+                  "expired removed; %s\n" % (path, cache, len(source.entries), stats["added"],
+                                             stats["updated"], stats["unchanged"],
+                                             stats["expired_removed"], "written" if write
+                                             else "nothing changed, not written"))
+    if created and os.path.exists(path) and os.geteuid() == 0:
+        owner = os.stat(os.path.dirname(path) or ".")
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def op_prepare_sd(config, cache=None, catalog=None, check=False, now=None, out=None):
+    """prepare-sd: report what the scsicrypto-sd plugin needs in a bareos-sd
+    configuration (met / missing, with the line to add and where) and, without
+    check, install the keys in the SD's crypto cache; print the bextract and
+    bls command lines.  EXIT_SD_NOT_READY when something is missing."""
+    if cache and catalog:
+        raise UsageError("prepare-sd takes the keys from --cache or from --catalog, not both")
+    if not check and not (cache or catalog):
+        raise UsageError("prepare-sd installs the keys of --cache CACHE or --catalog EXPORT; "
+                         "give one, or --check to only check the configuration")
+    out = out or sys.stdout
+    resources = []
+    files = sd_config_files(config)
+    for name in files:
+        found, includes = parse_config_resources(_read_config_text(name), name)
+        resources.extend(found)
+        for inc in includes:
+            warn("%s line %d: @%s is not followed; check the included file too" % inc)
+    lines = ["prepare-sd: bareos-sd configuration %s (%d file%s)" % (
+        config, len(files), "" if len(files) == 1 else "s")]
+    missing = []
+
+    def report(state, text):
+        lines.append("%-12s %s" % (state + ":", text))
+        if state == "missing":
+            missing.append(text)
+
+    keys = None
+    if cache:
+        keys = [(e.volume_name, e.encryption_key) for e in read_cache(cache).entries]
+    elif catalog:
+        keys = read_catalog_export(catalog).entries
+    storages = [r for r in resources if r.type == "storage"]
+    working, port = SD_DEFAULT_WORKING_DIRECTORY, SD_DEFAULT_PORT
+    if not storages:
+        report("missing", "no Storage resource in %s: is this a bareos-sd configuration?"
+               % config)
+    else:
+        storage = storages[0]
+        working = (_directive(storage, "workingdirectory") or ([working], 0))[0][0]
+        port_text = (_directive(storage, "sdport") or ([str(port)], 0))[0][0]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise KeyFileError("%s: SD Port %r is not a number" % (storage.path, port_text))
+        _storage_requirements(storage, report)
+    tapes = _device_requirements([r for r in resources if r.type == "device"], config, report)
+    director = _director_requirements([r for r in resources if r.type == "director"], keys,
+                                      report)
+    target = os.path.join(working, "bareos-sd.%d.cryptoc" % port)
+    if not os.path.isdir(working):
+        report("missing", "Working Directory %s does not exist: create it, owned by the user "
+               "bareos-sd runs as" % working)
+    lines.append("%-12s %s (Working Directory %s, SD Port %d)" % ("cache:", target, working,
+                                                                   port))
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    if not check and os.path.isdir(working):
+        _install_keys(target, cache, catalog, now, out)
+    tool_args = "%s-c %s" % ("-D %s " % _quoted_arg(director) if director else "",
+                             _quoted_arg(_config_for_tools(config)))
+    device = _quoted_arg(tapes[0].name if tapes else "DEVICE")
+    out.write("list the jobs on a volume:  bls %s -j -V VOLUME %s\n"
+              "restore (the job's volumes in order, from `bls -j` or the catalog):\n"
+              "  bextract %s -V 'VOLUME1|VOLUME2' %s /tmp/restore\n"
+              % (tool_args, device, tool_args, device))
+    out.flush()
+    if missing:
+        raise BscryptoError("prepare-sd: %d requirement%s missing (the 'missing:' lines above)"
+                            % (len(missing), "" if len(missing) == 1 else "s"),
+                            EXIT_SD_NOT_READY)
+    return EXIT_OK
+
+
+def _quoted_arg(text):
+    """text as one shell word."""
+    import shlex
+    return shlex.quote(text)
+
+
 # ---------------------------------------------------------------------------
 # Disaster-recovery kit
 # ---------------------------------------------------------------------------
@@ -5224,34 +5850,6 @@ def redact_config_keks(text, path="config"):
         statement = []
     pieces.append(text[last:])
     return "".join(pieces), count
-
-
-def config_resources(text, path="config"):
-    """[(resource type in lower case, {keyword in lower case: value})] of the
-    top-level resources of a configuration text (first value of a keyword)."""
-    resources = []
-    depth = 0
-    resource_type = ""
-    fields = {}
-    statement = []
-    for kind, value, line in scan_config(text, path):
-        if kind in ("eol", "{", "}"):
-            found = _config_statement(statement) if depth == 1 else None
-            if found:
-                fields.setdefault(found[0], found[1][1])
-            statement = []
-            if kind == "{":
-                if depth == 0:
-                    fields = {}
-                    resources.append((resource_type, fields))
-                depth += 1
-            elif kind == "}":
-                depth = max(depth - 1, 0)
-        elif depth == 0:
-            resource_type = value.lower() if kind == "word" else ""
-        else:
-            statement.append((kind, value, line))
-    return resources
 
 
 def sd_config_path(path):
@@ -5620,9 +6218,9 @@ def _kit_config(kit, config, include_kek, problems):
             text = redact_config_keks(text, path)[0]
             places += ["%s line %d" % (name[len("config/"):], k.line)
                        for k in parse_config_keks(text, name)[0]]
-        devices += [{"name": fields.get("name"), "archive_device": fields.get("archivedevice"),
-                     "media_type": fields.get("mediatype")}
-                    for kind, fields in config_resources(text, path) if kind == "device"]
+        devices += [{"name": r.name, "archive_device": _directive_value(r, "archivedevice"),
+                     "media_type": _directive_value(r, "mediatype")}
+                    for r in parse_config_resources(text, path)[0] if r.type == "device"]
         kit.write(name, bom + text.encode("latin-1"))
         names.append(name)
     return names, devices, places, keks
@@ -5911,6 +6509,10 @@ def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
 # Each group adds its subcommands; _command_parser() builds them all.
 
 
+AS_IS_HELP = ("use the file's text as the passphrase even when it is a wrapped key "
+              "(54 base64 characters), as Bareos's -s/-k do")
+
+
 # Subcommands: name -> (function adding its arguments, function running it, help).
 def _add_key_commands(sub, common):
     p = sub.add_parser("generate", parents=[common], help="generate a new passphrase key file",
@@ -5926,9 +6528,13 @@ def _add_key_commands(sub, common):
                        description="Print the passphrase held in FILE ('-' reads stdin).")
     p.add_argument("file", help="key file, or '-' for stdin")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="unwrap with this KEK")
+    add_kek_from_arguments(p)
     p.add_argument("-b", "--base64", action="store_true", help="the file holds base64")
-    p.set_defaults(run=lambda ns: op_show_key(ns.file, ns.kek, ns.base64,
-                                              prompt=sys.stdin.isatty()))
+    p.add_argument("--as-is", action="store_true", help=AS_IS_HELP)
+    p.set_defaults(run=lambda ns: op_show_key(
+        ns.file, None, ns.base64, prompt=sys.stdin.isatty(), kek_text=kek_from_arguments(ns),
+        kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
+        wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE))
 
     p = sub.add_parser("selftest", parents=[common], help="run the built-in known-answer tests",
                        description="Run the known-answer tests built into this file: the "
@@ -6020,7 +6626,9 @@ def _add_drive_commands(sub, common):
     p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
     p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
+    add_kek_from_arguments(p)
     p.add_argument("-b", "--base64", action="store_true", help="the key file holds base64")
+    p.add_argument("--as-is", action="store_true", help=AS_IS_HELP)
     p.add_argument("--hex-key", metavar="FILE",
                    help="load a raw 256-bit key: 64 hex digits, optional description line "
                         "(stenc's key file) instead of a Bareos key file")
@@ -6067,16 +6675,31 @@ def _add_drive_commands(sub, common):
     p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout,
                                                    readable=True))
 
+    p = sub.add_parser(
+        "verify", parents=parents, help="check that the drive's key decrypts the tape in it",
+        description="Rewind, pass the label and its filemark(s), read the first data block's "
+                    "encryption status (page 0021h, the block itself is not read) and rewind; "
+                    "nothing is written or loaded. Use it after set-key, -s or the plugin. "
+                    "Exit 0: verified, not encrypted, or nothing to verify (PRE_LABEL, no "
+                    "data); exit %d: the drive cannot decrypt it with its key." % EXIT_WRONG_KEY)
+    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=lambda ns: op_verify(ns.device, ns.json, ns.timeout))
+
 
 def _run_set_key(ns):
     if (ns.keyfile is None) == (ns.hex_key is None):
         raise UsageError("set-key needs a key file or --hex-key FILE (one of them)")
-    if ns.hex_key is not None and (ns.kek or ns.base64):
-        raise UsageError("--hex-key takes a raw key: -w and -b do not apply")
-    return op_set_key(ns.device, ns.keyfile, ns.kek, ns.base64, ns.hex_key, ns.timeout,
-                      sys.stdout, key_desc=ns.key_desc, algorithm_index=ns.algorithm_index,
-                      ckod=ns.ckod, raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
-                      prompt=sys.stdin.isatty())
+    if ns.hex_key is not None and (ns.kek or ns.kek_from or ns.base64 or ns.as_is):
+        raise UsageError("--hex-key takes a raw key: -w, --kek-from, -b and --as-is do not apply")
+    options = drive_key_options(algorithm_index=ns.algorithm_index, ckod=ns.ckod,
+                                raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
+                                key_desc=ns.key_desc)
+    return op_set_key(ns.device, ns.keyfile, None, ns.base64, ns.hex_key, ns.timeout,
+                      sys.stdout, options, prompt=sys.stdin.isatty(),
+                      kek_text=kek_from_arguments(ns),
+                      kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
+                      wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE)
 
 
 def _add_recovery_commands(sub, common):
@@ -6121,9 +6744,10 @@ def _add_recovery_commands(sub, common):
                     "and after, never written), find the volume's key in the crypto cache "
                     "and/or a catalog export, unwrap it with the KEK if it is wrapped (54 "
                     "characters; 43 characters is a key that is not wrapped), load it into "
-                    "the drive as Bareos does and confirm encryption Encrypt and decryption "
-                    "Mixed. Every failure names its step and what to try. The key is never "
-                    "printed.")
+                    "the drive as Bareos does, confirm encryption Encrypt and decryption "
+                    "Mixed, and verify on the first data block that the key decrypts the tape "
+                    "(a wrong key is cleared again, exit %d). Every failure names its step and "
+                    "what to try. The key is never printed." % EXIT_WRONG_KEY)
     p.add_argument("device", metavar="DEVICE", help="tape device, e.g. /dev/nst0")
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
     p.add_argument("--catalog", metavar="EXPORT",
@@ -6138,10 +6762,12 @@ def _add_recovery_commands(sub, common):
                    default=DEFAULT_SCSI_TIMEOUT,
                    help="SCSI command timeout (default %d)" % DEFAULT_SCSI_TIMEOUT)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not check on the tape's first data block that the key decrypts it")
     p.set_defaults(run=lambda ns: op_load_volume(
         ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
         _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
-        ns.algorithm_index))
+        ns.algorithm_index, verify=ns.verify))
 
     p = sub.add_parser(
         "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",
@@ -6202,6 +6828,30 @@ def _add_recovery_commands(sub, common):
                    help="copies of this cache to keep, the new one included (default %d)"
                         % DEFAULT_BACKUP_KEEP)
     p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep))
+
+
+def _add_prepare_sd_command(sub, common):
+    p = sub.add_parser(
+        "prepare-sd", parents=[common],
+        help="make bareos-sd ready for restores that span volumes (scsicrypto-sd plugin)",
+        description="Check a bareos-sd configuration (file, bareos-sd.d tree or /etc/bareos) "
+                    "for what the scsicrypto-sd plugin needs to load each volume's key in "
+                    "bextract/bls: Plugin Directory holding %s, Plugin Names with %s, "
+                    "'Drive Crypto Enabled = yes' in each tape Device, a Director with a Key "
+                    "Encryption Key that unwraps the keys. Each is reported met or missing "
+                    "with the line to add and the file. Without --check, the keys of --cache "
+                    "or --catalog are merged into <Working Directory>/bareos-sd.<SD Port>"
+                    ".cryptoc (Bareos's rules, under the lock, atomically). Prints the "
+                    "bextract and bls command lines. Exit %d when something is missing."
+                    % (SD_PLUGIN_FILE, SD_PLUGIN, EXIT_SD_NOT_READY))
+    p.add_argument("config", metavar="CONFIG", help="bareos-sd.conf, bareos-sd.d or /etc/bareos")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--cache", metavar="CACHE", help="crypto cache holding the keys")
+    keys.add_argument("--catalog", metavar="EXPORT", help="catalog export holding the keys")
+    p.add_argument("--check", action="store_true", help="only check; install nothing")
+    p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
+    p.set_defaults(run=lambda ns: op_prepare_sd(ns.config, ns.cache, ns.catalog, ns.check,
+                                                ns.now))
 
 
 def _named_kek(ns, which):
@@ -6279,7 +6929,7 @@ def _add_kit_commands(sub, common):
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
-                   _add_recovery_commands, _add_kit_commands)
+                   _add_recovery_commands, _add_prepare_sd_command, _add_kit_commands)
 
 
 def _command_parser():
@@ -6345,7 +6995,7 @@ def _legacy_drive_ops(ns):
         op_drive_status(device, timeout=timeout)
     if ns.set_encryption_key:
         return op_set_key(device, ns.set_encryption_key, ns.wrap_unwrap_key, ns.base64,
-                          timeout=timeout)
+                          timeout=timeout, wrapped=WRAPPED_WARN)
     if ns.volume_encryption_status:
         op_volume_status(device, timeout=timeout)
     if ns.drive_encryption_status or ns.volume_encryption_status:

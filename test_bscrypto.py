@@ -3459,6 +3459,56 @@ class TestDriveCommandsQuantum(TestDriveCommandsIbm):
     gcm_index = 0
 
 
+class TestWrappedKeyWithoutKek(DriveTestCase):
+    """A wrapped key (54 characters, 40 bytes) is never taken for a passphrase
+    by the subcommands; -s keeps Bareos's behaviour with a warning."""
+
+    def setUp(self):
+        DriveTestCase.setUp(self)
+        self.kek, self.key, self.passphrase = wrapped_key_files(self)
+        with open(self.key, "rb") as f:
+            self.text = f.read().rstrip(b"\n")
+        self.assertEqual(len(self.text), 54)
+
+    def test_set_key_and_show_refuse(self):
+        for args in (["set-key", self.dev, self.key], ["show", self.key],
+                     ["set-key", self.dev, self.key, "-b"]):
+            err = self.run_fail(bscrypto.EXIT_UNWRAP, *args)
+            self.assertEqual(err, "bscrypto: %s holds a wrapped key: give --kek KEKFILE (or "
+                             "--kek-from)\n" % self.key)
+        self.assertIsNone(self.drive.key)
+        self.assertFalse(bscrypto.holds_wrapped_key(bscrypto.b64encode(b"p" * 32).encode()))
+        self.assertFalse(bscrypto.holds_wrapped_key(b"*" * 54))
+
+    def test_as_is_and_kek_options(self):
+        out, err = self.run_ok("show", self.key, "--as-is")
+        self.assertEqual((out, err), (self.text[:32].decode() + "\n", ""))
+        self.run_ok("set-key", self.dev, self.key, "--as-is")
+        self.assertEqual(self.drive.key, self.text[:31] + b"\0")
+        out, _ = self.run_ok("show", self.key, "--kek", self.kek)
+        self.assertEqual(out.encode(), self.passphrase + b"\n")
+        with open(self.kek, "rb") as f:
+            conf = self.write("bareos-sd.conf", b'Director {\n  Name = d\n  Key Encryption Key = "'
+                              + f.read().rstrip(b"\n") + b'"\n}\n')
+        out, _ = self.run_ok("show", self.key, "--kek-from", conf)
+        self.assertEqual(out.encode(), self.passphrase + b"\n")
+        self.run_ok("set-key", self.dev, self.key, "--kek-from", conf)
+        self.assertEqual(self.drive.key, self.passphrase[:31] + b"\0")
+        self.run_fail(bscrypto.EXIT_USAGE, "set-key", self.dev, "--hex-key", self.key, "--as-is")
+
+    def test_legacy_flags_keep_bareos_behaviour(self):
+        rc, out, err = cli("-s", self.key, self.dev)
+        self.assertEqual((rc, out), (0, b""))
+        self.assertEqual(err, "bscrypto: warning: %s holds a wrapped key and no -w KEKFILE was "
+                         "given: its text is loaded as the passphrase, as Bareos does, and will "
+                         "not read the tape; give -w KEKFILE\n" % self.key)
+        self.assertEqual(self.drive.key, self.text[:31] + b"\0")
+        rc, out, err = cli("-k", self.key)
+        self.assertEqual((rc, out, err), (0, self.text[:32] + b"\n", ""))
+        rc, out, err = cli("-s", self.key, "-w", self.kek, self.dev)
+        self.assertEqual((rc, err), (0, ""))
+
+
 class TestDriveCommandsLibrary(DriveTestCase):
     profile = "library"
 
@@ -3666,10 +3716,10 @@ class TestDrivesThatRefuse(DriveTestCase):
         self.use("ibm")
         self.encrypted_block(kads=[(0, 0, b"pool Full 2026")])
         out, _ = self.run_ok("volume-status", self.dev)
-        self.assertTrue(out.endswith("(EMES): Disabled\n"
-                                     '   Key descriptor (U-KAD): "pool Full 2026"\n'), out)
+        self.assertIn("(EMES): Disabled\n"
+                      '   Key descriptor (U-KAD): "pool Full 2026"\nhint: ', out)
         legacy, _ = self.run_ok("-v", self.dev)
-        self.assertEqual(out, legacy + '   Key descriptor (U-KAD): "pool Full 2026"\n')
+        self.assertTrue(out.startswith(legacy + '   Key descriptor (U-KAD): "pool Full 2026"\n'))
         # Status 4 (unsupported algorithm): no algorithm index in --detail.
         self.drive.medium.objects[0].code = 0x00010099
         out, _ = self.run_ok("drive-status", "--detail", self.dev)
@@ -4188,7 +4238,7 @@ class TestLabelFromTape(unittest.TestCase):
 
     def test_io_error_says_clear_the_key_and_still_rewinds(self):
         tape = self.fails(FakeTape(read_error=5), bscrypto.EXIT_LABEL,
-                          "clear the drive key first (bscrypto clear-key /dev/nst0)")
+                          "clear the drive key first (%s clear-key /dev/nst0)" % bscrypto._program())
         self.assertEqual(tape.calls[-2:], [self.REWIND, ("close", 7)])
         self.assertIn(("MTIOCGET",), tape.calls)      # only asked, never set
 
@@ -4742,7 +4792,7 @@ class RecoveryDriveTestCase(DriveTestCase):
             bscrypto.load_drive_key(t, bscrypto.drive_key_bytes(passphrase))
             for data in DATA_BLOCKS:
                 self.write_block(data)
-            bscrypto.load_drive_key(t, bytes(32), clear=True)
+            bscrypto.clear_drive_key(t)
         self.rewind()
 
     def cache(self, entries, name="c.cryptoc"):
@@ -4920,7 +4970,8 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("load: reading the volume label failed: %s: Input/output error reading "
                       "the first block: a key is loaded with decryption mode Decrypt" % self.dev,
                       err)
-        self.assertIn("clear it with `bscrypto clear-key %s` and retry" % self.dev, err)
+        self.assertIn("clear it with `%s clear-key %s` and retry" % (bscrypto._program(),
+                                                                      self.dev), err)
         page = bscrypto.bareos_clear_key_page(1)                      # no key now, but
         self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
         self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
@@ -4947,6 +4998,191 @@ class TestLoad(RecoveryDriveTestCase):
         self.run_fail(bscrypto.EXIT_KEY_FILE, "load", self.dev, "--catalog",
                       os.path.join(self.tmp, "none"))
         self.assertEqual(self.spout_count(), 2)
+
+
+def bareos_tape(label, data=DATA_BLOCKS, key=None, filemarks=1, kads=()):
+    """A Medium as a storage daemon leaves it: the plain label block, `filemarks`
+    filemarks, then the data blocks (encrypted with `key` when given)."""
+    blocks = [Block(d, key, GCM, 1, kads) if key is not None else Block(d) for d in data]
+    return Medium([Block(label)] + [FILEMARK] * filemarks + blocks)
+
+
+class TestVerify(RecoveryDriveTestCase):
+    """load's check and `verify`: page 0021h of the first data block after the
+    label, through REWIND / SPACE / READ only, always left rewound."""
+
+    KEY = bscrypto.drive_key_bytes(RecoveryDriveTestCase.PASSPHRASE)
+    UKAD = (0, 0, b"Full-0042 key")
+
+    def tape(self, **kw):
+        self.drive.medium = bareos_tape(build_label_block(VolumeName=self.VOLUME), **kw)
+        self.drive.position, self.drive.log = 0, []
+
+    def load(self, *extra, **kw):
+        cache = kw.get("cache") or self.wrapped_cache()
+        return cli("load", self.dev, "--cache", cache, "--kek", self.kek, *extra)
+
+    def assert_read_only_and_rewound(self, since=0):
+        sent = {cdb[0] for cdb, _ in self.drive.log[since:]}
+        self.assertFalse(sent & {0x0A, 0x10, 0x19, 0x04}, sent)       # no write, filemark, erase
+        self.assertEqual(self.drive.position, 0)
+
+    def test_verified_after_the_label_and_its_filemark(self):
+        self.tape(key=self.KEY, filemarks=1)
+        rc, out, err = self.load()
+        self.assertEqual((rc, err), (0, ""))
+        self.assertIn("\nverify: block 2 is encrypted and the loaded key decrypts it\n",
+                      out.decode())
+        self.assert_read_only_and_rewound()
+        spaces = [cdb for cdb, _ in self.drive.log if cdb[0] == 0x11]
+        self.assertEqual(spaces, [bytes([0x11, 0, 0, 0, 1, 0]), bytes([0x11, 1, 0, 0, 1, 0])])
+        self.assertEqual(self.drive.key, self.KEY)
+        data = json.loads(self.load("--json")[1])
+        self.assertEqual((data["verify"]["outcome"],
+                          data["verify"]["next_block_status"]["logical_object_number"]),
+                         ("verified", 2))
+
+    def test_several_filemarks_and_no_filemark(self):
+        for filemarks, block in ((0, 1), (2, 3), (3, 4)):
+            self.tape(key=self.KEY, filemarks=filemarks)
+            rc, out, err = self.load()
+            self.assertEqual(rc, 0, err)
+            self.assertIn("verify: block %d is encrypted and the loaded key decrypts it" % block,
+                          out.decode())
+
+    def test_wrong_key_is_cleared_and_shows_the_ukad(self):
+        self.tape(key=b"W" * 32, kads=[self.UKAD])
+        before = self.drive.key_instance_counter
+        rc, out, err = self.load()
+        self.assertEqual(rc, bscrypto.EXIT_WRONG_KEY, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("load: the drive cannot decrypt volume Full-0042's data with the key "
+                      "found in crypto cache %s: block 2 is encrypted and the drive cannot "
+                      "decrypt it with the loaded key (its U-KAD: \"Full-0042 key\"); the key "
+                      "was cleared from the drive; try the other source" % self.wrapped_cache(),
+                      err)
+        self.assertIn("--kek-from CONFIG --director NAME", err)
+        self.assertIsNone(self.drive.key)
+        self.assertEqual((self.drive.encryption_mode, self.drive.decryption_mode), (0, 0))
+        self.assertEqual(self.drive.key_instance_counter, before + 2)   # loaded, then cleared
+        self.assert_read_only_and_rewound()
+
+    def test_not_encrypted(self):
+        self.tape()
+        rc, out, err = self.load()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: block 2 is not encrypted: this volume's data is plain",
+                      out.decode())
+        self.assertEqual(self.drive.key, self.KEY)
+
+    def test_nothing_to_verify(self):
+        pre = build_label_block(VolumeName=self.VOLUME, FileIndex=-1)
+        cases = (
+            (Medium([Block(pre), FILEMARK]), "the label is a PRE_LABEL"),
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[]),
+             "the tape ends after the label"),                          # label, filemark, EOD
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[], filemarks=0),
+             "the tape ends after the label"),                          # label, EOD
+            (bareos_tape(build_label_block(VolumeName=self.VOLUME), data=[], filemarks=2),
+             "the tape ends after the label"),
+        )
+        for medium, text in cases:
+            self.drive.medium, self.drive.position = medium, 0
+            rc, out, err = self.load()
+            self.assertEqual(rc, 0, err)
+            self.assertIn("verify: nothing to verify: " + text, out.decode())
+            self.assertEqual(self.drive.position, 0)
+
+    def test_undetermined_when_the_drive_cannot_tell(self):
+        self.drive.medium = Medium([Block(build_label_block(VolumeName=self.VOLUME)), FILEMARK,
+                                    Block(b"x" * 64, b"K" * 32, 0x00010099, 1)])  # unknown algorithm
+        rc, out, err = self.load()
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: cannot verify: the drive reports encryption status 4 (", out.decode())
+        self.assertEqual(self.drive.position, 0)
+
+    def test_no_verify_reads_no_next_block_page(self):
+        self.tape(key=b"W" * 32)
+        before = len(self.drive.log)
+        rc, out, err = self.load("--no-verify")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("verify: skipped (--no-verify)", out.decode())
+        pages = [cdb[2:4] for cdb, _ in self.drive.log[before:] if cdb[0] == 0xA2]
+        self.assertNotIn(b"\x00\x21", pages)
+        self.assertEqual(self.drive.key, self.KEY)
+
+    def test_verify_command(self):
+        self.tape(key=self.KEY, filemarks=1, kads=[self.UKAD])
+        err = self.run_fail(bscrypto.EXIT_WRONG_KEY, "verify", self.dev)
+        self.assertIn("the drive holds no key", err)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, self.KEY)
+        before = len(self.drive.log)
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertEqual(out, "%s: block 2 is encrypted and the loaded key decrypts it\n"
+                         % self.dev)
+        self.assert_read_only_and_rewound(before)
+        reads = [cdb for cdb, _ in self.drive.log[before:] if cdb[0] == 0x08]
+        self.assertEqual(reads, [bytes([0x08, 0x02, 0x01, 0x00, 0x00, 0])])  # SILI, 64 KiB
+        data = json.loads(self.run_ok("verify", self.dev, "--json")[0])
+        self.assertEqual((data["outcome"], data["label_type"],
+                          data["next_block_status"]["kads"][0]["text"]),
+                         ("verified", "VOL_LABEL", "Full-0042 key"))
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, b"B" * 32)
+        err = self.run_fail(bscrypto.EXIT_WRONG_KEY, "verify", self.dev)
+        self.assertIn("the loaded key is not this volume's", err)
+        self.assertIn('(its U-KAD: "Full-0042 key")', err)
+        self.assertEqual(self.drive.key, b"B" * 32)                      # verify loads nothing
+
+    def test_verify_tells_a_pre_label_from_the_block_itself(self):
+        pre = build_label_block(VolumeName=self.VOLUME, FileIndex=-1)
+        self.drive.medium = Medium([Block(pre), FILEMARK, Block(b"x" * 99, b"W" * 32, GCM, 1)])
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("nothing to verify: the label is a PRE_LABEL", out)
+        self.drive.medium = Medium()
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("nothing to verify: the tape is blank", out)
+
+    def test_verify_with_a_decrypt_only_key_spaces_over_the_label(self):
+        self.tape(key=self.KEY)
+        page = bscrypto.build_set_data_encryption_page(self.KEY, 0, 2, 1)   # decrypt, not mixed
+        self.scsi(bscrypto.cdb_security_protocol_out(0x20, 0x10, len(page)), page)
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("block 2 is encrypted and the loaded key decrypts it", out)
+
+    def test_a_failure_midway_still_rewinds(self):
+        self.tape(key=self.KEY)
+        spin = self.drive.COMMANDS[0xA2]
+
+        def broken(drive, cdb, data_out):
+            if cdb[2:4] == b"\x00\x21":
+                raise CheckCondition(MEDIUM_ERROR, 0x11, 0x00)
+            return spin(drive, cdb, data_out)
+        with mock.patch.dict(EmulatedTapeDrive.COMMANDS, {0xA2: broken}):
+            err = self.run_fail(bscrypto.EXIT_SCSI, "load", self.dev, "--cache",
+                                self.wrapped_cache(), "--kek", self.kek)
+        self.assertIn("load: the key of volume Full-0042 is loaded, but verifying it on the tape "
+                      "failed:", err)
+        self.assertIn("--no-verify", err)
+        self.assertEqual(self.drive.position, 0)
+
+    def test_volume_status_hint_and_ukad(self):
+        self.tape(key=self.KEY, kads=[self.UKAD])
+        self.drive.position = 2
+        out, _ = self.run_ok("volume-status", self.dev)
+        self.assertIn('   Key descriptor (U-KAD): "Full-0042 key"\n', out)
+        self.assertIn("hint: the loaded key is not this block's key: load this volume's key "
+                      "(`%s load %s --cache CACHE`)" % (bscrypto._program(), self.dev), out)
+        legacy, _ = self.run_ok("-v", self.dev)
+        self.assertEqual(out.split("   Key descriptor")[0], legacy)       # Bareos's text kept
+        self.assertNotIn("hint", legacy)
+        self.assertNotIn("U-KAD", legacy)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, self.KEY)
+        out, _ = self.run_ok("volume-status", self.dev)
+        self.assertNotIn("hint", out)
+        self.assertIn("U-KAD", out)
 
 
 class TestLoadLibraryManaged(RecoveryDriveTestCase):
@@ -5456,10 +5692,10 @@ class TestConfigRedaction(unittest.TestCase):
                           ("d2", bscrypto.KEK_PLACEHOLDER.encode(), 8)])
 
     def test_devices_from_resources(self):
-        resources = bscrypto.config_resources(SD_DEVICE.decode() + "Storage { Name = sd }\n")
-        self.assertEqual(resources, [("device", {"name": "LTO8-0", "mediatype": "LTO-8",
-                                                 "archivedevice": "/dev/nst1"}),
-                                     ("storage", {"name": "sd"})])
+        resources = bscrypto.parse_config_resources(SD_DEVICE.decode() + "Storage { Name = sd }\n")[0]
+        self.assertEqual([(r.type, r.name, bscrypto._directive_value(r, "mediatype"),
+                           bscrypto._directive_value(r, "archivedevice")) for r in resources],
+                         [("device", "LTO8-0", "LTO-8", "/dev/nst1"), ("storage", "sd", None, None)])
 
 
 class DrKitTestCase(TempDirTestCase):
@@ -5800,6 +6036,173 @@ class TestCheckKit(DrKitTestCase):
 # Command line
 # ---------------------------------------------------------------------------
 
+class TestPrepareSd(RecoveryCacheTestCase):
+    """prepare-sd over bareos-sd configuration trees: one requirement at a time."""
+
+    STORAGE = ('Storage {\n  Name = bareos-sd\n  Plugin Directory = "%(plugins)s"\n'
+               '%(names)s  Working Directory = %(work)s\n%(port)s}\n')
+    DEVICE = ("Device {\n  Name = Tape0\n  Media Type = LTO-8\n  Archive Device = /dev/nst0\n"
+              "  Device Type = tape\n%(crypto)s}\n"
+              "Device {\n  Name = FileStorage\n  Archive Device = /var/lib/bareos/storage\n"
+              "  Device Type = File\n}\n")
+    DIRECTOR = 'Director {\n  Name = bareos-dir\n  Password = "x"\n%(kek)s}\n'
+    DRIVE_CRYPTO = "  Drive Crypto Enabled = yes\n  Query Crypto Status = yes\n"
+
+    def tree(self, names="", crypto=DRIVE_CRYPTO, kek=OLD_KEK, plugin=True, port=""):
+        """/etc/bareos with a bareos-sd.d tree (and a director's, which is ignored)."""
+        root = self.path("etc-bareos")
+        self.plugins, self.work = self.path("plugins"), self.path("work")
+        for d in ("bareos-sd.d/storage", "bareos-sd.d/device", "bareos-sd.d/director",
+                  "bareos-dir.d/director"):
+            os.makedirs(os.path.join(root, d), exist_ok=True)
+        os.makedirs(self.plugins, exist_ok=True)
+        os.makedirs(self.work, exist_ok=True)
+        if plugin:
+            self.write("plugins/scsicrypto-sd.so", b"\x7fELF")
+        files = {"bareos-sd.d/storage/bareos-sd.conf": self.STORAGE % {
+                     "plugins": self.plugins, "names": names, "work": self.work, "port": port},
+                 "bareos-sd.d/device/Tape0.conf": self.DEVICE % {"crypto": crypto},
+                 "bareos-sd.d/director/bareos-dir.conf": self.DIRECTOR % {
+                     "kek": '  Key Encryption Key = "%s"\n' % kek.decode() if kek else ""},
+                 "bareos-dir.d/director/bareos-dir.conf": self.DIRECTOR % {
+                     "kek": '  Key Encryption Key = "%s"\n' % NEW_KEK.decode()}}
+        for name, text in files.items():
+            with open(os.path.join(root, name), "w") as f:
+                f.write(text)
+        return root
+
+    def export(self, kek=OLD_KEK, name="media.txt"):
+        return self.write(name, "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                        for e in self.make(3, kek)).encode())
+
+    def prepare(self, *args):
+        rc, out, err = cli("prepare-sd", *args)
+        return rc, out.decode(), err
+
+    def test_everything_met_installs_the_keys_by_merging(self):
+        root = self.tree()
+        target = os.path.join(self.work, "bareos-sd.9103.cryptoc")
+        bscrypto.write_cache(target, [bscrypto.CacheEntry("Other", B64_PLAIN, self.T)])
+        rc, out, err = self.prepare(root, "--catalog", self.export(), "--now", str(self.T))
+        self.assertEqual((rc, err), (0, ""))
+        self.assertNotIn("missing:", out)
+        self.assertIn("met:         all 3 wrapped keys unwrap with the Key Encryption Key of "
+                      "Director bareos-dir", out)
+        self.assertIn("cache:       %s (Working Directory %s, SD Port 9103)" % (target, self.work),
+                      out)
+        self.assertIn("3 read, 3 added, 0 updated", out)
+        self.assertEqual([e[0] for e in self.entries(target)],
+                         ["Other", "Vol00000", "Vol00001", "Vol00002"])
+        self.assertIn("  bextract -D bareos-dir -c %s -V 'VOLUME1|VOLUME2' Tape0 /tmp/restore\n"
+                      % root, out)
+        self.assertIn("bls -D bareos-dir -c %s -j -V VOLUME Tape0\n" % root, out)
+        # From a cache instead: the same rules, nothing new the second time.
+        source = self.path("rescue.cryptoc")
+        bscrypto.write_cache(source, self.make(3))
+        rc, out, err = self.prepare(root, "--cache", source, "--now", str(self.T))
+        self.assertEqual(rc, 0, err)
+        self.assertIn("from crypto cache %s: 3 read, 0 added, 0 updated, 3 unchanged; 0 expired "
+                      "removed; nothing changed, not written" % source, out)
+
+    def test_check_writes_nothing_and_needs_no_keys(self):
+        root = self.tree()
+        rc, out, err = self.prepare(root, "--check")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertIn("met:         Director bareos-dir has a Key Encryption Key", out)
+        self.assertEqual(os.listdir(self.work), [])
+        rc, _, err = self.prepare(root)
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("give one, or --check", err)
+
+    def missing(self, root, *args):
+        rc, out, err = self.prepare(root, "--check", *args)
+        self.assertEqual(rc, bscrypto.EXIT_SD_NOT_READY, (out, err))
+        lines = [line for line in out.splitlines() if line.startswith("missing:")]
+        self.assertEqual(err, "bscrypto: prepare-sd: %d requirement%s missing (the 'missing:' "
+                         "lines above)\n" % (len(lines), "" if len(lines) == 1 else "s"))
+        return lines
+
+    def test_drive_crypto_enabled_and_query_crypto_status(self):
+        lines = self.missing(self.tree(crypto=""))
+        self.assertEqual(lines, ["missing:     add the line `Drive Crypto Enabled = yes` to Device "
+                                 '"Tape0" in %s (resource at line 1)' % os.path.join(
+                                     self.path("etc-bareos"), "bareos-sd.d/device/Tape0.conf")])
+        rc, out, _ = self.prepare(self.tree(crypto="  Drive Crypto Enabled = Yes\n"), "--check")
+        self.assertEqual(rc, 0)
+        self.assertIn("recommended: add the line `Query Crypto Status = yes` to Device", out)
+
+    def test_plugin_directory_and_file(self):
+        root = self.tree(plugin=False)
+        self.assertEqual(self.missing(root), ["missing:     scsicrypto-sd.so is not in %s: install "
+                                              "Bareos's tape storage package (bareos-storage-tape) "
+                                              "or copy the plugin there" % self.plugins])
+        storage = os.path.join(root, "bareos-sd.d/storage/bareos-sd.conf")
+        with open(storage, "w") as f:
+            f.write("Storage {\n  Name = bareos-sd\n  Working Directory = %s\n}\n" % self.work)
+        lines = self.missing(root)
+        self.assertEqual(len(lines), 1)
+        self.assertIn("Plugin Directory is not set: add the line `Plugin Directory = ", lines[0])
+        self.assertIn('to Storage "bareos-sd" in %s (resource at line 1)' % storage, lines[0])
+
+    def test_plugin_names(self):
+        lines = self.missing(self.tree(names='  Plugin Names = "python3"\n'))
+        self.assertEqual(lines, ["missing:     Plugin Names does not include scsicrypto: change "
+                                 'line 4 of %s to `Plugin Names = "python3:scsicrypto"`' % os.path.join(
+                                     self.path("etc-bareos"), "bareos-sd.d/storage/bareos-sd.conf")])
+        rc, out, _ = self.prepare(self.tree(names='  Plugin Names = "python3:scsicrypto"\n'),
+                                  "--check")
+        self.assertEqual(rc, 0)
+        self.assertIn("met:         Plugin Names includes scsicrypto", out)
+
+    def test_director_kek_against_the_keys(self):
+        lines = self.missing(self.tree(kek=None), "--catalog", self.export())
+        self.assertEqual(len(lines), 1)
+        self.assertIn("no Director resource has a Key Encryption Key and the keys are wrapped: "
+                      "add the line `Key Encryption Key = \"<the director's KEK>\"` to Director "
+                      '"bareos-dir"', lines[0])
+        lines = self.missing(self.tree(kek=NEW_KEK), "--catalog", self.export())
+        self.assertIn("only 0 of 3 wrapped keys unwrap with the Key Encryption Key of Director "
+                      "bareos-dir", lines[0])
+        plain = self.write("plain.txt", ("Vol1|%s\n" % B64_PLAIN).encode())
+        rc, out, _ = self.prepare(self.tree(kek=None), "--check", "--catalog", plain)
+        self.assertEqual(rc, 0)
+        self.assertIn("met:         the keys are not wrapped: no Key Encryption Key is needed", out)
+        self.assertIn("  bextract -c ", out)                        # no -D without a KEK
+
+    def test_single_file_port_and_missing_tape_device(self):
+        work = self.path("wd")
+        os.mkdir(work)
+        conf = self.write("bareos-sd.conf", (
+            "Storage {\n  Name = sd\n  SD Port = 9200\n  Working Directory = %s\n"
+            "  Plugin Directory = %s\n}\n" % (work, self.tmp)).encode())
+        self.write("scsicrypto-sd.so", b"")
+        lines = self.missing(conf)
+        self.assertEqual(lines, ["missing:     no tape Device resource (Device Type = tape) in %s"
+                                 % conf])
+        rc, out, _ = self.prepare(conf, "--catalog", self.export())
+        self.assertEqual(rc, bscrypto.EXIT_SD_NOT_READY)
+        self.assertIn("cache:       %s/bareos-sd.9200.cryptoc" % work, out)
+        self.assertEqual(len(self.entries(os.path.join(work, "bareos-sd.9200.cryptoc"))), 3)
+
+    def test_unreadable_cache_is_left_alone(self):
+        root = self.tree()
+        target = os.path.join(self.work, "bareos-sd.9103.cryptoc")
+        self.put(b"not a cache", target)
+        before = self.snapshot(target)
+        rc, _, err = self.prepare(root, "--catalog", self.export())
+        self.assertEqual(rc, bscrypto.EXIT_CACHE, err)
+        self.assertEqual(self.snapshot(target), before)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root for chown")
+    def test_new_cache_is_owned_like_the_working_directory(self):
+        root = self.tree()
+        os.chown(self.work, 4321, 4322)
+        rc, _, err = self.prepare(root, "--catalog", self.export())
+        self.assertEqual(rc, 0, err)
+        st = os.stat(os.path.join(self.work, "bareos-sd.9103.cryptoc"))
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (4321, 4322, 0o640))
+
+
 class TestLegacyCommandLine(unittest.TestCase):
     """Bareos's argument rules, messages and exit code 1."""
 
@@ -5856,6 +6259,26 @@ class TestLegacyCommandLine(unittest.TestCase):
         missing += ["exit code %d" % code for code, _ in bscrypto.EXIT_CODES
                     if "| %d |" % code not in text]
         self.assertEqual(missing, [], "README.md lacks these")
+
+    def test_hints_name_the_program_as_invoked(self):
+        with tempfile.TemporaryDirectory() as d:
+            script = os.path.join(d, "bscrypto.py")
+            with open(script, "w"):
+                pass
+            for mode, arg0, path, expected in (
+                    (0o644, "bscrypto.py", d, "python3 bscrypto.py"),   # python3 bscrypto.py
+                    (0o644, script, d, "python3 " + script),            # not executable
+                    (0o755, script, d, "bscrypto.py"),                  # found on PATH
+                    (0o755, script, "/nowhere", script)):               # run by its path
+                os.chmod(script, mode)
+                with mock.patch.object(sys, "argv", [arg0]), \
+                        mock.patch.dict(os.environ, {"PATH": path}):
+                    self.assertEqual(bscrypto._program(), expected, (arg0, path))
+        with mock.patch.object(sys, "argv", ["bscrypto.py"]):
+            err = str(bscrypto._tape_read_error(FakeTape(), 3, "/dev/nst0",
+                                                OSError(errno.EIO, "I/O error")))
+        self.assertIn("(python3 bscrypto.py clear-key /dev/nst0)", err)
+        self.assertNotIn("`bscrypto ", err)
 
     def test_unknown_option_is_usage_error(self):
         for args in (["--no-such-option"], ["generate"], ["-d", "x", "-g", "-"]):

@@ -31,11 +31,21 @@ BLOCKS = [1, 512, 1001, 64512, 65536]
 # block goes first, unencrypted (Bareos's scsicrypto plugin loads the key only
 # after the label), made with the test suite's label builder.
 LOAD_VOLUME = "LOADTEST01"
-WRITE_LABEL = ("cd /work && python3 -c \"import fcntl, os, struct, test_bscrypto as t; "
-               "fd = os.open('%s', os.O_RDWR); "
-               "fcntl.ioctl(fd, 0x40086D01, struct.pack('hi', 20, 0)); "   # MTSETBLK 0
-               "os.write(fd, t.build_label_block(VolumeName='%s')); os.close(fd)\""
-               % (TAPE, LOAD_VOLUME))
+
+
+def write_label(volume):
+    """Shell step: a Bareos label block for `volume` written through st (closing
+    the node after a write leaves a filemark)."""
+    return ("cd /work && python3 -c \"import fcntl, os, struct, test_bscrypto as t; "
+            "fd = os.open('%s', os.O_RDWR); "
+            "fcntl.ioctl(fd, 0x40086D01, struct.pack('hi', 20, 0)); "   # MTSETBLK 0
+            "os.write(fd, t.build_label_block(VolumeName='%s')); os.close(fd)\""
+            % (TAPE, volume))
+
+
+WRITE_LABEL = write_label(LOAD_VOLUME)
+# The verify case: a tape written with key A; load with A proves it, B is cleared.
+VERIFY_VOLUME = "VERIFY01"
 
 
 def bscrypto(*args, **checks):
@@ -128,11 +138,45 @@ CASES = [
         bscrypto("load", TAPE, "--cache", "/tmp/load.cryptoc", "--kek", "/tmp/load-kek.key",
                  rc=0, stdout_has=["volume %s (from the tape label" % LOAD_VOLUME,
                                    "wrapped (54 characters)",
-                                   "encryption Encrypt, decryption Mixed"]),
+                                   "encryption Encrypt, decryption Mixed",
+                                   "verify: block 2 is encrypted and the loaded key decrypts it"]),
         {"tape": "rewind"},
         {"tape": "fsf", "count": 1},
         {"tape": "read", "blocks": BLOCKS},        # the key load put in makes them readable
         bscrypto("clear-key", TAPE, rc=0),
         {"tape": "rewind"},
+    ]},
+
+    {"name": "tcmu-verify", "needs": ["tcmu-attach"], "steps": [
+        bscrypto("-g", "/tmp/verify-kek.key", rc=0),
+        bscrypto("-g", "/tmp/verify-a.key", "-w", "/tmp/verify-kek.key", rc=0),
+        bscrypto("-g", "/tmp/verify-b.key", "-w", "/tmp/verify-kek.key", rc=0),
+        bscrypto("clear-key", TAPE, rc=0),
+        {"tape": "rewind"},
+        {"sh": write_label(VERIFY_VOLUME)},         # label, then a filemark on close
+        bscrypto("set-key", TAPE, "/tmp/verify-a.key", "--kek", "/tmp/verify-kek.key", rc=0),
+        {"tape": "write", "blocks": BLOCKS},         # encrypted with key A, then a filemark
+        bscrypto("clear-key", TAPE, rc=0),
+        {"sh": "printf '%s|%%s\\n' \"$(cat /tmp/verify-a.key)\" > /tmp/verify-a.txt"
+               " && printf '%s|%%s\\n' \"$(cat /tmp/verify-b.key)\" > /tmp/verify-b.txt"
+               % (VERIFY_VOLUME, VERIFY_VOLUME)},
+        {"tape": "rewind"},
+        bscrypto("load", TAPE, "--catalog", "/tmp/verify-a.txt", "--kek", "/tmp/verify-kek.key",
+                 rc=0, stdout_has=["volume %s (from the tape label" % VERIFY_VOLUME,
+                                   "verify: block 2 is encrypted and the loaded key decrypts it"]),
+        {"tape": "position", "equals": 0},           # verify leaves the tape rewound
+        bscrypto("verify", TAPE, rc=0, stdout_has=["block 2 is encrypted and the loaded key "
+                                                   "decrypts it"]),
+        {"tape": "position", "equals": 0},
+        bscrypto("load", TAPE, "--catalog", "/tmp/verify-b.txt", "--kek", "/tmp/verify-kek.key",
+                 rc=14, stderr_has=["cannot decrypt volume %s's data with the key found in "
+                                    "catalog export /tmp/verify-b.txt" % VERIFY_VOLUME,
+                                    "the key was cleared from the drive"],
+                 stderr_max_lines=1),
+        bscrypto("-e", TAPE, rc=0,
+                 stdout_has=["Encryption Mode: Disabled", "Decryption Mode: Disabled"]),
+        bscrypto("verify", TAPE, rc=14, stderr_has=["the drive holds no key"],
+                 stderr_max_lines=1),
+        {"tape": "position", "equals": 0},
     ]},
 ]
