@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: AGPL-3.0-or-later
 """bscrypto.py - Bareos tape encryption keys, crypto cache and LTO drive keys.
 
 A drop-in, standard-library-only replacement for Bareos's ``bscrypto`` tool,
@@ -23,6 +24,12 @@ import struct
 import sys
 import time
 from collections import namedtuple
+
+# Run by Python 2 on an old rescue host: one line, not a traceback.  The file
+# stays parseable by Python 2.7 so that this check can run at all.
+if sys.version_info < (3, 6):
+    sys.stderr.write("bscrypto.py needs Python 3.6 or later: run it with python3\n")
+    sys.exit(1)
 
 __version__ = "1.0.0"
 

@@ -5129,6 +5129,96 @@ class TestStartup(unittest.TestCase):
                          tuple(layout.name for layout in bscrypto.CACHE_LAYOUTS))
 
 
+PYTHON27 = os.path.expanduser("~/.pyenv/versions/2.7.18/bin/python")
+
+
+def python2_problems(source):
+    """What in source Python 2.7 cannot parse (so the version guard never runs)."""
+    import ast
+    import io as _io
+    import tokenize
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", "?")
+        name = type(node).__name__
+        if name in ("JoinedStr", "Nonlocal", "YieldFrom", "AsyncFunctionDef", "Await",
+                    "AsyncFor", "AsyncWith", "NamedExpr", "AnnAssign", "MatMult"):
+            problems.append("%s: %s" % (line, name))
+        elif isinstance(node, ast.Raise) and node.cause is not None:
+            problems.append("%s: raise ... from" % line)
+        elif isinstance(node, ast.arguments):
+            if node.kwonlyargs or getattr(node, "posonlyargs", None):
+                problems.append("%s: keyword-only or positional-only arguments" % line)
+            if any(a.annotation is not None for a in node.args + node.kwonlyargs) or \
+                    (node.vararg and node.vararg.annotation) or (node.kwarg and node.kwarg.annotation):
+                problems.append("%s: annotation" % line)
+        elif isinstance(node, (ast.FunctionDef,)) and node.returns is not None:
+            problems.append("%s: return annotation" % line)
+        elif isinstance(node, (ast.Assign, ast.For, ast.comprehension)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Starred) for target in targets for t in ast.walk(target)):
+                problems.append("%s: starred assignment" % line)
+        elif isinstance(node, (ast.List, ast.Tuple, ast.Set)) and \
+                isinstance(node.ctx if hasattr(node, "ctx") else ast.Load(), ast.Load) and \
+                any(isinstance(e, ast.Starred) for e in node.elts):
+            problems.append("%s: starred display" % line)
+        elif isinstance(node, ast.Dict) and None in node.keys:
+            problems.append("%s: dict unpacking" % line)
+        elif isinstance(node, ast.Call):
+            starred = [i for i, a in enumerate(node.args) if isinstance(a, ast.Starred)]
+            if len(starred) > 1 or (starred and starred[0] != len(node.args) - 1):
+                problems.append("%s: call unpacking" % line)
+            if sum(k.arg is None for k in node.keywords) > 1:
+                problems.append("%s: several ** in a call" % line)
+            if isinstance(node.func, ast.Name) and node.func.id == "print" and node.keywords:
+                problems.append("%s: print() with keywords" % line)
+    for tok in tokenize.generate_tokens(_io.StringIO(source).readline):
+        text = tok[1]
+        if tok[0] == tokenize.STRING:
+            prefix = text[:len(text) - len(text.lstrip("bBrRuUfF"))].lower()
+            if prefix not in ("", "b", "br", "u", "r", "ur"):
+                problems.append("%d: string prefix %r" % (tok[2][0], prefix))
+        elif tok[0] == tokenize.NUMBER and "_" in text:
+            problems.append("%d: underscore in number" % tok[2][0])
+    return problems
+
+
+class TestPython2Guard(unittest.TestCase):
+    """Python 2 on an old rescue host gets one line, not a traceback."""
+
+    def test_python27_prints_one_line(self):
+        if not os.path.exists(PYTHON27):
+            self.skipTest("no Python 2.7 at %s" % PYTHON27)
+        proc = subprocess.Popen([PYTHON27, SCRIPT, "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        out, err = proc.communicate()
+        self.assertEqual((proc.returncode, out, err),
+                         (1, b"", b"bscrypto.py needs Python 3.6 or later: run it with python3\n"))
+
+    def test_file_parses_as_python27_would_need(self):
+        with open(SCRIPT) as f:
+            self.assertEqual(python2_problems(f.read()), [])
+
+    def test_checker_finds_python3_only_syntax(self):
+        for snippet in ('x = f"{y}"\n', "def f(a, *, b): pass\n", "a, *b = c\n",
+                        "d = {**e}\n", "raise X from Y\n", "def f():\n    nonlocal x\n",
+                        "s = rb'x'\n", "n = 1_000\n", "def f(a: int): pass\n",
+                        "print(x, file=y)\n", "f(*a, *b)\n"):
+            self.assertNotEqual(python2_problems(snippet), [], snippet)
+
+
+class TestLicense(unittest.TestCase):
+    def test_license_file_and_spdx_line(self):
+        with open(os.path.join(HERE, "LICENSE")) as f:
+            text = f.read()
+        self.assertTrue(text.lstrip().startswith("GNU AFFERO GENERAL PUBLIC LICENSE"))
+        self.assertIn("Version 3, 19 November 2007", text)
+        self.assertIn("END OF TERMS AND CONDITIONS", text)
+        with open(SCRIPT) as f:
+            head = [f.readline() for _ in range(3)]
+        self.assertIn("# SPDX-License-Identifier: AGPL-3.0-or-later\n", head)
+
+
 # ---------------------------------------------------------------------------
 # Benchmarks (make bench): not tests; figures printed side by side
 # ---------------------------------------------------------------------------
