@@ -62,6 +62,8 @@ KEY_FILE_STRIP = b"\n\r "
 # Bareos uses the first 16 bytes of the KEK file (AES-128), zero padded.
 KEK_LENGTH = 16
 KEY_PROMPT = "Enter Encryption Key (close with ^D): "
+# -b -k: Bareos decodes into 36 bytes and refuses longer text (prints nothing).
+BASE64_KEY_LIMIT = 48
 
 # Exit codes: one per class of failure so scripts can tell them apart.
 # 1 is what Bareos's bscrypto uses for every usage error; keep it for those.
@@ -388,24 +390,29 @@ def b64encode(data):
     return binascii.b2a_base64(bytes(data)).rstrip(b"=\n").decode("ascii")
 
 
-def b64decode(text):
-    """Decode Bareos base64: stops at the first space, padding optional.
+def b64decode(text, need=None):
+    """Decode Bareos base64: stops at the first space, padding optional, a
+    last lone character (length 1 mod 4) ignored, as Bareos's Base64ToBin.
 
-    Bareos decodes invalid characters as zero bits; we refuse them instead,
-    because a mistyped key silently becomes a different key.  The message
-    gives positions, never the characters: they are key material.
+    Bareos decodes invalid characters as zero bits; we refuse them when they
+    change the key, because a mistyped key silently becomes a different key.
+    When the caller uses only the first `need` bytes, characters after those
+    bytes (a key file ending in a TAB) are ignored as Bareos ignores them.
+    The message gives positions, never the characters: they are key material.
     """
     if isinstance(text, str):
         text = text.encode("ascii", "replace")      # any other character is refused below
     text = text.split(b" ", 1)[0].rstrip(b"=")
     bad = [i for i, c in enumerate(text, 1) if c not in _B64_ALPHABET]
+    if bad and need is not None and (bad[0] - 1) * 6 // 8 >= need:
+        text, bad = text[:bad[0] - 1], []           # the bad ones add no bit to those bytes
     if bad:
         raise ValueError("not base64: %d of its %d characters %s outside the base64 alphabet "
                          "(the first at position %d)" % (len(bad), len(text),
                                                           "is" if len(bad) == 1 else "are",
                                                           bad[0]))
     if len(text) % 4 == 1:
-        raise ValueError("not base64: %d characters cannot encode whole bytes" % len(text))
+        text = text[:-1]        # its 6 bits make no whole byte: Bareos drops them
     return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
 
 
@@ -445,7 +452,7 @@ def wrap_passphrase(kek_text, passphrase):
 
 def unwrap_passphrase(kek_text, wrapped_b64):
     """Inverse of wrap_passphrase; ValueError for bad base64, UnwrapError for a bad KEK."""
-    wrapped = b64decode(wrapped_b64)
+    wrapped = b64decode(wrapped_b64, WRAPPED_LENGTH)
     if len(wrapped) % 8 or len(wrapped) < 24:
         raise ValueError("decodes to %d bytes, a wrapped key is %d" % (len(wrapped), WRAPPED_LENGTH))
     return aes_key_unwrap(kek_from_text(kek_text), wrapped)
@@ -456,13 +463,30 @@ def unwrap_passphrase(kek_text, wrapped_b64):
 # ---------------------------------------------------------------------------
 
 
+def bareos_key_buffer(data):
+    """What Bareos's zeroed 64-byte buffer holds after reading a key file.
+
+    Bareos strips trailing \\n, \\r and spaces from the C string (up to the
+    first NUL), turning them into NULs; bytes after a NUL stay in the buffer.
+    A key is the C string; a KEK is the buffer's first 16 bytes.
+    """
+    data = bytes(data[:KEY_FILE_READ_LIMIT])
+    end = data.find(b"\0")
+    if end < 0:
+        return data.rstrip(KEY_FILE_STRIP)
+    text = data[:end].rstrip(KEY_FILE_STRIP)
+    return text + bytes(end - len(text)) + data[end:]
+
+
 def strip_key_text(data):
-    """Bareos's key-file rule: first 64 bytes, trailing \\n, \\r and spaces removed."""
-    return bytes(data[:KEY_FILE_READ_LIMIT]).rstrip(KEY_FILE_STRIP)
+    """Bareos's key rule: the first 64 bytes up to the first NUL, trailing
+    \\n, \\r and spaces removed."""
+    return bareos_key_buffer(data).split(b"\0", 1)[0]
 
 
-def read_key_file(path, what="key file", prompt=True):
-    """Read a key file (or stdin for '-') the way Bareos does."""
+def read_key_file(path, what="key file", prompt=True, kek=False):
+    """Read a key file (or stdin for '-') the way Bareos does: the key text,
+    or with kek=True the buffer whose first 16 bytes are the KEK."""
     if path == "-":
         if prompt:
             sys.stdout.write(KEY_PROMPT)
@@ -474,9 +498,26 @@ def read_key_file(path, what="key file", prompt=True):
                 data = f.read(KEY_FILE_READ_LIMIT)
         except OSError as e:
             raise KeyFileError("cannot read %s %s: %s" % (what, path, e.strerror or e))
-    text = strip_key_text(data)
+    source = "on stdin" if path == "-" else path
+    if not data:
+        raise KeyFileError("%s %s is empty" % (what, source))
+    buffer = bareos_key_buffer(data)
+    text = buffer.split(b"\0", 1)[0]
+    nul = data.find(b"\0", 0, KEY_FILE_READ_LIMIT)
+    if kek:
+        if not kek_from_text(buffer).strip(b"\0"):
+            raise KeyFileError("%s %s is blank: Bareos would have used an all-zero KEK; "
+                               "refused (give the real KEK file)" % (what, source))
+        if 0 <= nul < KEK_LENGTH:
+            warn("%s %s has a NUL byte at offset %d: as Bareos, the KEK is its first %d "
+                 "bytes as they are" % (what, source, nul, KEK_LENGTH))
+        return buffer
     if not text:
-        raise KeyFileError("%s %s is empty" % (what, "on stdin" if path == "-" else path))
+        raise KeyFileError("%s %s is blank%s: Bareos would have used an empty key; refused"
+                           % (what, source, " before its first NUL byte" if nul >= 0 else ""))
+    if nul >= 0:
+        warn("%s %s has a NUL byte at offset %d: as Bareos, the key ends there" % (what, source,
+                                                                                   nul))
     return text
 
 
@@ -622,8 +663,12 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
                               "(wrong KEK, or the key is corrupt or truncated)"
                               % (source, kek_source))
     if base64:
+        if len(text) > BASE64_KEY_LIMIT:
+            raise KeyFileError("%s holds %d characters of base64; Bareos decodes at most %d "
+                               "and would print an empty key: refused"
+                               % (source, len(text), BASE64_KEY_LIMIT))
         try:
-            return b64decode(text)
+            return b64decode(text, PASSPHRASE_LENGTH)
         except ValueError as e:
             raise KeyFileError("%s is not base64: %s" % (source, str(e)[len("not base64: "):]))
     return text[:PASSPHRASE_LENGTH]
@@ -634,7 +679,7 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 
 def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
     """-g: make a new passphrase (optionally base64 or wrapped) into dest."""
-    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+    kek_text = read_key_file(kek_path, "KEK file", kek=True) if kek_path else None
     text = make_key_text(generate_passphrase(), kek_text, base64)
     if dest == "-":
         out = out or _stdout_bytes()
@@ -648,12 +693,13 @@ def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
 
 def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None):
     """-k: print the passphrase held in a key file."""
-    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+    kek_text = read_key_file(kek_path, "KEK file", kek=True) if kek_path else None
     text = read_key_file(source, prompt=prompt)
     name = "stdin" if source == "-" else source
     passphrase = passphrase_from_key_text(text, name, kek_text, kek_path, base64)
     out = out or _stdout_bytes()
-    out.write(passphrase + b"\n")
+    # Bareos prints "%.*s" of 32: at most 32 bytes, up to a NUL.
+    out.write(passphrase.split(b"\0", 1)[0][:PASSPHRASE_LENGTH] + b"\n")
     out.flush()
     return EXIT_OK
 
@@ -3141,7 +3187,7 @@ def kek_from_arguments(ns, kek_option="kek"):
     if ns.director and not ns.kek_from:
         raise UsageError("--director only applies with --kek-from")
     if kek_file:
-        return read_key_file(kek_file, "KEK file")
+        return read_key_file(kek_file, "KEK file", kek=True)
     if ns.kek_from:
         return kek_from_config(ns.kek_from, ns.director)
     return None
@@ -3938,7 +3984,7 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
                 raise KeyFileError("cannot read hex key file %s: %s"
                                    % (hex_key_file, e.strerror or e))
         return parse_hex_key_file(data, hex_key_file)
-    kek_text = read_key_file(kek_file, "KEK file") if kek_file else None
+    kek_text = read_key_file(kek_file, "KEK file", kek=True) if kek_file else None
     text = read_key_file(key_file, prompt=prompt)
     name = "stdin" if key_file == "-" else key_file
     passphrase = passphrase_from_key_text(text, name, kek_text, kek_file, base64)
@@ -4109,7 +4155,7 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
         return EXIT_OK
     # A key file loses trailing spaces and all after 64 bytes (Bareos's
     # rule); refuse if that would change the AES key Bareos derives.
-    if kek_from_text(strip_key_text(found.kek)) != kek_from_text(found.kek):
+    if kek_from_text(bareos_key_buffer(found.kek)) != kek_from_text(found.kek):
         raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
                            "bytes, which a key file cannot keep; use --kek-from %s instead of "
                            "a file" % (where, KEK_LENGTH, path))
@@ -5098,7 +5144,7 @@ def _named_kek(ns, which):
     if director and not config:
         raise UsageError("--%s-director only applies with --%s-kek-from" % (which, which))
     if path:
-        return read_key_file(path, "%s KEK file" % which), _kek_description(path)
+        return read_key_file(path, "%s KEK file" % which, kek=True), _kek_description(path)
     if config:
         return kek_from_config(config, director), _kek_description(None, config, director)
     raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"

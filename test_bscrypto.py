@@ -5,6 +5,7 @@ Test classes follow the sections of bscrypto.py.  Known answers carry their
 source.  Tests needing a dev-only package (cryptography, pyaes) skip cleanly.
 """
 
+import contextlib
 import io
 import os
 import random
@@ -240,8 +241,16 @@ class TestBase64(unittest.TestCase):
                 bscrypto.b64decode(bad)
             self.assertIn("not base64", str(cm.exception))
 
-    def test_rejects_impossible_length(self):
-        self.assertRaises(ValueError, bscrypto.b64decode, "abcde")
+    def test_length_1_mod_4_decodes_as_bareos(self):
+        # Base64ToBin drops a last lone character (its 6 bits make no byte).
+        self.assertEqual(bscrypto.b64decode("abcde"), bscrypto.b64decode("abcd"))
+        self.assertEqual(bscrypto.b64decode("abcdefghi"), bscrypto.b64decode("abcdefgh"))
+
+    def test_junk_after_the_needed_bytes_is_ignored_only_there(self):
+        text = bscrypto.b64encode(b"k" * 32)
+        self.assertEqual(bscrypto.b64decode(text + "\t", 32), b"k" * 32)
+        self.assertRaises(ValueError, bscrypto.b64decode, text + "\t")
+        self.assertRaises(ValueError, bscrypto.b64decode, text[:42] + "\t", 32)
 
     def test_message_never_shows_the_characters(self):
         # A raw passphrase given where base64 is expected is a real key: its
@@ -376,6 +385,61 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(bscrypto.strip_key_text(b"key \r\n \n"), b"key")
         self.assertEqual(bscrypto.strip_key_text(b"key\t"), b"key\t")
         self.assertEqual(bscrypto.strip_key_text(b"x" * 70), b"x" * 64)
+
+    def test_nul_ends_a_key_as_in_bareos(self):
+        # Bareos reads a key file as a C string: nothing from the first NUL on.
+        p = self.write("k", b"abc\0def")
+        rc, out, err = cli("-k", p)
+        self.assertEqual((rc, out), (0, b"abc\n"))
+        self.assertIn("NUL byte at offset 3: as Bareos, the key ends there", err)
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(bscrypto.read_set_key_source(p)[0], b"abc".ljust(32, b"\0"))
+
+    def test_kek_is_bareos_buffer_with_nul(self):
+        # Bareos strips the C string only, so "abc\0def\n" keeps its newline
+        # in the 16 KEK bytes.
+        p = self.write("kek", b"abc\0def\n")
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            buffer = bscrypto.read_key_file(p, "KEK file", kek=True)
+        self.assertIn("NUL byte at offset 3: as Bareos, the KEK is its first 16 bytes", err.getvalue())
+        self.assertEqual(bscrypto.kek_from_text(buffer), b"abc\0def\n".ljust(16, b"\0"))
+        self.assertEqual(bscrypto.kek_from_text(bscrypto.bareos_key_buffer(b"ab \n\0x")),
+                         b"ab\0\0\0x".ljust(16, b"\0"))
+        key = self.write("key", bscrypto.wrap_passphrase(b"abc\0def\n", b"p" * 32).encode())
+        rc, out, err = cli("-k", key, "-w", p)
+        self.assertEqual((rc, out), (0, b"p" * 32 + b"\n"), err)
+
+    def test_blank_key_and_kek_say_what_bareos_would_do(self):
+        blank = self.write("blank", b" \n")
+        key = self.write("key", b"k" * 32)
+        rc, _, err = cli("-k", blank)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("is blank: Bareos would have used an empty key", err)
+        rc, _, err = cli("-k", key, "-w", blank)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("is blank: Bareos would have used an all-zero KEK", err)
+        rc, _, err = cli("-k", self.write("nul", b"\0key"))
+        self.assertIn("is blank before its first NUL byte: Bareos would have used an empty key",
+                      err)
+
+    def test_base64_show_prints_at_most_32_bytes(self):
+        p = self.write("k", bscrypto.b64encode(bytes(range(65, 101))).encode())   # 36 bytes
+        rc, out, _ = cli("-b", "-k", p)
+        self.assertEqual((rc, out), (0, bytes(range(65, 97)) + b"\n"))
+        p = self.write("long", b"QUFB" * 12 + b"QQ")                             # 50 characters
+        rc, out, err = cli("-b", "-k", p)
+        self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
+        self.assertIn("Bareos decodes at most 48", err)
+
+    def test_key_files_ending_in_tab_decode_as_in_bareos(self):
+        plain = self.write("plain", bscrypto.b64encode(b"q" * 32).encode() + b"\t\n")
+        rc, out, err = cli("-b", "-k", plain)
+        self.assertEqual((rc, out), (0, b"q" * 32 + b"\n"), err)
+        kek = self.write("kek", b"K" * 32)
+        wrapped = self.write("w", bscrypto.wrap_passphrase(b"K" * 32, b"q" * 32).encode()
+                             + b"\t\n")
+        rc, out, err = cli("-k", wrapped, "-w", kek)
+        self.assertEqual((rc, out), (0, b"q" * 32 + b"\n"), err)
 
     def test_generate_raw_file(self):
         p = self.path("k")
@@ -4872,8 +4936,9 @@ class TestCheck(RecoveryCacheTestCase):
             % bscrypto._local_time(self.NOW - DAY),
             "problem: volume Vol00003: cache key fails the integrity check: does not unwrap with "
             "the KEK",
-            "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
-            "cannot encode whole bytes",
+            "problem: volume Vol00004: cache key is not a Bareos key: decodes to 3 bytes; a "
+            "Bareos key is 32 bytes (43 characters, not wrapped) or 40 bytes (54 characters, "
+            "wrapped)",
             "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: 1 of its 4 "
             "characters is outside the base64 alphabet (the first at position 4)",
             "problem: volume Vol00005: the cache holds a different key than the catalog",
