@@ -521,10 +521,23 @@ def read_key_file(path, what="key file", prompt=True, kek=False):
     return text
 
 
+def _terminal_fd(stream):
+    """The file descriptor of stream when it is a terminal, else None."""
+    try:
+        fd = stream.fileno()
+        return fd if os.isatty(fd) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def _read_stdin_bytes(limit):
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:
         return sys.stdin.read(limit).encode("latin-1")
+    fd = _terminal_fd(stream)
+    if fd is not None:
+        # As Bareos's one read(): a terminal returns the line at Enter or ^D.
+        return os.read(fd, limit)
     data = b""
     while len(data) < limit:
         chunk = stream.read(limit - len(data))
@@ -729,7 +742,7 @@ CACHE_STRING_SIZE = 128                 # Bareos MAX_NAME_LENGTH: 127 bytes and 
 CACHE_EXPIRY_SECONDS = 60 * 24 * 3600   # Bareos CRYPTO_CACHE_MAX_AGE
 CACHE_NEW_FILE_MODE = 0o640             # what Bareos creates
 DEFAULT_CACHE_PATH = "/var/lib/bareos/bareos-sd.9103.cryptoc"
-CACHE_PROMPT = "Enter cache entrie(s) (close with ^D): "
+CACHE_PROMPT = "Enter cache entries (close with ^D): "
 _CACHE_TEXT = ("utf-8", "surrogateescape")
 
 # An entry is struct { dlink (2 pointers); char VolumeName[128];
@@ -1129,11 +1142,16 @@ def _read_cache_input(stream, interactive):
             lines.pop()
         return lines
     lines = []
+    fd = _terminal_fd(stream)
     while True:
-        line = stream.readline()
+        # A terminal returns each line at Enter; a line ended by ^D has no
+        # newline and is the last one (no second ^D needed).
+        line = os.read(fd, 4096) if fd is not None else stream.readline()
         if not line or not line.rstrip(b"\r\n "):
             return lines
         lines.append(line)
+        if fd is not None and not line.endswith(b"\n"):
+            return lines
 
 
 # -- rendering: Bareos's table, JSON, the populate TSV --

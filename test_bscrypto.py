@@ -78,6 +78,30 @@ def cli(*args, **kw):
     return Captured(args, **kw).run()
 
 
+def run_on_terminal(args, typed, timeout=10):
+    """(exit code, stdout, stderr) of bscrypto.py with a terminal as stdin on
+    which `typed` was typed; fails when it still waits for input."""
+    try:
+        import pty
+        master, slave = pty.openpty()
+    except (ImportError, OSError) as e:
+        raise unittest.SkipTest("no pseudo-terminal: %s" % e)
+    try:
+        proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.write(master, typed)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("%s still waits for input after %r" % (args, typed))
+    finally:
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, out, err
+
+
 class TempDirTestCase(unittest.TestCase):
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory()
@@ -440,6 +464,18 @@ class TestKeyFiles(TempDirTestCase):
                              + b"\t\n")
         rc, out, err = cli("-k", wrapped, "-w", kek)
         self.assertEqual((rc, out), (0, b"q" * 32 + b"\n"), err)
+
+    def test_terminal_key_ends_at_enter(self):
+        # Bareos's one read(): Enter finishes -k -, -w - and -s - at a terminal.
+        kek = self.write("kek", b"K" * 32)
+        wrapped = self.write("w", bscrypto.wrap_passphrase(b"K" * 32, b"q" * 32).encode())
+        for args, typed, want in ((["-k", "-"], b"secret\n", b"secret\n"),
+                                  (["-k", wrapped, "-w", "-"], b"K" * 32 + b"\n", b"q" * 32 + b"\n"),
+                                  (["-k", "-", "-w", kek], open(wrapped, "rb").read() + b"\n",
+                                   b"q" * 32 + b"\n")):
+            rc, out, err = run_on_terminal(args, typed, timeout=5)
+            self.assertEqual((rc, err), (0, b""), args)
+            self.assertEqual(out, bscrypto.KEY_PROMPT.encode() + want, args)
 
     def test_generate_raw_file(self):
         p = self.path("k")
@@ -1005,7 +1041,7 @@ class TestCacheRules(CacheTestCase):
 
     def test_prompt_only_on_a_terminal(self):
         rc, out, _ = self.populate("A\tka\n", tty=True)
-        self.assertEqual((rc, out), (0, b"Enter cache entrie(s) (close with ^D): "))
+        self.assertEqual((rc, out), (0, b"Enter cache entries (close with ^D): "))
         _, out, _ = self.populate("B\tkb\n")
         self.assertEqual(out, b"")
         # On a terminal an empty line ends input, as in Bareos.
@@ -1061,6 +1097,12 @@ class TestCacheRules(CacheTestCase):
         out, err = child.communicate()
         self.assertEqual((child.returncode, out, err), (0, b"", b""))
         self.assertFalse(os.path.exists(self.cache))
+
+    def test_terminal_last_line_ended_by_ctrl_d(self):
+        rc, out, err = run_on_terminal(["-p", self.cache], b"A\tka\nB\tkb\x04")
+        self.assertEqual((rc, err), (0, b""))
+        self.assertEqual(out, b"Enter cache entries (close with ^D): ")
+        self.assertEqual([e[:2] for e in self.entries()], [("A", "ka"), ("B", "kb")])
 
     def test_new_file_mode_and_kept_mode_and_owner(self):
         old = os.umask(0o077)
