@@ -82,10 +82,16 @@ EXIT_SCSI = 11             # any other SCSI or transport failure
 EXIT_LABEL = 12            # not a Bareos volume / label unreadable
 EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
+# The original flags' usage errors exit as Bareos's CLI11 parser does.
+EXIT_CLI_CONVERSION = 104  # a value of the wrong kind (-d abc)
+EXIT_CLI_EXCLUDES = 108    # options Bareos does not combine (-g F -k F)
+EXIT_CLI_EXTRAS = 109      # an unknown option or a second device name
+EXIT_CLI_NOT_FOUND = 113   # -dt (Bareos: use --dt)
+EXIT_CLI_MISMATCH = 114    # an option without its value, or given twice
 
 EXIT_CODES = (
     (EXIT_OK, "success"),
-    (EXIT_USAGE, "usage error (as Bareos bscrypto); selftest failure"),
+    (EXIT_USAGE, "usage error of a subcommand or Bareos's own checks; selftest failure"),
     (EXIT_KEY_FILE, "key file unreadable, malformed or already exists"),
     (EXIT_UNWRAP, "key unwrap failed: wrong KEK or corrupt key"),
     (EXIT_CACHE, "crypto cache unreadable or not writable (left untouched)"),
@@ -99,6 +105,11 @@ EXIT_CODES = (
     (EXIT_LABEL, "not a Bareos volume or label unreadable"),
     (EXIT_NOT_FOUND, "volume not found in cache or catalog"),
     (EXIT_INTERNAL, "internal error (a bug)"),
+    (EXIT_CLI_CONVERSION, "original flags: a value of the wrong kind (-d abc), as Bareos"),
+    (EXIT_CLI_EXCLUDES, "original flags: options Bareos does not combine (-g F -k F)"),
+    (EXIT_CLI_EXTRAS, "original flags: unknown option or a second device name"),
+    (EXIT_CLI_NOT_FOUND, "original flags: -dt (use --dt)"),
+    (EXIT_CLI_MISMATCH, "original flags: option without its value, or given twice"),
 )
 
 
@@ -132,13 +143,19 @@ DEFAULT_SCSI_TIMEOUT = 60
 CACHE_LAYOUT_NAMES = ("lp64-le", "ilp32-le", "lp64-be", "ilp32-be")
 
 
-# Debug level set by -d/--debug; debug() never receives key material.
+# Debug level set by -d/--debug-level; debug() never receives key material.
 DEBUG_LEVEL = 0
+DEBUG_TIMESTAMPS = False        # --dt/--debug-timestamps, as Bareos
 
 
 def debug(level, message):
     if DEBUG_LEVEL >= level:
-        sys.stderr.write("bscrypto: debug: %s\n" % message)
+        stamp = ""
+        if DEBUG_TIMESTAMPS:
+            now = time.time()
+            stamp = time.strftime("%d-%b-%Y %H:%M:%S", time.localtime(now)) + \
+                ".%06d " % (now % 1 * 1e6)
+        sys.stderr.write("%sbscrypto: debug: %s\n" % (stamp, message))
 
 
 # ---------------------------------------------------------------------------
@@ -5192,8 +5209,10 @@ _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
 def _command_parser():
     parser_class = _parser_class()
     common = parser_class(add_help=False)
-    common.add_argument("-d", "--debug", metavar="N", type=int, default=0,
-                        help="debug level (never shows key material)")
+    common.add_argument("-d", "--debug-level", "--debug", dest="debug", metavar="N", type=int,
+                        default=0, help="debug level (never shows key material)")
+    common.add_argument("--dt", "--debug-timestamps", action="store_true",
+                        help="print timestamps in debug output")
     p = parser_class(prog="bscrypto", epilog=_exit_code_epilog(),
                      formatter_class=parser_class.raw_formatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
@@ -5217,7 +5236,7 @@ def _commands_epilog():
 
 def _run_command(parser, argv):
     ns = parser.parse_args(argv)
-    _set_debug(ns.debug)
+    _set_debug(ns.debug, ns.dt)
     return ns.run(ns)
 
 
@@ -5232,14 +5251,14 @@ def _run_legacy_ops(ns):
 
 
 def _legacy_cache_ops(ns):
-    """-D, -p, -r (Bareos's order: the first one given runs)."""
+    """-D, -p, -r: the first in this order runs, on the last cache path given (as Bareos)."""
     if ns.dump_cache:
-        return op_dump_cache(ns.dump_cache, ns.json, ns.now)
+        return op_dump_cache(ns.cache_file, ns.json, ns.now)
     if ns.populate_cachefile:
-        return op_populate_cache(ns.populate_cachefile, ns.now, ns.layout, ns.backup,
+        return op_populate_cache(ns.cache_file, ns.now, ns.layout, ns.backup,
                                  ns.skip_bad_lines)
     if ns.reset_expiry_time:
-        return op_reset_cache(ns.reset_expiry_time, ns.now, ns.layout, ns.backup)
+        return op_reset_cache(ns.cache_file, ns.now, ns.layout, ns.backup)
     return None
 
 
@@ -5320,14 +5339,36 @@ def _parser_class():
                 argparse.ArgumentParser.__init__(self, *args, **kwargs)
 
             def error(self, message):
+                self.error_exit(self.usage_exit, message)
+
+            def error_exit(self, code, message):
                 self.print_usage(sys.stderr)
-                self.exit(self.usage_exit, "%s: error: %s\n" % (self.prog, message))
+                self.exit(code, "%s: error: %s\n" % (self.prog, message))
 
         _PARSER_CLASS = Parser
     return _PARSER_CLASS
 
 
+# Bareos's CLI11 rules for the original flags.  Pairs of options that
+# exclude each other (CLI11's excludes() works both ways): exit 108.
+_LEGACY_EXCLUDES = ("cD ec eD gc ge kg kc ke pc pe rc re sk sc sr sD se sg "
+                    "vc vs vg vk vD vp vr").split()
+_LEGACY_CACHE_OPTIONS = ("dump_cache", "populate_cachefile", "reset_expiry_time")
+
+
+def _debug_level_arg(text):
+    import argparse
+    if text == "t":
+        raise argparse.ArgumentTypeError("the -dt option has changed: use --dt")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid debug level %r: a number" % text)
+
+
 def _legacy_parser():
+    import argparse
+
     class LegacyParser(_parser_class()):
         # The command list needs the full subcommand parser: build it only
         # when help is shown, not on every run.
@@ -5339,41 +5380,68 @@ def _legacy_parser():
         def epilog(self, value):
             pass
 
+        def error(self, message):
+            # Bareos's (CLI11) exit codes; argparse's messages say which case.
+            if "expected one argument" in message:
+                code = EXIT_CLI_MISMATCH
+            elif "--dt" in message:
+                code = EXIT_CLI_NOT_FOUND
+            elif "invalid" in message:
+                code = EXIT_CLI_CONVERSION
+            else:
+                code = EXIT_CLI_EXTRAS
+            self.error_exit(code, message)
+
+    class Given(argparse.Action):
+        # Stores the value and remembers the order options came in: a repeat
+        # is an error and the last cache path wins, as in Bareos.
+        def __call__(self, parser, ns, value, option_string=None):
+            setattr(ns, self.dest, value)
+            if ns.given is None:
+                ns.given = []
+            ns.given.append((self.dest, self.option_strings[-1], value))
+
     p = LegacyParser(
         prog="bscrypto",
         usage="%(prog)s <options> [<device_name>]\n"
               "       %(prog)s COMMAND ...   (see 'commands' below)",
         description="Bareos tape encryption keys, crypto cache and drive keys.",
         formatter_class=LegacyParser.raw_formatter)
+    p.set_defaults(given=None)
     a = p.add_argument
+    a("-?", action="help", help=argparse.SUPPRESS)
     a("-b", "--base64", action="store_true", help="perform base64 encoding of keydata")
     a("-c", "--clear-encryption", action="store_true", help="clear encryption key")
-    a("-D", "--dump-cache", metavar="<cachefile>", help="dump content of given cachefile")
-    a("-d", "--debug", metavar="<nn>", type=int, default=0, help="set debug level to <nn>")
+    a("-D", "--dump-cache", metavar="<cachefile>", action=Given,
+      help="dump content of given cachefile")
+    a("-d", "--debug-level", "--debug", dest="debug", metavar="<level>", type=_debug_level_arg,
+      default=0, help="set debug level to <level>")
+    a("--dt", "--debug-timestamps", action="store_true", help="print timestamps in debug output")
     a("-e", "--drive-encryption-status", action="store_true",
       help="show drive encryption status")
-    a("-g", "--generate-passphrase", metavar="<keyfile>",
+    a("-g", "--generate-passphrase", metavar="<keyfile>", action=Given,
       help="generate new encryption passphrase in keyfile ('-' for stdout)")
-    a("-k", "--show-keyfile", metavar="<keyfile>", help="show content of keyfile")
-    a("-p", "--populate-cachefile", metavar="<cachefile>",
+    a("-k", "--show-keyfile", metavar="<keyfile>", action=Given, help="show content of keyfile")
+    a("-p", "--populate-cachefile", metavar="<cachefile>", action=Given,
       help="populate given cachefile with crypto keys read from stdin")
-    a("-r", "--reset-expiry-time", metavar="<cachefile>",
+    a("-r", "--reset-expiry-time", metavar="<cachefile>", action=Given,
       help="reset expiry time for entries of given cachefile")
-    a("-s", "--set-encryption-key", metavar="<keyfile>",
+    a("-s", "--set-encryption-key", metavar="<keyfile>", action=Given,
       help="set encryption key loaded from keyfile")
     a("-v", "--volume-encryption-status", action="store_true",
       help="show volume encryption status")
-    a("-w", "--wrap-unwrap-key", metavar="<keyfile>",
+    a("-w", "--wrap-unwrap-key", metavar="<keyfile>", action=Given,
       help="wrap/unwrap the key using RFC3394 aes-(un)wrap using the key in "
            "keyfile as a Key Encryption Key")
     # drive: SCSI command timeout (not in Bareos)
     a("--timeout", metavar="SECONDS", type=_timeout_arg, default=DEFAULT_SCSI_TIMEOUT,
-      help="SCSI command timeout for -s, -c, -e, -v (default %d)" % DEFAULT_SCSI_TIMEOUT)
+      action=Given, help="SCSI command timeout for -s, -c, -e, -v (default %d)"
+                         % DEFAULT_SCSI_TIMEOUT)
     # Crypto cache options (bscrypto.py additions, for -D, -p and -r).
     a("--json", action="store_true", help="-D: print the cache as JSON")
     a("--backup", action="store_true", help="-p, -r: first keep a timestamped copy of the cache")
-    a("--now", metavar="EPOCH", type=int, help=NOW_HELP)
-    a("--layout", choices=CACHE_LAYOUT_NAMES,
+    a("--now", metavar="EPOCH", type=int, action=Given, help=NOW_HELP)
+    a("--layout", choices=CACHE_LAYOUT_NAMES, action=Given,
       help="-p, -r: write this cache layout (default: this host's)")
     a("--skip-bad-lines", action="store_true",
       help="-p: warn about bad input lines and apply the good ones")
@@ -5404,10 +5472,33 @@ def _legacy_checks(ns):
     return None
 
 
+def _cli11_errors(parser, ns, extras):
+    """Bareos's parser errors in its order: repeats (114), excludes (108),
+    extra arguments (109).  Also takes the last cache path, as Bareos."""
+    given = ns.given or []
+    dests = [d for d, _, _ in given]
+    for dest, option, _ in given:
+        if dests.count(dest) > 1:
+            parser.error_exit(EXIT_CLI_MISMATCH, "%s given more than once (Bareos takes each "
+                                                 "option once)" % option)
+    ns.cache_file = ([v for d, _, v in given if d in _LEGACY_CACHE_OPTIONS] or [None])[-1]
+    options = {a.option_strings[0][1:]: a for a in parser._actions
+               if a.option_strings and len(a.option_strings[0]) == 2}
+    for pair in _LEGACY_EXCLUDES:
+        first, second = options[pair[0]], options[pair[1]]
+        if getattr(ns, first.dest) and getattr(ns, second.dest):
+            parser.error_exit(EXIT_CLI_EXCLUDES, "%s excludes %s" % (
+                first.option_strings[-1], second.option_strings[-1]))
+    if extras:
+        parser.error_exit(EXIT_CLI_EXTRAS, "unexpected argument%s: %s"
+                          % ("s" if len(extras) > 1 else "", " ".join(extras)))
+
+
 def _run_legacy(argv):
     parser = _legacy_parser()
-    ns = parser.parse_args(argv)
-    _set_debug(ns.debug)
+    ns, extras = parser.parse_known_args(argv)
+    _cli11_errors(parser, ns, extras)
+    _set_debug(ns.debug, ns.dt)
     problem = _legacy_checks(ns)
     if problem:
         sys.stderr.write(problem + "\n")
@@ -5417,9 +5508,10 @@ def _run_legacy(argv):
     return _run_legacy_ops(ns)
 
 
-def _set_debug(level):
-    global DEBUG_LEVEL
+def _set_debug(level, timestamps=False):
+    global DEBUG_LEVEL, DEBUG_TIMESTAMPS
     DEBUG_LEVEL = level or 0
+    DEBUG_TIMESTAMPS = bool(timestamps)
 
 
 def _legacy_key_ops(ns):

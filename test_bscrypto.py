@@ -5126,14 +5126,57 @@ class TestLegacyCommandLine(unittest.TestCase):
         for opt in ("-e", "-v", "-c"):
             self.check([opt], "Missing device_name argument for this option")
 
+    def cli11(self, args, code, message):
+        rc, out, err = cli(*args)
+        self.assertEqual((rc, out), (code, b""), args)
+        self.assertIn(message, err, args)
+        self.assertNotIn("Traceback", err)
+
     def test_exclusions(self):
-        self.check(["-g", "a", "-k", "b"], "Either use -g or -k not both")
-        self.check(["-c", "-s", "k", "/dev/nst0"], "Either use -c or -s not both")
-        self.check(["-s", "k", "-e", "/dev/nst0"],
-                   "Either set or clear the crypto key or ask for status not both")
-        self.check(["-e", "-g", "k", "/dev/nst0"],
+        # CLI11's excludes() in Bareos's bscrypto.cc: exit 108.
+        for args, message in ((["-g", "-", "-k", "f"], "--show-keyfile excludes "
+                                                       "--generate-passphrase"),
+                              (["-c", "-s", "k", "/dev/nst0"], "--set-encryption-key excludes "
+                                                                "--clear-encryption"),
+                              (["-s", "k", "-e", "/dev/nst0"], "excludes"),
+                              (["-e", "-g", "k", "/dev/nst0"], "excludes"),
+                              (["-v", "-p", "c", "/dev/nst0"], "excludes"),
+                              (["-D", "c", "-c", "/dev/nst0"], "excludes")):
+            self.cli11(args, bscrypto.EXIT_CLI_EXCLUDES, message)
+        # What CLI11 lets through meets Bareos's own checks: exit 1.
+        self.check(["-s", "k", "-p", "c", "/dev/nst0"],
                    "Don't mix operations which are incompatible e.g. generate/show vs "
                    "set/clear etc.")
+
+    def test_cli11_exit_codes(self):
+        self.cli11(["-k"], bscrypto.EXIT_CLI_MISMATCH, "expected one argument")
+        self.cli11(["-k", "a", "-k", "b"], bscrypto.EXIT_CLI_MISMATCH, "--show-keyfile given "
+                                                                      "more than once")
+        self.cli11(["-D", "a", "--dump-cache", "b"], bscrypto.EXIT_CLI_MISMATCH, "more than once")
+        self.cli11(["-dt", "-e", "/dev/nst0"], bscrypto.EXIT_CLI_NOT_FOUND, "use --dt")
+        self.cli11(["-d", "abc", "-g", "-"], bscrypto.EXIT_CLI_CONVERSION, "invalid debug level")
+        self.cli11(["--no-such-option", "-g", "-"], bscrypto.EXIT_CLI_EXTRAS, "--no-such-option")
+        self.cli11(["-e", "/dev/a", "/dev/b"], bscrypto.EXIT_CLI_EXTRAS, "/dev/b")
+
+    def test_last_cache_path_wins(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = os.path.join(tmp, "c.cryptoc")
+            bscrypto.write_cache(cache, [bscrypto.CacheEntry("Vol1", "k", 0)])
+            rc, out, err = cli("-D", os.path.join(tmp, "missing"), "-p", cache)
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"Vol1", out)
+
+    def test_bareos_flags_help_debug_level_and_timestamps(self):
+        rc, out, _ = cli("-?")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"usage: bscrypto", out)
+        with tempfile.TemporaryDirectory() as tmp:
+            for args in (["--debug-level", "1", "--dt"], ["-d", "1", "--debug-timestamps"]):
+                key = os.path.join(tmp, "k%d" % len(args[0]))
+                rc, _, err = cli(*(args + ["-g", key]))
+                self.assertEqual(rc, 0, err)
+                self.assertRegex(err, r"^\d\d-\w{3}-\d{4} \d\d:\d\d:\d\d\.\d{6} bscrypto: "
+                                      r"debug: wrote 32-byte key file")
 
     def test_version_and_help(self):
         rc, out, _ = cli("--version")
@@ -5172,9 +5215,11 @@ class TestLegacyCommandLine(unittest.TestCase):
         self.assertEqual(missing, [], "README.md lacks these")
 
     def test_unknown_option_is_usage_error(self):
-        for args in (["--no-such-option"], ["generate"], ["-d", "x", "-g", "-"]):
+        for args, code in ((["--no-such-option"], bscrypto.EXIT_CLI_EXTRAS),
+                           (["generate"], bscrypto.EXIT_USAGE),
+                           (["-d", "x", "-g", "-"], bscrypto.EXIT_CLI_CONVERSION)):
             rc, _, err = cli(*args)
-            self.assertEqual(rc, bscrypto.EXIT_USAGE, args)  # not argparse's 2: that is EXIT_KEY_FILE
+            self.assertEqual(rc, code, args)  # never argparse's 2: that is EXIT_KEY_FILE
             self.assertNotIn("Traceback", err)
 
 
