@@ -851,15 +851,17 @@ _PLAUSIBLE_CHECKED = 64
 def _plausible_entries(data, layout, count):
     """How many of the first entries look real under this layout.
 
-    Real: a non-empty NUL-terminated name, a NUL-terminated key and a time
-    after 1970 and before year 36812.  Read with the wrong layout, the time
-    lands in the zero tail of a key and the name on pointer bytes.
+    Real: a non-empty name, a NUL in the name or the key (Bareos reads one
+    without a NUL too) and a time after 1970 and before year 36812.  Read
+    with the wrong layout, the time lands in the zero tail of a key and the
+    name on pointer bytes.
     """
     st = _entry_struct(layout)
     score = 0
     for i in range(min(count, _PLAUSIBLE_CHECKED)):
         name, key, added = st.unpack_from(data, CACHE_HEADER_SIZE + i * layout.entry_size)
-        if name[:1] not in (b"", b"\0") and b"\0" in name and b"\0" in key and 0 < added < 1 << 40:
+        if name[:1] not in (b"", b"\0") and (b"\0" in name or b"\0" in key) \
+                and 0 < added < 1 << 40:
             score += 1
     return score
 
@@ -883,6 +885,12 @@ def _detect_layout(data, source):
         raise CacheError("%s: header gives a negative entry count (%d): damaged; left untouched"
                          % (source, count))
     body = size - CACHE_HEADER_SIZE
+    if count == 0:
+        # No entry to tell the layouts apart; Bareos reads this as empty
+        # whatever follows (bytes after the count are warned about).
+        host = host_cache_layout()
+        return [lay for lay in CACHE_LAYOUTS if lay.byteorder == order
+                and lay.pointer_size == host.pointer_size][0], 0
     fits = [lay for lay in CACHE_LAYOUTS if lay.byteorder == order
             and body >= count * lay.entry_size]
     if not fits:
@@ -932,8 +940,16 @@ def parse_cache(data, source="crypto cache", raw=False):
         n = name.find(b"\0")
         k = key.find(b"\0")
         if n < 0 or k < 0:
-            raise CacheError("%s: the %s of entry %d is not NUL-terminated: damaged; left "
-                             "untouched" % (source, "volume name" if n < 0 else "key", i + 1))
+            # Bareos reads such an entry (its strings run on into the next
+            # field); a copy keeps 127 bytes, as its bstrncpy would.
+            for what, value in (("volume name", n), ("key", k)):
+                if value < 0:
+                    warn("%s: the %s of entry %d fills all %d bytes without a NUL; read as "
+                         "its first %d bytes (truncated)" % (source, what, i + 1,
+                                                             CACHE_STRING_SIZE,
+                                                             CACHE_STRING_SIZE - 1))
+            n = CACHE_STRING_SIZE - 1 if n < 0 else n
+            k = CACHE_STRING_SIZE - 1 if k < 0 else k
         if raw:
             append(make(name[:n], key[:k], added))
         else:

@@ -1158,11 +1158,21 @@ class TestCacheNeverLost(CacheTestCase):
             ("truncated entry", good[:-1], "truncated or damaged"),
             ("truncated 32-bit", make_cache([(b"V", b"k", 1)] * 2, 4)[:-1], "truncated?"),
             ("negative count", make_cache([], count=-1), "negative entry count"),
-            ("name without NUL", make_cache([(b"N" * 128, b"k", 1)]),
-             "volume name of entry 1 is not NUL-terminated"),
-            ("key without NUL", make_cache([(b"V", b"K" * 128, 1)]),
-             "key of entry 1 is not NUL-terminated"),
         ]
+
+    def test_what_bareos_reads_is_read_with_a_warning(self):
+        # Count 0 and a few stray bytes: Bareos reads an empty cache.
+        self.put(make_cache([], trailing=b"\x01\x02\x03"))
+        rc, out, err = cli("-D", self.cache)
+        self.assertEqual((rc, out.count(b"\n")), (0, 1), err)
+        self.assertIn("3 bytes after the 0 entries", err)
+        # A 128-byte name or key without a NUL: read, truncated to 127, said so.
+        for name, key, what in ((b"N" * 128, b"k", "volume name"), (b"V", b"K" * 128, "key")):
+            self.put(make_cache([(name, key, self.T)]))
+            rc, out, err = cli("export", self.cache)
+            self.assertEqual((rc, out), (0, name[:127] + b"\t" + key[:127] + b"\n"), err)
+            self.assertIn("the %s of entry 1 fills all 128 bytes without a NUL; read as its "
+                          "first 127 bytes (truncated)" % what, err)
 
     def test_each_unreadable_case_for_each_command(self):
         commands = [["-D", self.cache], ["dump-cache", self.cache, "--json"],
