@@ -4369,6 +4369,33 @@ def _find_key(want, cache, catalog):
         want, cache, entries, catalog, export), EXIT_NOT_FOUND)
 
 
+def edit_distance(a, b, limit=None):
+    """Levenshtein distance of two strings (or bytes); above limit once
+    every path exceeds it (the exact value then does not matter)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        if limit is not None and min(cur) > limit:
+            return limit + 1
+        prev = cur
+    return prev[-1]
+
+
+def near_names(want, names, distance=2, most=5):
+    """Names other than want within `distance` edits of it, case ignored
+    (Full-001 finds Full-0001 and full-001); closest first."""
+    lower = want.lower()
+    found = {}
+    for name in names:
+        if name != want and abs(len(name) - len(want)) <= distance and name not in found:
+            d = edit_distance(lower, name.lower(), distance)
+            if d <= distance:
+                found[name] = d
+    return sorted(found, key=lambda n: (found[n], n))[:most]
+
+
 def _not_found_text(want, cache, entries, catalog, export):
     places = []
     names = []
@@ -4386,10 +4413,9 @@ def _not_found_text(want, cache, entries, catalog, export):
         places.append("catalog export %s (%d volumes with a key)" % (catalog, len(export.entries)))
     text = "volume %s is %s" % (_shown(want), "in neither %s nor %s" % tuple(places)
                                 if len(places) == 2 else "not in " + places[0])
-    lower = want.lower()
-    close = sorted({_shown(n) for n in names if n.lower() == lower and n != want})
+    close = near_names(want, names, 1)      # volumes are numbered: 2 edits match too many
     if close:
-        text += "; names differing only in case: %s" % ", ".join(close)
+        text += "; near-miss names: %s" % ", ".join(_shown(n) for n in close)
     if cache and catalog is None:
         text += ": the cache only holds volumes mounted in the last 60 days; " + (
             _CATALOG_HINT % cache)
@@ -5001,7 +5027,7 @@ def _add_drive_commands(sub, common):
         description="Load the key of a Bareos key file into the drive, as Bareos does "
                     "(key bytes: passphrase[:31] + NUL), with the drive's AES-256-GCM "
                     "algorithm index read from its capabilities page.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
     p.add_argument("-b", "--base64", action="store_true", help="the key file holds base64")
@@ -5026,7 +5052,7 @@ def _add_drive_commands(sub, common):
     p = sub.add_parser("clear-key", parents=parents, help="clear the drive key (as -c)",
                        description="Turn the drive's encryption and decryption off and "
                                    "replace its key with zeros (Bareos's clear page).")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--algorithm-index", metavar="N", type=int,
                    help="algorithm index to send (default: the drive's AES-256-GCM, else 1)")
     p.set_defaults(run=lambda ns: op_clear_key(ns.device, sys.stdout, ns.timeout,
@@ -5037,7 +5063,7 @@ def _add_drive_commands(sub, common):
                        description="Print the drive's data encryption status in Bareos's "
                                    "words; --detail adds the drive's identity, algorithms, "
                                    "key instance counter, key descriptor and next block.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--detail", action="store_true", help="more than Bareos prints")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=lambda ns: op_drive_status(ns.device, ns.detail, ns.json, ns.timeout))
@@ -5046,7 +5072,7 @@ def _add_drive_commands(sub, common):
                        help="show the next block's encryption status (as -v)",
                        description="Print the encryption status of the block at the tape's "
                                    "current position, in Bareos's words.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout))
 
@@ -5107,7 +5133,7 @@ def _add_recovery_commands(sub, common):
                     "the drive as Bareos does and confirm encryption Encrypt and decryption "
                     "Mixed. Every failure names its step and what to try. The key is never "
                     "printed.")
-    p.add_argument("device", metavar="DEVICE", help="tape device, e.g. /dev/nst0")
+    p.add_argument("device", metavar="DEVICE", nargs="?", help=DEVICE_HELP)
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
     p.add_argument("--catalog", metavar="EXPORT",
                    help="catalog export (psql -A -t -F '|' or CSV) to look the volume up in; "
@@ -5253,7 +5279,73 @@ def _commands_epilog():
 def _run_command(parser, argv):
     ns = parser.parse_args(argv)
     _set_debug(ns.debug, ns.dt)
+    _device_from_tape(ns)
     return ns.run(ns)
+
+
+def _device_from_tape(ns):
+    """A drive command without DEVICE takes $TAPE, as mt and stenc do, and says so."""
+    if not hasattr(ns, "device"):
+        return
+    tape = os.environ.get("TAPE", "")
+    # `set-key KEYFILE` with $TAPE set: the one argument is the key file.
+    if ns.command == "set-key" and tape and ns.keyfile is None and ns.hex_key is None:
+        ns.keyfile, ns.device = ns.device, None
+    if ns.device is not None:
+        return
+    if not tape:
+        raise UsageError("%s: give the DEVICE (e.g. /dev/nst0) or set $TAPE" % ns.command)
+    ns.device = tape
+    sys.stderr.write("bscrypto: %s: device %s (from $TAPE)\n" % (ns.command, tape))
+
+
+# Options that may come before the subcommand (`bscrypto.py -d 1 load ...`).
+_GLOBAL_VALUE_OPTIONS = ("-d", "--debug-level", "--debug")
+_GLOBAL_FLAGS = ("--dt", "--debug-timestamps")
+
+
+def _split_global_options(argv):
+    """(leading debug options, the rest of argv)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
+            i += 2
+        elif arg in _GLOBAL_FLAGS or (arg[:2] == "-d" and arg[2:].isdigit()) \
+                or arg.split("=", 1)[0] in _GLOBAL_VALUE_OPTIONS[1:]:
+            i += 1
+        else:
+            break
+    return argv[:i], argv[i:]
+
+
+SHORT_USAGE = """usage: bscrypto.py COMMAND [ARGS]       e.g. bscrypto.py load /dev/nst0 --cache CACHE --kek KEK
+       bscrypto.py <options> [<device_name>]   (Bareos's bscrypto flags: -k, -s, -D, ...)
+'bscrypto.py help' lists the commands, 'bscrypto.py help COMMAND' shows one;
+on a new host run 'bscrypto.py selftest' first.
+"""
+
+
+def _help(parser, sub, args):
+    """help [COMMAND]: the command's --help, or the overall help."""
+    if not args:
+        return _run_legacy(["--help"])
+    if args[0] in sub.choices:
+        return _run_command(parser, [args[0], "--help"])
+    raise UsageError(_unknown_command(args[0], sub.choices) or
+                     "unknown command %r: 'bscrypto.py help' lists them" % args[0])
+
+
+def _unknown_command(word, names, rest=()):
+    """The message for a first word that is no command, or None when it may
+    be a device name for the original flags (`bscrypto.py /dev/nst0 -e`)."""
+    close = near_names(word, list(names) + ["help"])
+    if close:
+        return "unknown command %r: did you mean %s?" % (word, " or ".join(close))
+    if "/" not in word and not os.path.exists(word) and \
+            not any(arg.startswith("-") for arg in rest):
+        return "unknown command %r: 'bscrypto.py help' lists the commands" % word
+    return None
 
 
 def _run_legacy_ops(ns):
@@ -5306,6 +5398,7 @@ def _legacy_drive_ops(ns):
 
 # --now on every command that writes or judges times (resolve_now() reads it).
 NOW_HELP = "take this Unix time as now (default $SOURCE_DATE_EPOCH, else the clock)"
+DEVICE_HELP = "tape device, e.g. /dev/nst0 or /dev/sg1 (default $TAPE, as for mt)"
 
 
 def _exit_code_epilog():
@@ -5577,10 +5670,19 @@ def main(argv=None):
         argv = sys.argv[1:]
     _utf8_stdout()
     try:
-        if argv and not argv[0].startswith("-"):
+        if not argv:
+            sys.stderr.write(SHORT_USAGE)
+            return EXIT_USAGE
+        options, rest = _split_global_options(argv)
+        if rest and not rest[0].startswith("-"):
             parser, sub = _command_parser()
-            if argv[0] in sub.choices:
-                return _run_command(parser, argv)
+            if rest[0] in sub.choices:
+                return _run_command(parser, rest[:1] + options + rest[1:])
+            if rest[0] == "help":
+                return _help(parser, sub, rest[1:])
+            problem = _unknown_command(rest[0], sub.choices, rest[1:])
+            if problem:
+                raise UsageError(problem)
         return _run_legacy(argv)
     except BscryptoError as e:
         sys.stderr.write("bscrypto: %s\n" % e)

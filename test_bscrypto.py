@@ -4569,7 +4569,17 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("load: looking up the key failed: volume Full-0042 is not in crypto "
                       "cache %s (2 entries, the newest added %s: full-0042)"
                       % (cache, bscrypto._local_time(now - 60)), err)
-        self.assertIn("differing only in case: full-0042", err)
+        self.assertIn("near-miss names: full-0042", err)
+        # Edit distance, not only case: a digit too few or too many.
+        self.assertEqual(bscrypto.near_names(b"Full-001", [b"Full-0001", b"Incr-0001", b"F"], 1),
+                         [b"Full-0001"])
+        self.assertEqual(bscrypto.near_names("Full-00042", ["Full-0042", "Full-0043"], 1),
+                         ["Full-0042"])
+        self.assertEqual(bscrypto._not_found_text(
+            b"Full-001", None, None, "m.txt", bscrypto._record("E", "entries")(
+                [("Full-0001", "k"), ("Full-0002", "k")])).split(": export")[0],
+            "volume Full-001 is not in catalog export m.txt (2 volumes with a key); near-miss "
+            "names: Full-0001")
         self.assertIn("populate-cache %s --from-catalog" % cache, err)
         self.assertIn(bscrypto.CATALOG_EXPORT_SQL, err)
         self.assertIsNone(self.drive.key)
@@ -4598,8 +4608,8 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIs(self.data_readable(), True)
         err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
                             "--kek", self.kek, "--volume", "Full-0043")
-        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key): "
-                      "export the catalog again" % export, err)
+        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key); "
+                      "near-miss names: Full-0042: export the catalog again" % export, err)
         cache = self.wrapped_cache()
         err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
                             "--cache", cache, "--kek", self.kek, "--volume", "Full-0043")
@@ -5231,6 +5241,63 @@ class TestLegacyCommandLine(unittest.TestCase):
             rc, _, err = cli(*args)
             self.assertEqual(rc, code, args)  # never argparse's 2: that is EXIT_KEY_FILE
             self.assertNotIn("Traceback", err)
+
+
+class TestAdminHabits(TempDirTestCase):
+    """What an admin used to mt, stenc and sg3_utils types first."""
+
+    def test_no_arguments_prints_a_short_usage(self):
+        rc, out, err = cli()
+        self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""))
+        self.assertEqual(err, bscrypto.SHORT_USAGE)
+        self.assertNotIn("Missing device_name", err)
+
+    def test_mistyped_command_did_you_mean(self):
+        rc, out, err = cli("laod", "/dev/nst0")
+        self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""))
+        self.assertEqual(err, "bscrypto: unknown command 'laod': did you mean load?\n")
+        rc, _, err = cli("chek", "--cache", "c")
+        self.assertIn("did you mean check?", err)
+        rc, _, err = cli("frobnicate")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("unknown command 'frobnicate': 'bscrypto.py help' lists", err)
+        # A device name first is still the original flags' device.
+        rc, _, err = cli(self.path("nst0"), "-e")
+        self.assertEqual(rc, bscrypto.EXIT_DEVICE, err)
+
+    def test_help_command(self):
+        rc, out, _ = cli("help")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"commands (each has its own --help)", out)
+        rc, out, _ = cli("help", "check")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"usage: bscrypto check", out)
+        rc, _, err = cli("help", "chek")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("did you mean check?", err)
+
+    def test_global_options_before_the_command(self):
+        key = self.path("k")
+        for args in (["-d", "1", "generate", key], ["--dt", "-d2", "generate", key + "2"],
+                     ["--debug-level", "1", "generate", key + "3"]):
+            rc, _, err = cli(*args)
+            self.assertEqual(rc, 0, err)
+            self.assertIn("debug: wrote 32-byte key file", err)
+
+    def test_drive_commands_take_tape_from_the_environment(self):
+        from unittest import mock
+        node = self.path("nst7")
+        key = self.write("k", b"k" * 32)
+        with mock.patch.dict(os.environ, {"TAPE": node}):
+            for args in (["drive-status"], ["volume-status", "--json"], ["clear-key"],
+                         ["set-key", key], ["load", "--volume", "V", "--cache", key]):
+                rc, _, err = cli(*args)
+                self.assertIn(rc, (bscrypto.EXIT_DEVICE, bscrypto.EXIT_CACHE), (args, err))
+                self.assertIn("bscrypto: %s: device %s (from $TAPE)\n" % (args[0], node), err)
+        with mock.patch.dict(os.environ, {"TAPE": ""}):
+            rc, _, err = cli("drive-status")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("drive-status: give the DEVICE (e.g. /dev/nst0) or set $TAPE", err)
 
 
 class TestSelftest(unittest.TestCase):
