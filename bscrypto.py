@@ -5319,7 +5319,7 @@ def _split_global_options(argv):
     return argv[:i], argv[i:]
 
 
-SHORT_USAGE = """usage: bscrypto.py COMMAND [ARGS]       e.g. bscrypto.py load /dev/nst0 --cache CACHE --kek KEK
+SHORT_USAGE = """usage: bscrypto.py COMMAND [ARGS]   e.g. bscrypto.py load /dev/nst0 --cache C --kek K
        bscrypto.py <options> [<device_name>]   (Bareos's bscrypto flags: -k, -s, -D, ...)
 'bscrypto.py help' lists the commands, 'bscrypto.py help COMMAND' shows one;
 on a new host run 'bscrypto.py selftest' first.
