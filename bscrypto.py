@@ -1601,9 +1601,10 @@ def _permission_hint():
                 "opened read-write, so a write-protected tape must be made writable")
     if not sys.platform.startswith("linux"):
         return "run as root"
-    return ("run as root, or grant CAP_SYS_RAWIO: `setcap cap_sys_rawio=ep` on the Python "
-            "binary, or in a systemd unit `CapabilityBoundingSet=CAP_SYS_RAWIO` with "
-            "`AmbientCapabilities=CAP_SYS_RAWIO`")
+    return ("run it as root (sudo): SCSI pass-through needs CAP_SYS_RAWIO. Do not `setcap` "
+            "the Python binary: that lets every Python script on this host send raw SCSI "
+            "commands to every device; a systemd unit can grant it to this one command "
+            "(`AmbientCapabilities=CAP_SYS_RAWIO`)")
 
 
 def _open_device(device):
@@ -3550,13 +3551,14 @@ def op_dump_cache(path, as_json=False, now=None, out=None):
     return EXIT_OK
 
 
-def _report_bad_lines(problems, path, skip):
+def _report_bad_lines(problems, path, skip, source="stdin"):
+    """Each bad input line with its source (stdin or the export's file name)."""
     shown = problems if skip else problems[:20]
     for number, problem in shown:
         if skip:
-            warn("line %d skipped: %s" % (number, problem))
+            warn("%s line %d skipped: %s" % (source, number, problem))
         else:
-            sys.stderr.write("bscrypto: line %d: %s\n" % (number, problem))
+            sys.stderr.write("bscrypto: %s line %d: %s\n" % (source, number, problem))
     if skip:
         return
     if len(problems) > len(shown):
@@ -4313,7 +4315,9 @@ _CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos 
 def _label_failure(device, error, timeout, transport):
     """The load error for a label that cannot be read, with the drive's key state
     when the drive can tell it (a key in decrypt mode refuses the plain label)."""
-    hint = "; or give --volume NAME to skip reading the label"
+    # --volume helps only when the drive works but its label does not read.
+    hint = "; or give --volume NAME to skip reading the label" \
+        if error.exit_code == EXIT_LABEL else ""
     text = "load: reading the volume label failed: %s" % error
     if error.exit_code == EXIT_LABEL and "I/O error" in str(error):
         try:
@@ -4329,7 +4333,9 @@ def _label_failure(device, error, timeout, transport):
                     % (device, os.strerror(errno.EIO),
                        _BAREOS_DECRYPTION_MODE[status.decryption_mode], device))
         elif status is not None:
-            text += " (the drive holds no key that refuses the label)"
+            text = ("load: reading the volume label failed: %s: %s reading the first block, "
+                    "and the drive holds no key that refuses the label: the tape is blank or "
+                    "damaged, or not a Bareos volume" % (device, os.strerror(errno.EIO)))
     return BscryptoError(text + hint, error.exit_code)
 
 
@@ -4538,7 +4544,8 @@ def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=Fa
     (under the lock, atomic write); print the counts on stdout."""
     export = read_catalog_export(export_path)
     if export.bad:
-        _report_bad_lines(export.bad, path, skip_bad_lines)
+        _report_bad_lines(export.bad, path, skip_bad_lines,
+                          "stdin" if export_path == "-" else export_path)
     now = resolve_now(now)
     target = cache_layout(layout)
     with cache_lock(path):

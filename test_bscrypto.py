@@ -1069,7 +1069,7 @@ class TestCacheRules(CacheTestCase):
             for face in (["-p", self.cache], ["populate-cache", self.cache]):
                 rc, _, err = cli(*face, stdin=text)
                 self.assertEqual(rc, bscrypto.EXIT_USAGE, text)
-                self.assertIn(message, err)
+                self.assertIn("bscrypto: stdin " + message, err)
                 self.assertIn("nothing written", err)
                 self.assertNotIn("Traceback", err)
                 self.assertEqual(self.snapshot(), before, text)
@@ -1082,8 +1082,8 @@ class TestCacheRules(CacheTestCase):
     def test_skip_bad_lines(self):
         rc, _, err = self.populate(b"A\tka\nbroken\nB\tkb\n\tx\n", "--skip-bad-lines")
         self.assertEqual(rc, 0)
-        self.assertIn("warning: line 2 skipped: no TAB", err)
-        self.assertIn("warning: line 4 skipped: empty volume name", err)
+        self.assertIn("warning: stdin line 2 skipped: no TAB", err)
+        self.assertIn("warning: stdin line 4 skipped: empty volume name", err)
         self.assertEqual([e[0] for e in self.entries()], ["A", "B"])
 
     def test_missing_cache_and_empty_input_creates_nothing(self):
@@ -2997,9 +2997,11 @@ class TestDeviceErrors(DriveTestCase):
         for code in (errno.EPERM, errno.EACCES):
             self.kernel.fail(self.dev, code)
             err = self.run_fail(bscrypto.EXIT_PERMISSION, "-e", self.dev)
-            self.assertIn("cap_sys_rawio=ep", err)
-            self.assertIn("CapabilityBoundingSet=CAP_SYS_RAWIO", err)
-            self.assertIn("root", err)
+            # Root, and why not setcap on the interpreter (every script would get it).
+            self.assertIn("run it as root (sudo)", err)
+            self.assertIn("Do not `setcap` the Python binary: that lets every Python script", err)
+            self.assertIn("AmbientCapabilities=CAP_SYS_RAWIO", err)
+            self.assertNotIn("cap_sys_rawio=ep", err)
 
     def test_enotty_is_not_a_scsi_node(self):
         plain = self.write("IBMtape0n", b"")      # a real file: the real ioctl says ENOTTY
@@ -4600,6 +4602,17 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("not a Bareos volume", err)
         self.assertIn("give --volume NAME", err)
 
+    def test_missing_device_gets_no_volume_hint(self):
+        # --volume would fail at the drive just the same: only a label problem gets it.
+        missing = bscrypto.BscryptoError("cannot open /dev/nst9: No such file or directory",
+                                         bscrypto.EXIT_DEVICE)
+        text = str(bscrypto._label_failure("/dev/nst9", missing, 1, None))
+        self.assertEqual(text, "load: reading the volume label failed: cannot open /dev/nst9: "
+                               "No such file or directory")
+        blank = bscrypto.BscryptoError("not a Bareos volume", bscrypto.EXIT_LABEL)
+        self.assertIn("give --volume NAME", str(bscrypto._label_failure("/dev/nst9", blank, 1,
+                                                                         None)))
+
     def test_catalog_only(self):
         export = self.write("media.txt", ("Full-0001|%s\nFull-0042|%s\nFull-0043|\n" % (
             wrap_for(self.KEK, b"a" * 32), wrap_for(self.KEK, self.PASSPHRASE))).encode())
@@ -4676,7 +4689,9 @@ class TestLoad(RecoveryDriveTestCase):
         self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
         err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
                             self.wrapped_cache(), "--kek", self.kek)
-        self.assertIn("the drive holds no key that refuses the label", err)
+        self.assertIn("and the drive holds no key that refuses the label: the tape is blank or "
+                      "damaged", err)
+        self.assertNotIn("clear-key", err)          # no advice the drive state contradicts
 
     def test_drive_status_must_confirm_encrypt_and_mixed(self):
         store = self.drive._store
@@ -4738,13 +4753,13 @@ class TestPopulateFromCatalog(CacheTestCase):
         before = self.snapshot(path)
         rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now))
         self.assertEqual(rc, bscrypto.EXIT_USAGE)
-        self.assertIn("line 5: volume Bad: EncryptionKey is not base64", err)
+        self.assertIn("bscrypto: %s line 5: volume Bad: EncryptionKey is not base64" % export, err)
         self.assertIn("nothing written", err)
         self.assertEqual(self.snapshot(path), before)
         rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
                            "--skip-bad-lines", "--backup")
         self.assertEqual(rc, 0, err)
-        self.assertIn("line 5 skipped", err)
+        self.assertIn("warning: %s line 5 skipped" % export, err)
         self.assertEqual(out.decode(), "%s: from catalog export %s (psql): 5 read, 1 added, "
                          "1 updated, 1 unchanged, 1 skipped without a key, 1 bad lines skipped; "
                          "1 expired removed; written\n" % (path, export))
