@@ -4576,9 +4576,11 @@ def rewrap_keys(keys, old_kek_text, new_kek_text, wrap_unwrapped=False, progress
     """Re-wrap each distinct key text under the new KEK, each result verified.
 
     Returns (new key by old key, failures {key: why}, plain [keys not wrapped
-    that were left alone]).  A wrapped key must unwrap with the old KEK; a
-    plain one is wrapped only with wrap_unwrapped.  Deterministic: RFC 3394
-    with the default IV gives one wrapped form per passphrase and KEK.
+    that were left alone]).  A wrapped key must unwrap with the old KEK, or
+    already with the new one (a run repeated after a complete or partial
+    rotation): such a key maps to itself.  A plain one is wrapped only with
+    wrap_unwrapped.  Deterministic: RFC 3394 with the default IV gives one
+    wrapped form per passphrase and KEK.
     """
     old, new = kek_from_text(old_kek_text), kek_from_text(new_kek_text)
     result, failures, plain = {}, {}, []
@@ -4594,7 +4596,11 @@ def rewrap_keys(keys, old_kek_text, new_kek_text, wrap_unwrapped=False, progress
             try:
                 passphrase = aes_key_unwrap(old, raw)
             except UnwrapError:
-                failures[key] = "integrity check failed with the old KEK"
+                try:
+                    aes_key_unwrap(new, raw)
+                    result[key] = key           # already re-wrapped by an earlier run
+                except UnwrapError:
+                    failures[key] = "integrity check failed with the old KEK (and the new one)"
                 continue
         elif wrap_unwrapped:
             passphrase = raw
@@ -4691,6 +4697,7 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                                                 wrap_unwrapped, progress)
         if failures or plain:
             raise _rewrap_refusal(failures, plain, uses)
+        already = sum(1 for key, new_key in new_keys.items() if key == new_key)
         new_entries = [CacheEntry(e.volume_name, new_keys[e.encryption_key], e.added)
                        for e in entries]
         sql = None
@@ -4704,11 +4711,12 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                     named.add(e.volume_name)
                     updates.append((e.volume_name, e.encryption_key))
             sql = _sql_script(updates, sql_out)
+        cache_changes = sum(1 for a, b in zip(entries, new_entries) if a != b)
         if cache:
             build_cache(new_entries, layout)        # refuse before writing anything
         if sql is not None:
             write_private_file(sql_out, sql, force=force)
-        if cache:
+        if cache and cache_changes:
             write_cache(cache, new_entries, layout, backup)
     if export is None:
         warn("only the cache's volumes were re-wrapped: the catalog's other volumes keep keys "
@@ -4716,13 +4724,19 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
              "--sql-out FILE)")
     out = out or sys.stdout
     done = []
-    if cache:
+    if already:
+        done.append("%d distinct keys already unwrap with %s (an earlier rewrap): left as they "
+                    "are" % (already, kek_sources[1]))
+    if cache and cache_changes:
         done.append("crypto cache %s: %d entries re-wrapped, times added kept%s"
-                    % (cache, len(entries), " (old copy kept as .bak)" if backup else ""))
+                    % (cache, cache_changes, " (old copy kept as .bak)" if backup else ""))
+    elif cache:
+        done.append("crypto cache %s: every entry already wrapped with the new KEK; not "
+                    "written" % cache)
     if sql is not None:
         done.append("%s: %d UPDATE statements (mode 0600)" % (sql_out, sql.count(b"\nUPDATE ")))
     out.write("rewrap: %d distinct keys unwrapped with %s, wrapped with %s and verified\n"
-              % (len(new_keys), kek_sources[0], kek_sources[1]))
+              % (len(new_keys) - already, kek_sources[0], kek_sources[1]))
     for line in done:
         out.write("rewrap: %s\n" % line)
     out.write("rewrap: next: %sset Key Encryption Key to the new KEK in the Director resources "

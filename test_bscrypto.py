@@ -4879,10 +4879,41 @@ class TestRewrap(RecoveryCacheTestCase):
         self.assertFalse(os.path.exists(sql))
         self.assertEqual([n for n in os.listdir(self.tmp) if n.endswith((".bak", ".tmp"))], [])
         # The wrong old KEK fails every key, and the list says so.
-        rc, _, err = cli("rewrap", "--old-kek", new, "--new-kek", old, "--cache", path)
+        wrong = self.write("wrong.kek", b"W" * 32)
+        rc, _, err = cli("rewrap", "--old-kek", wrong, "--new-kek", new, "--cache", path)
         self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
         self.assertIn("50 of the keys", err)
         self.assertEqual(self.snapshot(path), before)
+
+    def test_a_second_run_recognises_keys_already_rewrapped(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(4)
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                             for e in entries).encode())
+        args = ["rewrap", "--old-kek", old, "--new-kek", new, "--cache", path]
+        rc, out, err = cli(*args)
+        self.assertEqual(rc, 0, err)
+        rotated = self.snapshot(path)
+        # Partial rotation: the cache is done, the catalog (old keys) is not.
+        rc, out, err = cli(*(args + ["--catalog", export, "--sql-out", self.path("u.sql")]))
+        self.assertEqual(rc, 0, err)
+        text = out.decode()
+        self.assertIn("rewrap: 4 distinct keys unwrapped with KEK file %s" % old, text)
+        self.assertIn("rewrap: 4 distinct keys already unwrap with KEK file %s (an earlier "
+                      "rewrap): left as they are" % new, text)
+        self.assertIn("every entry already wrapped with the new KEK; not written", text)
+        self.assertEqual(self.snapshot(path), rotated)
+        sql = read_bytes(self.path("u.sql")).decode()
+        cache = bscrypto.read_cache(path)
+        for e in cache.entries:
+            self.assertIn(bscrypto.sql_update_key(e.volume_name, e.encryption_key), sql)
+        # Run again after it all: nothing to do, nothing written, exit 0.
+        rc, out, err = cli(*args)
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"4 distinct keys already unwrap", out)
+        self.assertEqual(self.snapshot(path), rotated)
 
     def test_unwrapped_keys_need_wrap_unwrapped(self):
         old, new = self.keks()
