@@ -158,6 +158,25 @@ def debug(level, message):
         sys.stderr.write("%sbscrypto: debug: %s\n" % (stamp, message))
 
 
+# --syslog: one line per key change or check result, as stenc logs every key
+# change (device, volume, algorithm index, key instance counter; never keys).
+SYSLOG = False
+# --json: an error is also printed on stdout as {"error": ..., "exit_code": ...}.
+JSON_ERRORS = False
+
+
+def audit(message, error=False):
+    """Log one line to syslog when --syslog was given; never pass key material."""
+    if SYSLOG:
+        _syslog_send(message, error)
+
+
+def _syslog_send(message, error=False):
+    import syslog
+    syslog.openlog("bscrypto", syslog.LOG_PID, syslog.LOG_USER)
+    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_NOTICE, message)
+
+
 # ---------------------------------------------------------------------------
 # AES (FIPS-197) and RFC 3394 key wrap
 # ---------------------------------------------------------------------------
@@ -3214,6 +3233,12 @@ def find_config_kek(path, director=None, warn=_warn):
     return chosen
 
 
+def add_syslog_argument(parser):
+    """--syslog for the commands that change keys or judge them (see audit())."""
+    parser.add_argument("--syslog", action="store_true",
+                        help="log one line per key change or result to syslog (never keys)")
+
+
 def kek_from_config(path, director=None):
     """The KEK text (bytes) of a director in a Bareos config file or
     directory; kek_from_text() turns it into the AES key."""
@@ -3997,6 +4022,8 @@ def op_load_key(device, key, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=N
         raise KeyFileError("a drive key is %d bytes, got %d" % (DRIVE_KEY_LENGTH, len(key)))
     with _drive(device, timeout, transport) as t:
         status, algorithm = load_drive_key(t, key, **options)
+    audit("%s: key loaded: algorithm index %d, key instance counter %d"
+          % (device, status.algorithm_index, status.key_instance_counter))
     if out is not None:
         out.write(_key_loaded_line(device, status, algorithm))
         out.flush()
@@ -4009,6 +4036,8 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
     with _drive(device, timeout, transport) as t:
         status, _ = load_drive_key(t, bytes(DRIVE_KEY_LENGTH), clear=True,
                                    algorithm_index=algorithm_index)
+    audit("%s: key cleared: algorithm index %d, key instance counter %d"
+          % (device, status.algorithm_index, status.key_instance_counter))
     if out is not None:
         out.write("%s: key cleared: encryption %s, decryption %s, key instance counter %d\n"
                   % (device, _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
@@ -4505,6 +4534,8 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
             EXIT_KEY_REFUSED)
     name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
             if algorithm is not None else None)
+    audit("%s: key of volume %s loaded (from %s): algorithm index %d, key instance counter %d"
+          % (device, shown, source, status.algorithm_index, status.key_instance_counter))
     if as_json:
         record = {"device": device, "volume": shown,
                   "volume_from": "label" if label is not None else "--volume",
@@ -4749,14 +4780,24 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
 # -- check: DR readiness for cron (exit 0 healthy, 1 problems, 2 could not check) --
 
 
-def check_keys(entries, kek_text, now, days, export=None, progress=None):
+_INTEGRITY_FAILED = "fails the integrity check"
+
+
+def check_keys(entries, kek_text, now, days, export=None, progress=None, cache="CACHE",
+               catalog=None):
     """Check cache entries (and an export) for DR readiness; a dict of counts
-    with "problems", one text line each.
+    with "problems", one text line each, ending with what to run.
 
     Every cache entry must decode and unwrap, none may expire within `days`,
     and every catalog volume with a key must be cached with the same key
-    (the same passphrase in another form counts as the same key).
+    (the same passphrase in another form counts as the same key).  When no
+    wrapped key unwraps, one line says "wrong KEK?" instead of one per key.
     """
+    populate = "run `bscrypto.py populate-cache %s --from-catalog %s`" % (
+        cache, catalog or "EXPORT")
+    reset = "run `bscrypto.py reset-cache %s`" % cache
+    other_kek = ("try the Director's KEK: --kek-from /etc/bareos (--director NAME when "
+                 "there are several)")
     kek = kek_from_text(kek_text) if kek_text is not None else None
     passphrases = {}          # key text -> passphrase, or None (reason in why)
     why = {}
@@ -4774,63 +4815,82 @@ def check_keys(entries, kek_text, now, days, export=None, progress=None):
             except ValueError as e:
                 passphrases[key], why[key] = None, "is not a Bareos key: %s" % e
             except UnwrapError:
-                passphrases[key], why[key] = None, ("fails the integrity check: does not "
-                                                    "unwrap with the KEK")
+                passphrases[key], why[key] = None, _INTEGRITY_FAILED
         return passphrases[key]
 
-    problems = [] if entries else ["the cache holds no entries: nothing to recover with"]
+    problems = [] if entries else ["the cache holds no entries: nothing to recover with; "
+                                   + populate]
     report = {"entries": len(entries), "wrapped": 0, "plain": 0, "next_expiry": None,
               "problems": problems}
+    unwrap_failed = []        # indexes in problems of keys failing the integrity check
+
+    def key_problem(key, text):
+        if why[key] == _INTEGRITY_FAILED:
+            unwrap_failed.append(len(problems))
+            problems.append("%s %s: wrong KEK for it, or damaged; %s" % (text, why[key],
+                                                                         populate))
+        else:
+            problems.append("%s %s; %s" % (text, why[key], populate))
     limit = now + days * 86400
     by_name = {}
     for e in entries:
         by_name.setdefault(e.volume_name, []).append(e)
         name = _shown(e.volume_name)
         if passphrase(e.encryption_key) is None:
-            problems.append("volume %s: cache key %s" % (name, why[e.encryption_key]))
+            key_problem(e.encryption_key, "volume %s: cache key" % name)
         else:
             report["wrapped" if forms[e.encryption_key] else "plain"] += 1
         expires = e.added + CACHE_EXPIRY_SECONDS
         if report["next_expiry"] is None or expires < report["next_expiry"][0]:
             report["next_expiry"] = (expires, name)
         if expires < now:
-            problems.append("volume %s: expired %s (Bareos drops it at its next cache update)"
-                            % (name, _local_time(expires)))
+            problems.append("volume %s: expired %s (Bareos drops it at its next cache update); "
+                            "%s" % (name, _local_time(expires), reset))
         elif expires < limit:
-            problems.append("volume %s: expires %s, within %d days"
-                            % (name, _local_time(expires), days))
+            problems.append("volume %s: expires %s, within %d days; %s"
+                            % (name, _local_time(expires), days, reset))
     for name, same in by_name.items():
         if len({e.encryption_key for e in same}) > 1:
-            problems.append("volume %s: %d cache entries with different keys"
-                            % (_shown(name), len(same)))
+            problems.append("volume %s: %d cache entries with different keys; %s"
+                            % (_shown(name), len(same), populate))
     if export is not None:
         report.update(catalog=len(export.entries), catalog_same=0,
                       catalog_skipped=export.skipped)
         for number, problem in export.bad:
-            problems.append("catalog line %d: %s" % (number, problem))
+            problems.append("catalog export %s line %d: %s; run the export again"
+                            % (catalog, number, problem))
         for name, key in export.entries:
             cached = by_name.get(name)
             mine = passphrase(key)
             if mine is None:
-                problems.append("volume %s: catalog key %s" % (_shown(name), why[key]))
+                key_problem(key, "volume %s: catalog key" % _shown(name))
             elif not cached:
-                problems.append("volume %s: has a key in the catalog but is not in the cache"
-                                % _shown(name))
+                problems.append("volume %s: has a key in the catalog but is not in the cache; "
+                                "%s" % (_shown(name), populate))
             elif any(e.encryption_key == key or passphrase(e.encryption_key) == mine
                      for e in cached):
                 report["catalog_same"] += 1
             else:
-                problems.append("volume %s: the cache holds a different key than the catalog"
-                                % _shown(name))
+                problems.append("volume %s: the cache holds a different key than the catalog; "
+                                "%s" % (_shown(name), populate))
+    unwrapped = sum(1 for key, wrapped in forms.items()
+                    if wrapped and passphrases.get(key) is not None)
+    if len(unwrap_failed) > 1 and not unwrapped:
+        # The same cause N times: say it once.
+        failed = set(unwrap_failed)
+        problems[:] = ["none of the %d wrapped keys unwraps with the KEK: wrong KEK? %s"
+                       % (len(unwrap_failed), other_kek)] + \
+            [p for i, p in enumerate(problems) if i not in failed]
     if progress is not None:
         progress.finish()
     return report
 
 
 def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, catalog=None,
-             now=None, out=None, progress_stream=None):
-    """check: a summary and one line per problem on stdout; returns CHECK_HEALTHY
-    or CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check."""
+             now=None, out=None, progress_stream=None, quiet=False, as_json=False):
+    """check: a summary and one line per problem on stdout (nothing when healthy
+    and quiet); returns CHECK_HEALTHY or CHECK_PROBLEMS, raises with
+    CHECK_UNABLE when it cannot check."""
     try:
         if days < 0:
             raise UsageError("--max-age-days must be 0 or more")
@@ -4847,7 +4907,7 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
     report = check_keys(entries, kek_text, now, days, export,
-                        _Progress("check", len(keys), progress_stream))
+                        _Progress("check", len(keys), progress_stream), cache, catalog)
     lines = ["crypto cache %s: %d entries, %d wrapped, %d not wrapped, %s" % (
         cache, report["entries"], report["wrapped"], report["plain"],
         "unwrapped with %s" % kek_source if kek_text is not None else "no KEK given")]
@@ -4861,13 +4921,30 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
                          catalog, report["catalog"], report["catalog_same"],
                          report["catalog_skipped"]))
     problems = report["problems"]
+    verdict = ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
+               if problems else "healthy")
+    audit("check: crypto cache %s: %d entries: %s" % (cache, report["entries"], verdict),
+          error=bool(problems))
     out = out or sys.stdout
+    code = CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    if as_json:
+        expiry = report["next_expiry"]
+        _json_dump({"cache": cache, "kek": kek_source if kek_text is not None else None,
+                    "entries": report["entries"], "wrapped": report["wrapped"],
+                    "not_wrapped": report["plain"], "window_days": days, "now": now,
+                    "next_expiry": expiry and {"time": expiry[0], "volume": expiry[1]},
+                    "catalog": catalog and {"export": catalog, "volumes": report["catalog"],
+                                            "same_key": report["catalog_same"],
+                                            "without_key": report["catalog_skipped"]},
+                    "problems": problems, "healthy": not problems, "exit_code": code}, out)
+        return code
+    if quiet and not problems:
+        return code
     out.write("".join("check: %s\n" % line for line in lines))
     out.write("".join("problem: %s\n" % line for line in problems))
-    out.write("check: %s\n" % ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
-                               if problems else "healthy"))
+    out.write("check: %s\n" % verdict)
     out.flush()
-    return CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    return code
 
 
 # -- backup-cache: verified, timestamped copies, pruned --
@@ -5214,6 +5291,10 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--catalog", metavar="EXPORT",
                    help="catalog export whose volumes must all be cached with the same key")
     p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing when healthy (for cron: mail only problems)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_syslog_argument(p)
     p.usage_exit = CHECK_UNABLE  # cron: bad arguments are "could not check", not "problems"
     p.set_defaults(run=_run_check)
 
@@ -5262,7 +5343,7 @@ def _run_check(ns):
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
     return op_check(ns.cache, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director),
-                    ns.max_age_days, ns.catalog, ns.now)
+                    ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
@@ -5427,6 +5508,7 @@ def _exit_code_epilog():
 
 
 _PARSER_CLASS = None
+_USAGE_ERROR = [None]       # the last usage error's text, for --json
 
 
 def _parser_class():
@@ -5472,6 +5554,7 @@ def _parser_class():
                 self.error_exit(self.usage_exit, message)
 
             def error_exit(self, code, message):
+                _USAGE_ERROR[0] = message
                 self.print_usage(sys.stderr)
                 self.exit(code, "%s: error: %s\n" % (self.prog, message))
 
@@ -5689,6 +5772,11 @@ def main(argv=None):
     """Entry point: returns the exit status instead of exiting."""
     if argv is None:
         argv = sys.argv[1:]
+    global SYSLOG, JSON_ERRORS
+    # Set before parsing, so that even a usage error is reported in JSON or
+    # logged; each command's parser still decides whether it takes them.
+    SYSLOG, JSON_ERRORS = "--syslog" in argv, "--json" in argv
+    _USAGE_ERROR[0] = None
     _utf8_stdout()
     try:
         if not argv:
@@ -5706,19 +5794,30 @@ def main(argv=None):
                 raise UsageError(problem)
         return _run_legacy(argv)
     except BscryptoError as e:
-        sys.stderr.write("bscrypto: %s\n" % e)
-        return e.exit_code
+        return _failed(str(e), e.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("bscrypto: interrupted\n")
-        return 130
+        return _failed("interrupted", 130)
     except SystemExit as e:  # argparse: --help, --version, usage errors (Parser.error)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+        if code:
+            _failed(_USAGE_ERROR[0] or "usage error", code, printed=True)
+        return code
     except Exception as e:
         if DEBUG_LEVEL:
             raise
-        sys.stderr.write("bscrypto: internal error: %s: %s (rerun with -d 1 for a "
-                         "traceback and please report it)\n" % (type(e).__name__, e))
-        return EXIT_INTERNAL
+        return _failed("internal error: %s: %s (rerun with -d 1 for a traceback and please "
+                       "report it)" % (type(e).__name__, e), EXIT_INTERNAL)
+
+
+def _failed(message, code, printed=False):
+    """The one error line on stderr; with --json also an object on stdout, with
+    --syslog also a syslog line.  Returns the exit code."""
+    if not printed:
+        sys.stderr.write("bscrypto: %s\n" % message)
+    if JSON_ERRORS:
+        _json_dump({"error": message, "exit_code": code}, sys.stdout)
+    audit("failed (exit %d): %s" % (code, message), error=True)
+    return code
 
 
 # ---------------------------------------------------------------------------

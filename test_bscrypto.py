@@ -5021,6 +5021,44 @@ class TestCheck(RecoveryCacheTestCase):
             "the same key; 1 without a key" % export,
             "check: healthy"])
 
+    def test_quiet_json_and_syslog(self):
+        from unittest import mock
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send", lambda m, error=False: logged.append(
+                (m, error))):
+            rc, out, err = self.check("--cache", path, "--kek", old, "--quiet", "--syslog")
+            self.assertEqual((rc, out, err), (0, "", ""))           # healthy: nothing to mail
+            self.assertEqual(logged, [("check: crypto cache %s: 3 entries: healthy" % path,
+                                       False)])
+            rc, out, err = self.check("--cache", path, "--kek", new, "-q")
+            self.assertEqual(rc, 1)
+            self.assertIn("check: 1 problem", out)              # problems: everything
+        self.assertEqual(len(logged), 1)                        # only with --syslog
+        rc, out, _ = self.check("--cache", path, "--kek", old, "--json")
+        doc = __import__("json").loads(out)
+        self.assertEqual((rc, doc["healthy"], doc["entries"], doc["problems"], doc["exit_code"]),
+                         (0, True, 3, [], 0))
+        self.assertEqual(doc["next_expiry"]["volume"], "Vol00002")
+        rc, out, _ = self.check("--cache", self.path("missing"), "--kek", old, "--json")
+        doc = __import__("json").loads(out)
+        self.assertEqual(rc, 2)
+        self.assertEqual(doc["exit_code"], 2)
+        self.assertIn("check: could not check: crypto cache", doc["error"])
+
+    def test_wrong_kek_is_said_once(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(5))
+        rc, out, _ = self.check("--cache", path, "--kek", new)
+        self.assertEqual(rc, 1)
+        self.assertEqual([line for line in out.splitlines() if line.startswith("problem: ")], [
+            "problem: none of the 5 wrapped keys unwraps with the KEK: wrong KEK? try the "
+            "Director's KEK: --kek-from /etc/bareos (--director NAME when there are several)"])
+        self.assertEqual(out.count("wrong KEK?"), 1)
+
     def test_problems(self):
         old, _ = self.keks()
         path = self.path("c.cryptoc")
@@ -5037,20 +5075,23 @@ class TestCheck(RecoveryCacheTestCase):
         rc, out, err = self.check("--cache", path, "-w", old, "--catalog", export)
         self.assertEqual(rc, 1, err)
         problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+        reset = "; run `bscrypto.py reset-cache %s`" % path
+        populate = "; run `bscrypto.py populate-cache %s --from-catalog %s`" % (path, export)
         self.assertEqual(problems, [
-            "problem: volume Vol00001: expires %s, within 7 days"
-            % bscrypto._local_time(self.NOW + 5 * DAY),
+            "problem: volume Vol00001: expires %s, within 7 days" % bscrypto._local_time(
+                self.NOW + 5 * DAY) + reset,
             "problem: volume Vol00002: expired %s (Bareos drops it at its next cache update)"
-            % bscrypto._local_time(self.NOW - DAY),
-            "problem: volume Vol00003: cache key fails the integrity check: does not unwrap with "
-            "the KEK",
+            % bscrypto._local_time(self.NOW - DAY) + reset,
+            "problem: volume Vol00003: cache key fails the integrity check: wrong KEK for it, "
+            "or damaged" + populate,
             "problem: volume Vol00004: cache key is not a Bareos key: decodes to 3 bytes; a "
             "Bareos key is 32 bytes (43 characters, not wrapped) or 40 bytes (54 characters, "
-            "wrapped)",
-            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: 1 of its 4 "
-            "characters is outside the base64 alphabet (the first at position 4)",
-            "problem: volume Vol00005: the cache holds a different key than the catalog",
-            "problem: volume Missing: has a key in the catalog but is not in the cache"])
+            "wrapped)" + populate,
+            "problem: catalog export %s line 4: volume Vol00000x: EncryptionKey is not base64: 1 "
+            "of its 4 characters is outside the base64 alphabet (the first at position 4); run "
+            "the export again" % export,
+            "problem: volume Vol00005: the cache holds a different key than the catalog" + populate,
+            "problem: volume Missing: has a key in the catalog but is not in the cache" + populate])
         self.assertTrue(out.endswith("check: 7 problems\n"))
         rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
         self.assertEqual(out.count("problem: "), 3)          # expired, bad KEK, bad key
