@@ -3594,7 +3594,7 @@ def _report_bad_lines(problems, path, skip, source="stdin"):
 
 
 def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=False,
-                      stream=None, interactive=None, summary=False):
+                      stream=None, interactive=None, summary=False, as_json=False):
     """-p: add VolumeName<TAB>EncryptionKey lines from stdin with Bareos's rules.
 
     Nothing is written when any line is bad (unless skip_bad_lines), when the
@@ -3629,7 +3629,9 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
             % (path, stats["added"], stats["updated"], stats["unchanged"],
                stats["expired_removed"], "written" if write else "nothing changed, not written"))
     debug(1, text)
-    if summary:
+    if as_json:
+        _json_dump(dict(stats, cache=path, written=write, bad_lines=len(problems)), sys.stdout)
+    elif summary:
         sys.stdout.write(text + "\n")
     return EXIT_OK
 
@@ -4225,11 +4227,18 @@ def op_label(source, as_json=False, name_only=False, ops=None, out=None):
     return EXIT_OK
 
 
-def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None):
+def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None,
+                       as_json=False):
     """kek-from-config: copy a director's KEK out of a Bareos config into a
     0600 key file usable with -w/--kek; printed only when asked to."""
     found = find_config_kek(path, director)
     where = "Director %r (%s line %d)" % (found.director, found.path, found.line)
+    record = {"config": path, "director": found.director, "file": found.path,
+              "line": found.line, "out": dest}
+    if print_kek and as_json:
+        record["kek"] = found.kek.decode(*_CACHE_TEXT)     # asked for with --print
+        _json_dump(record, out or sys.stdout)
+        return EXIT_OK
     if print_kek:
         out = out or _stdout_bytes()
         out.write(found.kek + b"\n")
@@ -4242,6 +4251,9 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
                            "bytes, which a key file cannot keep; use --kek-from %s instead of "
                            "a file" % (where, KEK_LENGTH, path))
     write_private_file(dest, found.kek, force=force)
+    if as_json:
+        _json_dump(record, out or sys.stdout)
+        return EXIT_OK
     sys.stdout.write("wrote the Key Encryption Key of %s to %s (mode 0600)\n" % (where, dest))
     return EXIT_OK
 
@@ -4570,7 +4582,7 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
 
 
 def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=False,
-                             skip_bad_lines=False, out=None):
+                             skip_bad_lines=False, out=None, as_json=False):
     """Add a catalog export's volumes with keys to the cache with Bareos's rules
     (under the lock, atomic write); print the counts on stdout."""
     export = read_catalog_export(export_path)
@@ -4590,6 +4602,11 @@ def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=Fa
         if write:
             write_cache(path, entries, target, backup)
     out = out or sys.stdout
+    if as_json:
+        _json_dump(dict(stats, cache=path, written=write, catalog=export_path,
+                        format=export.format, read=export.read, skipped_without_key=export.skipped,
+                        bad_lines=len(export.bad)), out)
+        return EXIT_OK
     out.write("%s: from catalog export %s (%s): %d read, %d added, %d updated, %d unchanged, "
               "%d skipped without a key, %d bad lines%s; %d expired removed; %s\n" % (
                   path, "stdin" if export_path == "-" else export_path, export.format,
@@ -4690,7 +4707,7 @@ def _sql_script(updates, path):
 
 def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None, backup=False,
               force=False, wrap_unwrapped=False, kek_sources=("the old KEK", "the new KEK"),
-              out=None, progress_stream=None):
+              out=None, progress_stream=None, as_json=False):
     """rewrap: re-wrap every key of a cache and/or catalog export with a new KEK.
 
     All keys are unwrapped, re-wrapped and verified first; any failure writes
@@ -4754,6 +4771,20 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
              "wrapped with the old KEK; export the catalog and rewrap it too (--catalog EXPORT "
              "--sql-out FILE)")
     out = out or sys.stdout
+    rewrapped = len(new_keys) - already
+    audit("rewrap: %d distinct keys re-wrapped with %s, %d already were%s%s" % (
+        rewrapped, kek_sources[1], already,
+        "; crypto cache %s: %d entries written" % (cache, cache_changes) if cache else "",
+        "; %s written" % sql_out if sql is not None else ""))
+    if as_json:
+        _json_dump({"old_kek": kek_sources[0], "new_kek": kek_sources[1],
+                    "rewrapped": rewrapped, "already_new_kek": already,
+                    "cache": cache and {"path": cache, "entries": len(entries),
+                                        "rewrapped": cache_changes,
+                                        "written": bool(cache_changes), "backup": backup},
+                    "sql_out": sql_out if sql is not None else None,
+                    "sql_updates": sql.count(b"\nUPDATE ") if sql is not None else 0}, out)
+        return EXIT_OK
     done = []
     if already:
         done.append("%d distinct keys already unwrap with %s (an earlier rewrap): left as they "
@@ -4963,7 +4994,7 @@ def _backup_names(directory, base):
     return sorted(found)
 
 
-def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
+def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None, as_json=False):
     """backup-cache: copy a readable cache to DIR/NAME.<UTC time>.bak (0600,
     atomic), read it back and compare, then keep only the newest `keep`."""
     if keep < 1:
@@ -5004,6 +5035,10 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
         except OSError as e:
             warn("could not remove old backup %s: %s" % (old, e.strerror or e))
     out = out or sys.stdout
+    if as_json:
+        _json_dump({"cache": path, "copy": target, "entries": count, "bytes": len(data),
+                    "verified": True, "pruned": pruned, "keep": keep}, out)
+        return EXIT_OK
     out.write("backup-cache: %s -> %s (%d entries, %d bytes, mode 0600, read back and "
               "verified); %d older cop%s removed, keeping %d\n"
               % (path, target, count, len(data), len(pruned), "y" if len(pruned) == 1 else "ies",
@@ -5083,10 +5118,13 @@ def _add_cache_commands(sub, common):
                    help="read the volumes and keys from a catalog export instead of stdin "
                         "(psql -A -t -F '|' output, or CSV with a VolumeName,EncryptionKey "
                         "header; '-' for stdin); prints the counts")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(run=lambda ns: op_populate_from_catalog(
-        ns.cache, ns.from_catalog, ns.now, ns.layout, ns.backup, ns.skip_bad_lines)
+        ns.cache, ns.from_catalog, ns.now, ns.layout, ns.backup, ns.skip_bad_lines,
+        as_json=ns.json)
         if ns.from_catalog else op_populate_cache(ns.cache, ns.now, ns.layout, ns.backup,
-                                                  ns.skip_bad_lines, summary=True))
+                                                  ns.skip_bad_lines, summary=True,
+                                                  as_json=ns.json))
 
     p = sub.add_parser("reset-cache", parents=[common],
                        help="set every entry's time to now (as -r)",
@@ -5145,6 +5183,7 @@ def _add_drive_commands(sub, common):
     p.add_argument("--key-desc", metavar="TEXT",
                    help="key descriptor (U-KAD) stored with each block, within the drive's "
                         "limit; never put secrets in it")
+    add_syslog_argument(p)
     p.set_defaults(run=_run_set_key)
 
     p = sub.add_parser("clear-key", parents=parents, help="clear the drive key (as -c)",
@@ -5153,6 +5192,7 @@ def _add_drive_commands(sub, common):
     p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--algorithm-index", metavar="N", type=int,
                    help="algorithm index to send (default: the drive's AES-256-GCM, else 1)")
+    add_syslog_argument(p)
     p.set_defaults(run=lambda ns: op_clear_key(ns.device, sys.stdout, ns.timeout,
                                                algorithm_index=ns.algorithm_index))
 
@@ -5218,8 +5258,9 @@ def _add_recovery_commands(sub, common):
     dest.add_argument("--print", action="store_true", dest="print_kek",
                       help="print the key on stdout instead")
     p.add_argument("--force", action="store_true", help="replace a non-empty existing --out file")
+    p.add_argument("--json", action="store_true", help="print where the KEK was found as JSON")
     p.set_defaults(run=lambda ns: op_kek_from_config(ns.config, ns.director, ns.out,
-                                                     ns.print_kek, ns.force))
+                                                     ns.print_kek, ns.force, as_json=ns.json))
 
     p = sub.add_parser(
         "load", parents=[common],
@@ -5245,6 +5286,7 @@ def _add_recovery_commands(sub, common):
                    default=DEFAULT_SCSI_TIMEOUT,
                    help="SCSI command timeout (default %d)" % DEFAULT_SCSI_TIMEOUT)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_syslog_argument(p)
     p.set_defaults(run=lambda ns: op_load_volume(
         ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
         _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
@@ -5273,6 +5315,8 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--force", action="store_true", help="replace a non-empty --sql-out file")
     p.add_argument("--wrap-unwrapped", action="store_true",
                    help="wrap keys that are not wrapped (43 characters) with the new KEK")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_syslog_argument(p)
     p.set_defaults(run=_run_rewrap)
 
     p = sub.add_parser(
@@ -5309,7 +5353,9 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--keep", metavar="N", type=int, default=DEFAULT_BACKUP_KEEP,
                    help="copies of this cache to keep, the new one included (default %d)"
                         % DEFAULT_BACKUP_KEEP)
-    p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep,
+                                                  as_json=ns.json))
 
 
 def _named_kek(ns, which):
@@ -5334,7 +5380,7 @@ def _run_rewrap(ns):
     old, old_source = _named_kek(ns, "old")
     new, new_source = _named_kek(ns, "new")
     return op_rewrap(old, new, ns.cache, ns.catalog, ns.sql_out, ns.backup, ns.force,
-                     ns.wrap_unwrapped, (old_source, new_source))
+                     ns.wrap_unwrapped, (old_source, new_source), as_json=ns.json)
 
 
 def _run_check(ns):
@@ -5659,6 +5705,9 @@ def _legacy_parser():
     a("--skip-bad-lines", action="store_true",
       help="-p: warn about bad input lines and apply the good ones")
     a("--force", action="store_true", help="allow -g to replace a non-empty key file")
+    a("--syslog", action="store_true",
+      help="-s, -c: log each key change to syslog (device, algorithm index, key instance "
+           "counter; never the key)")
     a("--version", action="version", version="bscrypto.py " + __version__)
     a("device_name", nargs="?", help="name of device (e.g. /dev/nst0)")
     return p

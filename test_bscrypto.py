@@ -3318,6 +3318,23 @@ class TestDriveCommandsIbm(DriveTestCase):
         shown = read_bytes(fixture("keys", "show_wrapped_key_with_-w.expected")).rstrip(b"\n")
         self.assertEqual(self.drive.key, shown[:31] + b"\0")
 
+    def test_syslog_logs_key_changes_never_keys(self):
+        kek, key, passphrase = wrapped_key_files(self)
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append(m)):
+            self.run_ok("set-key", self.dev, key, "-w", kek, "--syslog")
+            self.run_ok("clear-key", self.dev, "--syslog")
+            self.run_ok("-s", key, "-w", kek, "--syslog", self.dev)
+            self.run_ok("-c", "--syslog", self.dev)
+            self.run_ok("set-key", self.dev, key, "-w", kek)           # no --syslog: no line
+        self.assertEqual(len(logged), 4, logged)
+        for line, what, counter in zip(logged, ("loaded", "cleared") * 2, range(1, 5)):
+            self.assertTrue(line.startswith("%s: key %s: algorithm index " % (self.dev, what)),
+                            line)
+            self.assertTrue(line.endswith("key instance counter %d" % counter), line)
+            self.assertNotIn(passphrase[:8].decode(), line)
+
     def test_subcommands_and_counter(self):
         kek, key, _ = wrapped_key_files(self)
         out, _ = self.run_ok("set-key", self.dev, key, "-w", kek)
@@ -4241,6 +4258,17 @@ Job { Name = x; Client = y }
         for args in (["--kek", keyfile, "--kek-from", conf], ["--director", "x"]):
             self.assertRaises(bscrypto.UsageError, bscrypto.kek_from_arguments, parser.parse_args(args))
 
+    def test_json(self):
+        conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        out = self.path("kek.key")
+        rc, stdout, err = cli("kek-from-config", conf, "--out", out, "--json")
+        self.assertEqual((rc, err), (0, ""))
+        doc = json.loads(stdout.decode())
+        self.assertEqual((doc["director"], doc["out"], doc["file"]), ("bareos-dir", out, conf))
+        self.assertNotIn(KEK, stdout.decode())              # the key only with --print
+        rc, stdout, _ = cli("kek-from-config", conf, "--print", "--json")
+        self.assertEqual(json.loads(stdout.decode())["kek"], KEK)
+
     def test_command_writes_private_file(self):
         conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
         out = self.path("kek.key")
@@ -4514,6 +4542,23 @@ class RecoveryDriveTestCase(DriveTestCase):
 
 
 class TestLoad(RecoveryDriveTestCase):
+    def test_syslog_and_json_error(self):
+        cache = self.wrapped_cache()
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append((m, error))):
+            self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek, "--syslog")
+            rc, out, _ = cli("load", self.dev, "--cache", cache, "--syslog", "--json")
+        self.assertEqual(logged[0], ("%s: key of volume Full-0042 loaded (from crypto cache %s): "
+                                     "algorithm index 1, key instance counter 3"
+                                     % (self.dev, cache), False))
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
+        self.assertTrue(logged[1][1] and logged[1][0].startswith("failed (exit 3): load:"))
+        self.assertNotIn(self.PASSPHRASE[:31].decode(), repr(logged))
+        doc = json.loads(out.decode())
+        self.assertEqual(sorted(doc), ["error", "exit_code"])
+        self.assertEqual(doc["exit_code"], bscrypto.EXIT_UNWRAP)
+
     def test_label_cache_kek_makes_the_tape_readable(self):
         self.assertEqual(self.data_readable(), (7, 0x74, 0x01))  # before: no key
         cache = self.wrapped_cache()
@@ -5220,6 +5265,57 @@ class TestBackupCache(RecoveryCacheTestCase):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+class TestJsonOutput(RecoveryCacheTestCase):
+    """--json on populate-cache, rewrap, backup-cache; errors as {error, exit_code}."""
+
+    def json_of(self, *args, **kw):
+        rc, out, err = cli(*args, **kw)
+        return rc, json.loads(out.decode()), err
+
+    def test_populate_cache(self):
+        path = self.path("c.cryptoc")
+        rc, doc, err = self.json_of("populate-cache", path, "--json", stdin=b"A\tka\nB\tkb\n")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(doc, {"cache": path, "added": 2, "updated": 0, "unchanged": 0,
+                               "expired_removed": 0, "written": True, "bad_lines": 0})
+        export = self.write("m.txt", b"A|%s\nC|%s\nD|\n" % (B64_PLAIN.encode(),
+                                                           B64_WRAPPED.encode()))
+        rc, doc, err = self.json_of("populate-cache", path, "--from-catalog", export, "--json")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual((doc["added"], doc["updated"], doc["read"], doc["skipped_without_key"],
+                          doc["format"], doc["written"]), (1, 1, 3, 1, "psql", True))
+
+    def test_rewrap_and_backup_cache(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append(m)):
+            rc, doc, err = self.json_of("rewrap", "--old-kek", old, "--new-kek", new, "--cache",
+                                        path, "--json", "--syslog")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual((doc["rewrapped"], doc["already_new_kek"], doc["cache"]["written"],
+                          doc["cache"]["rewrapped"]), (3, 0, True, 3))
+        self.assertEqual(logged, ["rewrap: 3 distinct keys re-wrapped with KEK file %s, 0 already "
+                                  "were; crypto cache %s: 3 entries written" % (new, path)])
+        os.mkdir(self.path("backups"))
+        rc, doc, err = self.json_of("backup-cache", path, self.path("backups"), "--json")
+        self.assertEqual((rc, doc["entries"], doc["verified"], doc["pruned"]), (0, 3, True, []))
+        self.assertEqual(read_bytes(doc["copy"]), read_bytes(path))
+
+    def test_errors_are_json_objects_on_stdout(self):
+        for args, code in ((["dump-cache", self.path("missing"), "--json"], bscrypto.EXIT_CACHE),
+                           (["backup-cache", "--json"], bscrypto.EXIT_USAGE),
+                           (["check", "--json"], bscrypto.CHECK_UNABLE)):
+            rc, doc, err = self.json_of(*args)
+            self.assertEqual((rc, doc["exit_code"], sorted(doc)), (code, code,
+                                                                  ["error", "exit_code"]), args)
+            self.assertIn(doc["error"].split(":")[0], err)      # the same text on stderr
+        rc, out, _ = cli("dump-cache", self.path("missing"))
+        self.assertEqual(out, b"")                              # only when --json was asked
+
 
 class TestLegacyCommandLine(unittest.TestCase):
     """Bareos's argument rules, messages and exit code 1."""
