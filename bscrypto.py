@@ -5856,6 +5856,10 @@ def main(argv=None):
             raise
         return _failed("internal error: %s: %s (rerun with -d 1 for a traceback and please "
                        "report it)" % (type(e).__name__, e), EXIT_INTERNAL)
+    finally:
+        # Called in-process (tests, scripts): leave no -d, --syslog or --json behind.
+        _set_debug(0)
+        SYSLOG = JSON_ERRORS = False
 
 
 def _failed(message, code, printed=False):

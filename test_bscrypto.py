@@ -471,7 +471,7 @@ class TestKeyFiles(TempDirTestCase):
         wrapped = self.write("w", bscrypto.wrap_passphrase(b"K" * 32, b"q" * 32).encode())
         for args, typed, want in ((["-k", "-"], b"secret\n", b"secret\n"),
                                   (["-k", wrapped, "-w", "-"], b"K" * 32 + b"\n", b"q" * 32 + b"\n"),
-                                  (["-k", "-", "-w", kek], open(wrapped, "rb").read() + b"\n",
+                                  (["-k", "-", "-w", kek], read_bytes(wrapped) + b"\n",
                                    b"q" * 32 + b"\n")):
             rc, out, err = run_on_terminal(args, typed, timeout=5)
             self.assertEqual((rc, err), (0, b""), args)
@@ -5459,6 +5459,12 @@ class TestAdminHabits(TempDirTestCase):
         self.assertEqual(rc, bscrypto.EXIT_USAGE)
         self.assertIn("did you mean check?", err)
 
+    def test_main_leaves_no_debug_level_behind(self):
+        # Else later in-process calls print debug lines into `make test` output.
+        rc, _, err = cli("-d", "3", "--json", "generate", self.path("k"))
+        self.assertEqual((bscrypto.DEBUG_LEVEL, bscrypto.SYSLOG, bscrypto.JSON_ERRORS),
+                         (0, False, False))
+
     def test_global_options_before_the_command(self):
         key = self.path("k")
         for args in (["-d", "1", "generate", key], ["--dt", "-d2", "generate", key + "2"],
@@ -5619,7 +5625,16 @@ class TestPython2Guard(unittest.TestCase):
             self.assertNotEqual(python2_problems(snippet), [], snippet)
 
 
-class TestLicense(unittest.TestCase):
+class TestRepository(unittest.TestCase):
+    def test_interoperability_tests_skip_without_reference(self):
+        env = dict(os.environ, BSCRYPTO_REFERENCE=os.path.join(HERE, "no-such-reference"))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "test_bscrypto.py"),
+                                 "TestKeyFileFixtures"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        out = proc.communicate()[0].decode()
+        self.assertEqual(proc.returncode, 0, out)
+        self.assertRegex(out, r"\n0 passed, 0 failed, [1-9]\d* skipped\n")
+
     def test_license_file_and_spdx_line(self):
         with open(os.path.join(HERE, "LICENSE")) as f:
             text = f.read()
