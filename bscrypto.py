@@ -3255,19 +3255,25 @@ def add_kek_from_arguments(parser):
                              "have a Key Encryption Key")
 
 
-def kek_from_arguments(ns, kek_option="kek"):
-    """KEK text from --kek FILE (if the command has it) or --kek-from, else None."""
-    kek_file = getattr(ns, kek_option, None) if kek_option else None
-    if kek_file and ns.kek_from:
-        raise UsageError("give the KEK either as a file (--%s) or with --kek-from, not both"
-                         % kek_option.replace("_", "-"))
-    if ns.director and not ns.kek_from:
-        raise UsageError("--director only applies with --kek-from")
-    if kek_file:
-        return read_key_file(kek_file, "KEK file", kek=True)
-    if ns.kek_from:
-        return kek_from_config(ns.kek_from, ns.director)
-    return None
+def kek_from_arguments(ns, which=None):
+    """(KEK text, description) from --kek FILE or --kek-from CONFIG [--director
+    NAME]; with which="old" or "new" from --old-kek, --old-kek-from, ...
+    (rewrap).  (None, None) when none is given."""
+    prefix, option, name = (which + "_", "--%s-" % which, which + " KEK") if which \
+        else ("", "--", "KEK")
+    path = getattr(ns, prefix + "kek", None)
+    config = getattr(ns, prefix + "kek_from")
+    director = getattr(ns, prefix + "director")
+    if path and config:
+        raise UsageError("give the %s either as a file (%skek) or with %skek-from, not both"
+                         % (name, option, option))
+    if director and not config:
+        raise UsageError("%sdirector only applies with %skek-from" % (option, option))
+    if path:
+        return read_key_file(path, name + " file", kek=True), _kek_description(path)
+    if config:
+        return kek_from_config(config, director), _kek_description(None, config, director)
+    return None, None
 
 
 # -- catalog exports --
@@ -5288,9 +5294,8 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_syslog_argument(p)
     p.set_defaults(run=lambda ns: op_load_volume(
-        ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
-        _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
-        ns.algorithm_index))
+        ns.device, ns.cache, ns.catalog, *(kek_from_arguments(ns) + (
+            ns.volume, ns.json, ns.timeout, ns.algorithm_index))))
 
     p = sub.add_parser(
         "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",
@@ -5358,37 +5363,22 @@ def _add_recovery_commands(sub, common):
                                                   as_json=ns.json))
 
 
-def _named_kek(ns, which):
-    """(KEK text, description) from --WHICH-kek or --WHICH-kek-from."""
-    path = getattr(ns, which + "_kek")
-    config = getattr(ns, which + "_kek_from")
-    director = getattr(ns, which + "_director")
-    if path and config:
-        raise UsageError("give the %s KEK either with --%s-kek or with --%s-kek-from, not both"
-                         % (which, which, which))
-    if director and not config:
-        raise UsageError("--%s-director only applies with --%s-kek-from" % (which, which))
-    if path:
-        return read_key_file(path, "%s KEK file" % which, kek=True), _kek_description(path)
-    if config:
-        return kek_from_config(config, director), _kek_description(None, config, director)
-    raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"
-                     % (which, which, which))
-
-
 def _run_rewrap(ns):
-    old, old_source = _named_kek(ns, "old")
-    new, new_source = _named_kek(ns, "new")
+    (old, old_source), (new, new_source) = [kek_from_arguments(ns, w) for w in ("old", "new")]
+    for which, kek in (("old", old), ("new", new)):
+        if kek is None:
+            raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"
+                             % (which, which, which))
     return op_rewrap(old, new, ns.cache, ns.catalog, ns.sql_out, ns.backup, ns.force,
                      ns.wrap_unwrapped, (old_source, new_source), as_json=ns.json)
 
 
 def _run_check(ns):
     try:
-        kek_text = kek_from_arguments(ns)
+        kek_text, kek_source = kek_from_arguments(ns)
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
-    return op_check(ns.cache, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director),
+    return op_check(ns.cache, kek_text, kek_source,
                     ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
 
 

@@ -4252,11 +4252,24 @@ Job { Name = x; Client = y }
         conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
         keyfile = self.write("kek.key", b"file-kek\n")
         self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek-from", conf])),
-                         KEK.encode())
-        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek", keyfile])), b"file-kek")
-        self.assertIsNone(bscrypto.kek_from_arguments(parser.parse_args([])))
+                         (KEK.encode(), "the Key Encryption Key in %s" % conf))
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek", keyfile])),
+                         (b"file-kek", "KEK file %s" % keyfile))
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args([])), (None, None))
         for args in (["--kek", keyfile, "--kek-from", conf], ["--director", "x"]):
             self.assertRaises(bscrypto.UsageError, bscrypto.kek_from_arguments, parser.parse_args(args))
+        # The same function reads rewrap's --old-kek/--new-kek families.
+        named = argparse.ArgumentParser()
+        for option in ("--old-kek", "--old-kek-from", "--old-director"):
+            named.add_argument(option)
+        self.assertEqual(bscrypto.kek_from_arguments(named.parse_args(
+            ["--old-kek-from", conf, "--old-director", "bareos-dir"]), "old"),
+            (KEK.encode(), "the Key Encryption Key in %s (Director bareos-dir)" % conf))
+        with self.assertRaises(bscrypto.UsageError) as cm:
+            bscrypto.kek_from_arguments(named.parse_args(["--old-kek", keyfile,
+                                                          "--old-kek-from", conf]), "old")
+        self.assertIn("give the old KEK either as a file (--old-kek) or with --old-kek-from",
+                      str(cm.exception))
 
     def test_json(self):
         conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
