@@ -5111,10 +5111,9 @@ def _add_cache_commands(sub, common):
 
     p = sub.add_parser("populate-cache", parents=[common],
                        help="add VolumeName<TAB>Key lines from stdin (as -p)",
-                       description="Read VolumeName<TAB>EncryptionKey lines from standard "
-                                   "input and update the cache with Bareos's rules: a known "
-                                   "name gets the new key and time now, expired entries go, "
-                                   "new names are appended. Any bad line: nothing is written.")
+                       description="Add VolumeName<TAB>EncryptionKey lines from stdin with Bareos's rules "
+                                   "(nothing is written if a line is bad). Example: bscrypto.py "
+                                   "populate-cache CACHE --from-catalog media.txt")
     cache_arg(p)
     writer_args(p)
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -5166,9 +5165,8 @@ def _add_drive_commands(sub, common):
 
     p = sub.add_parser(
         "set-key", parents=parents, help="load a key into a tape drive (as -s)",
-        description="Load the key of a Bareos key file into the drive, as Bareos does "
-                    "(key bytes: passphrase[:31] + NUL), with the drive's AES-256-GCM "
-                    "algorithm index read from its capabilities page.")
+        description="Load a Bareos key file's key into the drive as Bareos does (passphrase[:31] + NUL). "
+                    "Example: bscrypto.py set-key /dev/nst0 vol.key -w kek.key")
     p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
@@ -5236,12 +5234,8 @@ def _add_recovery_commands(sub, common):
     """Disaster-recovery subcommands."""
     p = sub.add_parser(
         "label", parents=[common], help="show the Bareos volume label of a tape or volume file",
-        description="Read the first block of a Bareos volume and print its label (volume "
-                    "name, pool, media type, label times). A tape device is rewound, one "
-                    "block is read and it is rewound again; nothing is written and the "
-                    "drive's block mode is not changed. The label is never encrypted: if the "
-                    "read fails with an I/O error while a key is loaded, clear it first. A "
-                    "file is read as a Bareos File volume; '-' reads a block from stdin.")
+        description="Print the Bareos volume label of a tape (rewound, one block read, never written) or a "
+                    "volume file. Example: bscrypto.py label --name /dev/nst0")
     p.add_argument("source", metavar="DEVICE|FILE", help="tape device (/dev/nst0) or volume file")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the label as JSON")
@@ -5251,11 +5245,8 @@ def _add_recovery_commands(sub, common):
     p = sub.add_parser(
         "kek-from-config", parents=[common],
         help="copy the Key Encryption Key from a Bareos config into a key file",
-        description="Find 'Key Encryption Key' in the Director resources of a Bareos "
-                    "configuration (bareos-sd.conf, bareos-dir.conf, a bareos-sd.d or "
-                    "bareos-dir.d directory, or /etc/bareos) and write it to a new key file, "
-                    "mode 0600, for use with -w/--kek. The key is printed only with --print. "
-                    "@include lines are not followed; they are reported.")
+        description="Copy the Key Encryption Key of a Bareos configuration into a 0600 key file. Example: "
+                    "bscrypto.py kek-from-config /etc/bareos --out kek.key")
     p.add_argument("config", metavar="CONFIG", help="configuration file or directory")
     p.add_argument("--director", metavar="NAME",
                    help="the Director resource to use when several have a Key Encryption Key")
@@ -5271,13 +5262,8 @@ def _add_recovery_commands(sub, common):
     p = sub.add_parser(
         "load", parents=[common],
         help="load the key of the tape in the drive: label, cache/catalog, KEK, drive",
-        description="One-step recovery: read the volume label from DEVICE (rewound before "
-                    "and after, never written), find the volume's key in the crypto cache "
-                    "and/or a catalog export, unwrap it with the KEK if it is wrapped (54 "
-                    "characters; 43 characters is a key that is not wrapped), load it into "
-                    "the drive as Bareos does and confirm encryption Encrypt and decryption "
-                    "Mixed. Every failure names its step and what to try. The key is never "
-                    "printed.")
+        description="Load the key of the tape in the drive: label, cache and/or catalog, KEK, drive, "
+                    "confirmed. Example: bscrypto.py load /dev/nst0 --cache CACHE --kek-from /etc/bareos")
     p.add_argument("device", metavar="DEVICE", nargs="?", help=DEVICE_HELP)
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
     p.add_argument("--catalog", metavar="EXPORT",
@@ -5299,12 +5285,8 @@ def _add_recovery_commands(sub, common):
 
     p = sub.add_parser(
         "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",
-        description="Unwrap every key of the crypto cache and/or a catalog export with the "
-                    "old KEK, wrap it with the new one and check that it unwraps to the same "
-                    "passphrase, all before writing anything: one key that fails aborts with "
-                    "the list of failing volumes. Then writes UPDATE statements for the "
-                    "catalog to --sql-out (mode 0600) and the cache (atomically, times added "
-                    "kept). Keys that are not wrapped stop it unless --wrap-unwrapped.")
+        description="Re-wrap every key with a new KEK, all verified before anything is written. Example: "
+                    "bscrypto.py rewrap --old-kek old.key --new-kek new.key --cache CACHE")
     for which in ("old", "new"):
         p.add_argument("--%s-kek" % which, metavar="KEKFILE", help="the %s KEK file" % which)
         p.add_argument("--%s-kek-from" % which, metavar="CONFIG",
@@ -5326,11 +5308,9 @@ def _add_recovery_commands(sub, common):
 
     p = sub.add_parser(
         "check", parents=[common], help="prove DR readiness of a crypto cache (for cron)",
-        description="Check that every cache entry decodes and unwraps with the KEK, that "
-                    "none expires within --max-age-days, and (with --catalog) that every "
-                    "catalog volume with a key is cached with the same key. Prints a summary "
-                    "and one 'problem:' line per problem. Exit 0 healthy, 1 problems found, "
-                    "2 could not check (cache, KEK or export unreadable, bad arguments).")
+        description="Prove that every cached key unwraps and none expires soon; exit 0 healthy, 1 "
+                    "problems, 2 could not check. Example: bscrypto.py check --quiet --cache CACHE "
+                    "--kek-from /etc/bareos")
     p.add_argument("--cache", metavar="CACHE", required=True, help="crypto cache to check")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="KEK file the keys are wrapped with")
     add_kek_from_arguments(p)
@@ -5349,10 +5329,8 @@ def _add_recovery_commands(sub, common):
 
     p = sub.add_parser(
         "backup-cache", parents=[common], help="verified, timestamped copy of a crypto cache",
-        description="Copy a readable crypto cache to DIR/<name>.<UTC time>.bak (mode 0600, "
-                    "written atomically), read the copy back and compare it, then remove "
-                    "this cache's older copies in DIR beyond --keep. Other files in DIR are "
-                    "never touched. A cache that does not read is not copied.")
+        description="Copy a readable crypto cache to DIR (timestamped, verified) and prune older copies. "
+                    "Example: bscrypto.py backup-cache CACHE /srv/backup --keep 14")
     p.add_argument("cache", metavar="CACHE", help="crypto cache file")
     p.add_argument("directory", metavar="DIR", help="directory for the copies")
     p.add_argument("--keep", metavar="N", type=int, default=DEFAULT_BACKUP_KEEP,
