@@ -538,7 +538,7 @@ def read_key_file(path, what="key file", prompt=True, kek=False):
     if not data:
         raise KeyFileError("%s %s is empty" % (what, source))
     buffer = bareos_key_buffer(data)
-    text = buffer.split(b"\0", 1)[0]
+    text = strip_key_text(data)
     nul = data.find(b"\0", 0, KEY_FILE_READ_LIMIT)
     if kek:
         if not kek_from_text(buffer).strip(b"\0"):

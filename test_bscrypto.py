@@ -409,6 +409,7 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(bscrypto.strip_key_text(b"key \r\n \n"), b"key")
         self.assertEqual(bscrypto.strip_key_text(b"key\t"), b"key\t")
         self.assertEqual(bscrypto.strip_key_text(b"x" * 70), b"x" * 64)
+        self.assertEqual(bscrypto.strip_key_text(b"abc \0def \n"), b"abc")     # a C string
 
     def test_nul_ends_a_key_as_in_bareos(self):
         # Bareos reads a key file as a C string: nothing from the first NUL on.
