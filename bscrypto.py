@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: AGPL-3.0-or-later
 """bscrypto.py - Bareos tape encryption keys, crypto cache and LTO drive keys.
 
 A drop-in, standard-library-only replacement for Bareos's ``bscrypto`` tool,
@@ -23,6 +24,12 @@ import struct
 import sys
 import time
 from collections import namedtuple
+
+# Run by Python 2 on an old rescue host: one line, not a traceback.  The file
+# stays parseable by Python 2.7 so that this check can run at all.
+if sys.version_info < (3, 6):
+    sys.stderr.write("bscrypto.py needs Python 3.6 or later: run it with python3\n")
+    sys.exit(1)
 
 __version__ = "1.0.0"
 
@@ -55,6 +62,8 @@ KEY_FILE_STRIP = b"\n\r "
 # Bareos uses the first 16 bytes of the KEK file (AES-128), zero padded.
 KEK_LENGTH = 16
 KEY_PROMPT = "Enter Encryption Key (close with ^D): "
+# -b -k: Bareos decodes into 36 bytes and refuses longer text (prints nothing).
+BASE64_KEY_LIMIT = 48
 
 # Exit codes: one per class of failure so scripts can tell them apart.
 # 1 is what Bareos's bscrypto uses for every usage error; keep it for those.
@@ -76,10 +85,16 @@ EXIT_WRONG_KEY = 14        # the drive cannot decrypt the tape with the loaded k
 EXIT_SD_NOT_READY = 15     # prepare-sd: the storage daemon's setup misses requirements
 EXIT_KIT_INCOMPLETE = 16   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
+# The original flags' usage errors exit as Bareos's CLI11 parser does.
+EXIT_CLI_CONVERSION = 104  # a value of the wrong kind (-d abc)
+EXIT_CLI_EXCLUDES = 108    # options Bareos does not combine (-g F -k F)
+EXIT_CLI_EXTRAS = 109      # an unknown option or a second device name
+EXIT_CLI_NOT_FOUND = 113   # -dt (Bareos: use --dt)
+EXIT_CLI_MISMATCH = 114    # an option without its value, or given twice
 
 EXIT_CODES = (
     (EXIT_OK, "success"),
-    (EXIT_USAGE, "usage error (as Bareos bscrypto); selftest failure"),
+    (EXIT_USAGE, "usage error of a subcommand or Bareos's own checks; selftest failure"),
     (EXIT_KEY_FILE, "key file unreadable, malformed or already exists"),
     (EXIT_UNWRAP, "key unwrap failed: wrong KEK or corrupt key"),
     (EXIT_CACHE, "crypto cache unreadable or not writable (left untouched)"),
@@ -96,6 +111,11 @@ EXIT_CODES = (
     (EXIT_SD_NOT_READY, "prepare-sd: storage daemon requirements missing"),
     (EXIT_KIT_INCOMPLETE, "dr-kit: kit incomplete (named ...-INCOMPLETE) or not written"),
     (EXIT_INTERNAL, "internal error (a bug)"),
+    (EXIT_CLI_CONVERSION, "original flags: a value of the wrong kind (-d abc), as Bareos"),
+    (EXIT_CLI_EXCLUDES, "original flags: options Bareos does not combine (-g F -k F)"),
+    (EXIT_CLI_EXTRAS, "original flags: unknown option or a second device name"),
+    (EXIT_CLI_NOT_FOUND, "original flags: -dt (use --dt)"),
+    (EXIT_CLI_MISMATCH, "original flags: option without its value, or given twice"),
 )
 
 
@@ -129,8 +149,9 @@ DEFAULT_SCSI_TIMEOUT = 60
 CACHE_LAYOUT_NAMES = ("lp64-le", "ilp32-le", "lp64-be", "ilp32-be")
 
 
-# Debug level set by -d/--debug; debug() never receives key material.
+# Debug level set by -d/--debug-level; debug() never receives key material.
 DEBUG_LEVEL = 0
+DEBUG_TIMESTAMPS = False        # --dt/--debug-timestamps, as Bareos
 
 
 def _program():
@@ -149,7 +170,31 @@ def _program():
 
 def debug(level, message):
     if DEBUG_LEVEL >= level:
-        sys.stderr.write("bscrypto: debug: %s\n" % message)
+        stamp = ""
+        if DEBUG_TIMESTAMPS:
+            now = time.time()
+            stamp = time.strftime("%d-%b-%Y %H:%M:%S", time.localtime(now)) + \
+                ".%06d " % (now % 1 * 1e6)
+        sys.stderr.write("%sbscrypto: debug: %s\n" % (stamp, message))
+
+
+# --syslog: one line per key change or check result, as stenc logs every key
+# change (device, volume, algorithm index, key instance counter; never keys).
+SYSLOG = False
+# --json: an error is also printed on stdout as {"error": ..., "exit_code": ...}.
+JSON_ERRORS = False
+
+
+def audit(message, error=False):
+    """Log one line to syslog when --syslog was given; never pass key material."""
+    if SYSLOG:
+        _syslog_send(message, error)
+
+
+def _syslog_send(message, error=False):
+    import syslog
+    syslog.openlog("bscrypto", syslog.LOG_PID, syslog.LOG_USER)
+    syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_NOTICE, message)
 
 
 # ---------------------------------------------------------------------------
@@ -401,24 +446,29 @@ def b64encode(data):
     return binascii.b2a_base64(bytes(data)).rstrip(b"=\n").decode("ascii")
 
 
-def b64decode(text):
-    """Decode Bareos base64: stops at the first space, padding optional.
+def b64decode(text, need=None):
+    """Decode Bareos base64: stops at the first space, padding optional, a
+    last lone character (length 1 mod 4) ignored, as Bareos's Base64ToBin.
 
-    Bareos decodes invalid characters as zero bits; we refuse them instead,
-    because a mistyped key silently becomes a different key.  The message
-    gives positions, never the characters: they are key material.
+    Bareos decodes invalid characters as zero bits; we refuse them when they
+    change the key, because a mistyped key silently becomes a different key.
+    When the caller uses only the first `need` bytes, characters after those
+    bytes (a key file ending in a TAB) are ignored as Bareos ignores them.
+    The message gives positions, never the characters: they are key material.
     """
     if isinstance(text, str):
         text = text.encode("ascii", "replace")      # any other character is refused below
     text = text.split(b" ", 1)[0].rstrip(b"=")
     bad = [i for i, c in enumerate(text, 1) if c not in _B64_ALPHABET]
+    if bad and need is not None and (bad[0] - 1) * 6 // 8 >= need:
+        text, bad = text[:bad[0] - 1], []           # the bad ones add no bit to those bytes
     if bad:
         raise ValueError("not base64: %d of its %d characters %s outside the base64 alphabet "
                          "(the first at position %d)" % (len(bad), len(text),
                                                           "is" if len(bad) == 1 else "are",
                                                           bad[0]))
     if len(text) % 4 == 1:
-        raise ValueError("not base64: %d characters cannot encode whole bytes" % len(text))
+        text = text[:-1]        # its 6 bits make no whole byte: Bareos drops them
     return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
 
 
@@ -458,7 +508,7 @@ def wrap_passphrase(kek_text, passphrase):
 
 def unwrap_passphrase(kek_text, wrapped_b64):
     """Inverse of wrap_passphrase; ValueError for bad base64, UnwrapError for a bad KEK."""
-    wrapped = b64decode(wrapped_b64)
+    wrapped = b64decode(wrapped_b64, WRAPPED_LENGTH)
     if len(wrapped) % 8 or len(wrapped) < 24:
         raise ValueError("decodes to %d bytes, a wrapped key is %d" % (len(wrapped), WRAPPED_LENGTH))
     return aes_key_unwrap(kek_from_text(kek_text), wrapped)
@@ -469,13 +519,30 @@ def unwrap_passphrase(kek_text, wrapped_b64):
 # ---------------------------------------------------------------------------
 
 
+def bareos_key_buffer(data):
+    """What Bareos's zeroed 64-byte buffer holds after reading a key file.
+
+    Bareos strips trailing \\n, \\r and spaces from the C string (up to the
+    first NUL), turning them into NULs; bytes after a NUL stay in the buffer.
+    A key is the C string; a KEK is the buffer's first 16 bytes.
+    """
+    data = bytes(data[:KEY_FILE_READ_LIMIT])
+    end = data.find(b"\0")
+    if end < 0:
+        return data.rstrip(KEY_FILE_STRIP)
+    text = data[:end].rstrip(KEY_FILE_STRIP)
+    return text + bytes(end - len(text)) + data[end:]
+
+
 def strip_key_text(data):
-    """Bareos's key-file rule: first 64 bytes, trailing \\n, \\r and spaces removed."""
-    return bytes(data[:KEY_FILE_READ_LIMIT]).rstrip(KEY_FILE_STRIP)
+    """Bareos's key rule: the first 64 bytes up to the first NUL, trailing
+    \\n, \\r and spaces removed."""
+    return bareos_key_buffer(data).split(b"\0", 1)[0]
 
 
-def read_key_file(path, what="key file", prompt=True):
-    """Read a key file (or stdin for '-') the way Bareos does."""
+def read_key_file(path, what="key file", prompt=True, kek=False):
+    """Read a key file (or stdin for '-') the way Bareos does: the key text,
+    or with kek=True the buffer whose first 16 bytes are the KEK."""
     if path == "-":
         if prompt:
             sys.stdout.write(KEY_PROMPT)
@@ -487,16 +554,46 @@ def read_key_file(path, what="key file", prompt=True):
                 data = f.read(KEY_FILE_READ_LIMIT)
         except OSError as e:
             raise KeyFileError("cannot read %s %s: %s" % (what, path, e.strerror or e))
+    source = "on stdin" if path == "-" else path
+    if not data:
+        raise KeyFileError("%s %s is empty" % (what, source))
+    buffer = bareos_key_buffer(data)
     text = strip_key_text(data)
+    nul = data.find(b"\0", 0, KEY_FILE_READ_LIMIT)
+    if kek:
+        if not kek_from_text(buffer).strip(b"\0"):
+            raise KeyFileError("%s %s is blank: Bareos would have used an all-zero KEK; "
+                               "refused (give the real KEK file)" % (what, source))
+        if 0 <= nul < KEK_LENGTH:
+            warn("%s %s has a NUL byte at offset %d: as Bareos, the KEK is its first %d "
+                 "bytes as they are" % (what, source, nul, KEK_LENGTH))
+        return buffer
     if not text:
-        raise KeyFileError("%s %s is empty" % (what, "on stdin" if path == "-" else path))
+        raise KeyFileError("%s %s is blank%s: Bareos would have used an empty key; refused"
+                           % (what, source, " before its first NUL byte" if nul >= 0 else ""))
+    if nul >= 0:
+        warn("%s %s has a NUL byte at offset %d: as Bareos, the key ends there" % (what, source,
+                                                                                   nul))
     return text
+
+
+def _terminal_fd(stream):
+    """The file descriptor of stream when it is a terminal, else None."""
+    try:
+        fd = stream.fileno()
+        return fd if os.isatty(fd) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _read_stdin_bytes(limit):
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:
         return sys.stdin.read(limit).encode("latin-1")
+    fd = _terminal_fd(stream)
+    if fd is not None:
+        # As Bareos's one read(): a terminal returns the line at Enter or ^D.
+        return os.read(fd, limit)
     data = b""
     while len(data) < limit:
         chunk = stream.read(limit - len(data))
@@ -667,8 +764,12 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
                               "(wrong KEK, or the key is corrupt or truncated)"
                               % (source, kek_source))
     if base64:
+        if len(text) > BASE64_KEY_LIMIT:
+            raise KeyFileError("%s holds %d characters of base64; Bareos decodes at most %d "
+                               "and would print an empty key: refused"
+                               % (source, len(text), BASE64_KEY_LIMIT))
         try:
-            return b64decode(text)
+            return b64decode(text, PASSPHRASE_LENGTH)
         except ValueError as e:
             raise KeyFileError("%s is not base64: %s" % (source, str(e)[len("not base64: "):]))
     return text[:PASSPHRASE_LENGTH]
@@ -679,7 +780,7 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 
 def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
     """-g: make a new passphrase (optionally base64 or wrapped) into dest."""
-    kek_text = read_key_file(kek_path, "KEK file") if kek_path else None
+    kek_text = read_key_file(kek_path, "KEK file", kek=True) if kek_path else None
     text = make_key_text(generate_passphrase(), kek_text, base64)
     if dest == "-":
         out = out or _stdout_bytes()
@@ -696,12 +797,13 @@ def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None, kek_
     """-k / show: print the passphrase held in a key file.  The KEK comes from
     kek_path, or as kek_text (described by kek_source) from --kek-from."""
     if kek_text is None and kek_path:
-        kek_text, kek_source = read_key_file(kek_path, "KEK file"), kek_path
+        kek_text, kek_source = read_key_file(kek_path, "KEK file", kek=True), kek_path
     text = read_key_file(source, prompt=prompt)
     name = "stdin" if source == "-" else source
     passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
     out = out or _stdout_bytes()
-    out.write(passphrase + b"\n")
+    # Bareos prints "%.*s" of 32: at most 32 bytes, up to a NUL.
+    out.write(passphrase.split(b"\0", 1)[0][:PASSPHRASE_LENGTH] + b"\n")
     out.flush()
     return EXIT_OK
 
@@ -731,7 +833,7 @@ CACHE_STRING_SIZE = 128                 # Bareos MAX_NAME_LENGTH: 127 bytes and 
 CACHE_EXPIRY_SECONDS = 60 * 24 * 3600   # Bareos CRYPTO_CACHE_MAX_AGE
 CACHE_NEW_FILE_MODE = 0o640             # what Bareos creates
 DEFAULT_CACHE_PATH = "/var/lib/bareos/bareos-sd.9103.cryptoc"
-CACHE_PROMPT = "Enter cache entrie(s) (close with ^D): "
+CACHE_PROMPT = "Enter cache entries (close with ^D): "
 _CACHE_TEXT = ("utf-8", "surrogateescape")
 
 # An entry is struct { dlink (2 pointers); char VolumeName[128];
@@ -823,15 +925,17 @@ _PLAUSIBLE_CHECKED = 64
 def _plausible_entries(data, layout, count):
     """How many of the first entries look real under this layout.
 
-    Real: a non-empty NUL-terminated name, a NUL-terminated key and a time
-    after 1970 and before year 36812.  Read with the wrong layout, the time
-    lands in the zero tail of a key and the name on pointer bytes.
+    Real: a non-empty name, a NUL in the name or the key (Bareos reads one
+    without a NUL too) and a time after 1970 and before year 36812.  Read
+    with the wrong layout, the time lands in the zero tail of a key and the
+    name on pointer bytes.
     """
     st = _entry_struct(layout)
     score = 0
     for i in range(min(count, _PLAUSIBLE_CHECKED)):
         name, key, added = st.unpack_from(data, CACHE_HEADER_SIZE + i * layout.entry_size)
-        if name[:1] not in (b"", b"\0") and b"\0" in name and b"\0" in key and 0 < added < 1 << 40:
+        if name[:1] not in (b"", b"\0") and (b"\0" in name or b"\0" in key) \
+                and 0 < added < 1 << 40:
             score += 1
     return score
 
@@ -855,6 +959,12 @@ def _detect_layout(data, source):
         raise CacheError("%s: header gives a negative entry count (%d): damaged; left untouched"
                          % (source, count))
     body = size - CACHE_HEADER_SIZE
+    if count == 0:
+        # No entry to tell the layouts apart; Bareos reads this as empty
+        # whatever follows (bytes after the count are warned about).
+        host = host_cache_layout()
+        return [lay for lay in CACHE_LAYOUTS if lay.byteorder == order
+                and lay.pointer_size == host.pointer_size][0], 0
     fits = [lay for lay in CACHE_LAYOUTS if lay.byteorder == order
             and body >= count * lay.entry_size]
     if not fits:
@@ -904,8 +1014,16 @@ def parse_cache(data, source="crypto cache", raw=False):
         n = name.find(b"\0")
         k = key.find(b"\0")
         if n < 0 or k < 0:
-            raise CacheError("%s: the %s of entry %d is not NUL-terminated: damaged; left "
-                             "untouched" % (source, "volume name" if n < 0 else "key", i + 1))
+            # Bareos reads such an entry (its strings run on into the next
+            # field); a copy keeps 127 bytes, as its bstrncpy would.
+            for what, value in (("volume name", n), ("key", k)):
+                if value < 0:
+                    warn("%s: the %s of entry %d fills all %d bytes without a NUL; read as "
+                         "its first %d bytes (truncated)" % (source, what, i + 1,
+                                                             CACHE_STRING_SIZE,
+                                                             CACHE_STRING_SIZE - 1))
+            n = CACHE_STRING_SIZE - 1 if n < 0 else n
+            k = CACHE_STRING_SIZE - 1 if k < 0 else k
         if raw:
             append(make(name[:n], key[:k], added))
         else:
@@ -1131,11 +1249,16 @@ def _read_cache_input(stream, interactive):
             lines.pop()
         return lines
     lines = []
+    fd = _terminal_fd(stream)
     while True:
-        line = stream.readline()
+        # A terminal returns each line at Enter; a line ended by ^D has no
+        # newline and is the last one (no second ^D needed).
+        line = os.read(fd, 4096) if fd is not None else stream.readline()
         if not line or not line.rstrip(b"\r\n "):
             return lines
         lines.append(line)
+        if fd is not None and not line.endswith(b"\n"):
+            return lines
 
 
 # -- rendering: Bareos's table, JSON, the populate TSV --
@@ -1555,9 +1678,10 @@ def _permission_hint():
                 "opened read-write, so a write-protected tape must be made writable")
     if not sys.platform.startswith("linux"):
         return "run as root"
-    return ("run as root, or grant CAP_SYS_RAWIO: `setcap cap_sys_rawio=ep` on the Python "
-            "binary, or in a systemd unit `CapabilityBoundingSet=CAP_SYS_RAWIO` with "
-            "`AmbientCapabilities=CAP_SYS_RAWIO`")
+    return ("run it as root (sudo): SCSI pass-through needs CAP_SYS_RAWIO. Do not `setcap` "
+            "the Python binary: that lets every Python script on this host send raw SCSI "
+            "commands to every device; a systemd unit can grant it to this one command "
+            "(`AmbientCapabilities=CAP_SYS_RAWIO`)")
 
 
 def _open_device(device):
@@ -3274,6 +3398,12 @@ def find_config_kek(path, director=None, warn=_warn):
     return chosen
 
 
+def add_syslog_argument(parser):
+    """--syslog for the commands that change keys or judge them (see audit())."""
+    parser.add_argument("--syslog", action="store_true",
+                        help="log one line per key change or result to syslog (never keys)")
+
+
 def kek_from_config(path, director=None):
     """The KEK text (bytes) of a director in a Bareos config file or
     directory; kek_from_text() turns it into the AES key."""
@@ -3290,19 +3420,25 @@ def add_kek_from_arguments(parser):
                              "have a Key Encryption Key")
 
 
-def kek_from_arguments(ns, kek_option="kek"):
-    """KEK text from --kek FILE (if the command has it) or --kek-from, else None."""
-    kek_file = getattr(ns, kek_option, None) if kek_option else None
-    if kek_file and ns.kek_from:
-        raise UsageError("give the KEK either as a file (--%s) or with --kek-from, not both"
-                         % kek_option.replace("_", "-"))
-    if ns.director and not ns.kek_from:
-        raise UsageError("--director only applies with --kek-from")
-    if kek_file:
-        return read_key_file(kek_file, "KEK file")
-    if ns.kek_from:
-        return kek_from_config(ns.kek_from, ns.director)
-    return None
+def kek_from_arguments(ns, which=None):
+    """(KEK text, description) from --kek FILE or --kek-from CONFIG [--director
+    NAME]; with which="old" or "new" from --old-kek, --old-kek-from, ...
+    (rewrap).  (None, None) when none is given."""
+    prefix, option, name = (which + "_", "--%s-" % which, which + " KEK") if which \
+        else ("", "--", "KEK")
+    path = getattr(ns, prefix + "kek", None)
+    config = getattr(ns, prefix + "kek_from")
+    director = getattr(ns, prefix + "director")
+    if path and config:
+        raise UsageError("give the %s either as a file (%skek) or with %skek-from, not both"
+                         % (name, option, option))
+    if director and not config:
+        raise UsageError("%sdirector only applies with %skek-from" % (option, option))
+    if path:
+        return read_key_file(path, name + " file", kek=True), _kek_description(path)
+    if config:
+        return kek_from_config(config, director), _kek_description(None, config, director)
+    return None, None
 
 
 # -- catalog exports --
@@ -3611,13 +3747,14 @@ def op_dump_cache(path, as_json=False, now=None, out=None):
     return EXIT_OK
 
 
-def _report_bad_lines(problems, path, skip):
+def _report_bad_lines(problems, path, skip, source="stdin"):
+    """Each bad input line with its source (stdin or the export's file name)."""
     shown = problems if skip else problems[:20]
     for number, problem in shown:
         if skip:
-            warn("line %d skipped: %s" % (number, problem))
+            warn("%s line %d skipped: %s" % (source, number, problem))
         else:
-            sys.stderr.write("bscrypto: line %d: %s\n" % (number, problem))
+            sys.stderr.write("bscrypto: %s line %d: %s\n" % (source, number, problem))
     if skip:
         return
     if len(problems) > len(shown):
@@ -3628,7 +3765,7 @@ def _report_bad_lines(problems, path, skip):
 
 
 def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=False,
-                      stream=None, interactive=None, summary=False):
+                      stream=None, interactive=None, summary=False, as_json=False):
     """-p: add VolumeName<TAB>EncryptionKey lines from stdin with Bareos's rules.
 
     Nothing is written when any line is bad (unless skip_bad_lines), when the
@@ -3663,7 +3800,9 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
             % (path, stats["added"], stats["updated"], stats["unchanged"],
                stats["expired_removed"], "written" if write else "nothing changed, not written"))
     debug(1, text)
-    if summary:
+    if as_json:
+        _json_dump(dict(stats, cache=path, written=write, bad_lines=len(problems)), sys.stdout)
+    elif summary:
         sys.stdout.write(text + "\n")
     return EXIT_OK
 
@@ -4296,6 +4435,8 @@ def op_load_key(device, key, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=N
         raise KeyFileError("a drive key is %d bytes, got %d" % (DRIVE_KEY_LENGTH, len(key)))
     with _drive(device, timeout, transport) as t:
         status, algorithm = load_drive_key(t, key, options)
+    audit("%s: key loaded: algorithm index %d, key instance counter %d"
+          % (device, status.algorithm_index, status.key_instance_counter))
     if out is not None:
         out.write(_key_loaded_line(device, status, algorithm))
         out.flush()
@@ -4307,6 +4448,8 @@ def op_clear_key(device, out=None, timeout=DEFAULT_SCSI_TIMEOUT, transport=None,
     """-c / clear-key: encryption and decryption off, zero key (Bareos's page)."""
     with _drive(device, timeout, transport) as t:
         status = clear_drive_key(t, algorithm_index)
+    audit("%s: key cleared: algorithm index %d, key instance counter %d"
+          % (device, status.algorithm_index, status.key_instance_counter))
     if out is not None:
         out.write("%s: key cleared: encryption %s, decryption %s, key instance counter %d\n"
                   % (device, _name(ENCRYPTION_MODE_NAMES, status.encryption_mode),
@@ -4336,7 +4479,7 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
                                    % (hex_key_file, e.strerror or e))
         return parse_hex_key_file(data, hex_key_file)
     if kek_text is None and kek_file:
-        kek_text, kek_source = read_key_file(kek_file, "KEK file"), kek_file
+        kek_text, kek_source = read_key_file(kek_file, "KEK file", kek=True), kek_file
     text = read_key_file(key_file, prompt=prompt)
     name = "stdin" if key_file == "-" else key_file
     passphrase = passphrase_from_key_text(text, name, kek_text, kek_source, base64, wrapped)
@@ -4695,11 +4838,18 @@ def op_label(source, as_json=False, name_only=False, ops=None, out=None):
     return EXIT_OK
 
 
-def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None):
+def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=False, out=None,
+                       as_json=False):
     """kek-from-config: copy a director's KEK out of a Bareos config into a
     0600 key file usable with -w/--kek; printed only when asked to."""
     found = find_config_kek(path, director)
     where = "Director %r (%s line %d)" % (found.director, found.path, found.line)
+    record = {"config": path, "director": found.director, "file": found.path,
+              "line": found.line, "out": dest}
+    if print_kek and as_json:
+        record["kek"] = found.kek.decode(*_CACHE_TEXT)     # asked for with --print
+        _json_dump(record, out or sys.stdout)
+        return EXIT_OK
     if print_kek:
         out = out or _stdout_bytes()
         out.write(found.kek + b"\n")
@@ -4707,11 +4857,14 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
         return EXIT_OK
     # A key file loses trailing spaces and all after 64 bytes (Bareos's
     # rule); refuse if that would change the AES key Bareos derives.
-    if kek_from_text(strip_key_text(found.kek)) != kek_from_text(found.kek):
+    if kek_from_text(bareos_key_buffer(found.kek)) != kek_from_text(found.kek):
         raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
                            "bytes, which a key file cannot keep; use --kek-from %s instead of "
                            "a file" % (where, KEK_LENGTH, path))
     write_private_file(dest, found.kek, force=force)
+    if as_json:
+        _json_dump(record, out or sys.stdout)
+        return EXIT_OK
     sys.stdout.write("wrote the Key Encryption Key of %s to %s (mode 0600)\n" % (where, dest))
     return EXIT_OK
 
@@ -4814,7 +4967,9 @@ _CATALOG_HINT = ("export the catalog's keys (psql -A -t -F '|' -c \"%s\" bareos 
 def _label_failure(device, error, timeout, transport):
     """The load error for a label that cannot be read, with the drive's key state
     when the drive can tell it (a key in decrypt mode refuses the plain label)."""
-    hint = "; or give --volume NAME to skip reading the label"
+    # --volume helps only when the drive works but its label does not read.
+    hint = "; or give --volume NAME to skip reading the label" \
+        if error.exit_code == EXIT_LABEL else ""
     text = "load: reading the volume label failed: %s" % error
     if getattr(error, "kind", None) == "io":
         try:
@@ -4830,7 +4985,9 @@ def _label_failure(device, error, timeout, transport):
                     % (device, os.strerror(errno.EIO),
                        _BAREOS_DECRYPTION_MODE[status.decryption_mode], _program(), device))
         elif status is not None:
-            text += " (the drive holds no key that refuses the label)"
+            text = ("load: reading the volume label failed: %s: %s reading the first block, "
+                    "and the drive holds no key that refuses the label: the tape is blank or "
+                    "damaged, or not a Bareos volume" % (device, os.strerror(errno.EIO)))
     return BscryptoError(text + hint, error.exit_code)
 
 
@@ -4870,6 +5027,33 @@ def _find_key(want, cache, catalog):
         want, cache, entries, catalog, export), EXIT_NOT_FOUND)
 
 
+def edit_distance(a, b, limit=None):
+    """Levenshtein distance of two strings (or bytes); above limit once
+    every path exceeds it (the exact value then does not matter)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        if limit is not None and min(cur) > limit:
+            return limit + 1
+        prev = cur
+    return prev[-1]
+
+
+def near_names(want, names, distance=2, most=5):
+    """Names other than want within `distance` edits of it, case ignored
+    (Full-001 finds Full-0001 and full-001); closest first."""
+    lower = want.lower()
+    found = {}
+    for name in names:
+        if name != want and abs(len(name) - len(want)) <= distance and name not in found:
+            d = edit_distance(lower, name.lower(), distance)
+            if d <= distance:
+                found[name] = d
+    return sorted(found, key=lambda n: (found[n], n))[:most]
+
+
 def _not_found_text(want, cache, entries, catalog, export):
     places = []
     names = []
@@ -4887,10 +5071,9 @@ def _not_found_text(want, cache, entries, catalog, export):
         places.append("catalog export %s (%d volumes with a key)" % (catalog, len(export.entries)))
     text = "volume %s is %s" % (_shown(want), "in neither %s nor %s" % tuple(places)
                                 if len(places) == 2 else "not in " + places[0])
-    lower = want.lower()
-    close = sorted({_shown(n) for n in names if n.lower() == lower and n != want})
+    close = near_names(want, names, 1)      # volumes are numbered: 2 edits match too many
     if close:
-        text += "; names differing only in case: %s" % ", ".join(close)
+        text += "; near-miss names: %s" % ", ".join(_shown(n) for n in close)
     if cache and catalog is None:
         text += ": the cache only holds volumes mounted in the last 60 days; " + (
             _CATALOG_HINT % (_program(), cache))
@@ -4976,6 +5159,8 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
         check = _verify_loaded(t, shown, source, label, algorithm_index) if verify else None
     name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
             if algorithm is not None else None)
+    audit("%s: key of volume %s loaded (from %s): algorithm index %d, key instance counter %d"
+          % (device, shown, source, status.algorithm_index, status.key_instance_counter))
     if as_json:
         record = {"device": device, "volume": shown,
                   "volume_from": "label" if label is not None else "--volume",
@@ -5038,12 +5223,13 @@ def _verify_loaded(transport, shown, source, label, algorithm_index):
 
 
 def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=False,
-                             skip_bad_lines=False, out=None):
+                             skip_bad_lines=False, out=None, as_json=False):
     """Add a catalog export's volumes with keys to the cache with Bareos's rules
     (under the lock, atomic write); print the counts on stdout."""
     export = read_catalog_export(export_path)
     if export.bad:
-        _report_bad_lines(export.bad, path, skip_bad_lines)
+        _report_bad_lines(export.bad, path, skip_bad_lines,
+                          "stdin" if export_path == "-" else export_path)
     now = resolve_now(now)
     target = cache_layout(layout)
     with cache_lock(path):
@@ -5057,6 +5243,11 @@ def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=Fa
         if write:
             write_cache(path, entries, target, backup)
     out = out or sys.stdout
+    if as_json:
+        _json_dump(dict(stats, cache=path, written=write, catalog=export_path,
+                        format=export.format, read=export.read, skipped_without_key=export.skipped,
+                        bad_lines=len(export.bad)), out)
+        return EXIT_OK
     out.write("%s: from catalog export %s (%s): %d read, %d added, %d updated, %d unchanged, "
               "%d skipped without a key, %d bad lines%s; %d expired removed; %s\n" % (
                   path, "stdin" if export_path == "-" else export_path, export.format,
@@ -5074,9 +5265,11 @@ def rewrap_keys(keys, old_kek_text, new_kek_text, wrap_unwrapped=False, progress
     """Re-wrap each distinct key text under the new KEK, each result verified.
 
     Returns (new key by old key, failures {key: why}, plain [keys not wrapped
-    that were left alone]).  A wrapped key must unwrap with the old KEK; a
-    plain one is wrapped only with wrap_unwrapped.  Deterministic: RFC 3394
-    with the default IV gives one wrapped form per passphrase and KEK.
+    that were left alone]).  A wrapped key must unwrap with the old KEK, or
+    already with the new one (a run repeated after a complete or partial
+    rotation): such a key maps to itself.  A plain one is wrapped only with
+    wrap_unwrapped.  Deterministic: RFC 3394 with the default IV gives one
+    wrapped form per passphrase and KEK.
     """
     old, new = kek_from_text(old_kek_text), kek_from_text(new_kek_text)
     result, failures, plain = {}, {}, []
@@ -5092,7 +5285,11 @@ def rewrap_keys(keys, old_kek_text, new_kek_text, wrap_unwrapped=False, progress
             try:
                 passphrase = aes_key_unwrap(old, raw)
             except UnwrapError:
-                failures[key] = "integrity check failed with the old KEK"
+                try:
+                    aes_key_unwrap(new, raw)
+                    result[key] = key           # already re-wrapped by an earlier run
+                except UnwrapError:
+                    failures[key] = "integrity check failed with the old KEK (and the new one)"
                 continue
         elif wrap_unwrapped:
             passphrase = raw
@@ -5151,7 +5348,7 @@ def _sql_script(updates, path):
 
 def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None, backup=False,
               force=False, wrap_unwrapped=False, kek_sources=("the old KEK", "the new KEK"),
-              out=None, progress_stream=None):
+              out=None, progress_stream=None, as_json=False):
     """rewrap: re-wrap every key of a cache and/or catalog export with a new KEK.
 
     All keys are unwrapped, re-wrapped and verified first; any failure writes
@@ -5189,6 +5386,7 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                                                 wrap_unwrapped, progress)
         if failures or plain:
             raise _rewrap_refusal(failures, plain, uses)
+        already = sum(1 for key, new_key in new_keys.items() if key == new_key)
         new_entries = [CacheEntry(e.volume_name, new_keys[e.encryption_key], e.added)
                        for e in entries]
         sql = None
@@ -5202,25 +5400,46 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                     named.add(e.volume_name)
                     updates.append((e.volume_name, e.encryption_key))
             sql = _sql_script(updates, sql_out)
+        cache_changes = sum(1 for a, b in zip(entries, new_entries) if a != b)
         if cache:
             build_cache(new_entries, layout)        # refuse before writing anything
         if sql is not None:
             write_private_file(sql_out, sql, force=force)
-        if cache:
+        if cache and cache_changes:
             write_cache(cache, new_entries, layout, backup)
     if export is None:
         warn("only the cache's volumes were re-wrapped: the catalog's other volumes keep keys "
              "wrapped with the old KEK; export the catalog and rewrap it too (--catalog EXPORT "
              "--sql-out FILE)")
     out = out or sys.stdout
+    rewrapped = len(new_keys) - already
+    audit("rewrap: %d distinct keys re-wrapped with %s, %d already were%s%s" % (
+        rewrapped, kek_sources[1], already,
+        "; crypto cache %s: %d entries written" % (cache, cache_changes) if cache else "",
+        "; %s written" % sql_out if sql is not None else ""))
+    if as_json:
+        _json_dump({"old_kek": kek_sources[0], "new_kek": kek_sources[1],
+                    "rewrapped": rewrapped, "already_new_kek": already,
+                    "cache": cache and {"path": cache, "entries": len(entries),
+                                        "rewrapped": cache_changes,
+                                        "written": bool(cache_changes), "backup": backup},
+                    "sql_out": sql_out if sql is not None else None,
+                    "sql_updates": sql.count(b"\nUPDATE ") if sql is not None else 0}, out)
+        return EXIT_OK
     done = []
-    if cache:
+    if already:
+        done.append("%d distinct keys already unwrap with %s (an earlier rewrap): left as they "
+                    "are" % (already, kek_sources[1]))
+    if cache and cache_changes:
         done.append("crypto cache %s: %d entries re-wrapped, times added kept%s"
-                    % (cache, len(entries), " (old copy kept as .bak)" if backup else ""))
+                    % (cache, cache_changes, " (old copy kept as .bak)" if backup else ""))
+    elif cache:
+        done.append("crypto cache %s: every entry already wrapped with the new KEK; not "
+                    "written" % cache)
     if sql is not None:
         done.append("%s: %d UPDATE statements (mode 0600)" % (sql_out, sql.count(b"\nUPDATE ")))
     out.write("rewrap: %d distinct keys unwrapped with %s, wrapped with %s and verified\n"
-              % (len(new_keys), kek_sources[0], kek_sources[1]))
+              % (len(new_keys) - already, kek_sources[0], kek_sources[1]))
     for line in done:
         out.write("rewrap: %s\n" % line)
     out.write("rewrap: next: %sset Key Encryption Key to the new KEK in the Director resources "
@@ -5233,14 +5452,24 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
 # -- check: DR readiness for cron (exit 0 healthy, 1 problems, 2 could not check) --
 
 
-def check_keys(entries, kek_text, now, days, export=None, progress=None):
+_INTEGRITY_FAILED = "fails the integrity check"
+
+
+def check_keys(entries, kek_text, now, days, export=None, progress=None, cache="CACHE",
+               catalog=None):
     """Check cache entries (and an export) for DR readiness; a dict of counts
-    with "problems", one text line each.
+    with "problems", one text line each, ending with what to run.
 
     Every cache entry must decode and unwrap, none may expire within `days`,
     and every catalog volume with a key must be cached with the same key
-    (the same passphrase in another form counts as the same key).
+    (the same passphrase in another form counts as the same key).  When no
+    wrapped key unwraps, one line says "wrong KEK?" instead of one per key.
     """
+    populate = "run `bscrypto.py populate-cache %s --from-catalog %s`" % (
+        cache, catalog or "EXPORT")
+    reset = "run `bscrypto.py reset-cache %s`" % cache
+    other_kek = ("try the Director's KEK: --kek-from /etc/bareos (--director NAME when "
+                 "there are several)")
     kek = kek_from_text(kek_text) if kek_text is not None else None
     passphrases = {}          # key text -> passphrase, or None (reason in why)
     why = {}
@@ -5258,63 +5487,82 @@ def check_keys(entries, kek_text, now, days, export=None, progress=None):
             except ValueError as e:
                 passphrases[key], why[key] = None, "is not a Bareos key: %s" % e
             except UnwrapError:
-                passphrases[key], why[key] = None, ("fails the integrity check: does not "
-                                                    "unwrap with the KEK")
+                passphrases[key], why[key] = None, _INTEGRITY_FAILED
         return passphrases[key]
 
-    problems = [] if entries else ["the cache holds no entries: nothing to recover with"]
+    problems = [] if entries else ["the cache holds no entries: nothing to recover with; "
+                                   + populate]
     report = {"entries": len(entries), "wrapped": 0, "plain": 0, "next_expiry": None,
               "problems": problems}
+    unwrap_failed = []        # indexes in problems of keys failing the integrity check
+
+    def key_problem(key, text):
+        if why[key] == _INTEGRITY_FAILED:
+            unwrap_failed.append(len(problems))
+            problems.append("%s %s: wrong KEK for it, or damaged; %s" % (text, why[key],
+                                                                         populate))
+        else:
+            problems.append("%s %s; %s" % (text, why[key], populate))
     limit = now + days * 86400
     by_name = {}
     for e in entries:
         by_name.setdefault(e.volume_name, []).append(e)
         name = _shown(e.volume_name)
         if passphrase(e.encryption_key) is None:
-            problems.append("volume %s: cache key %s" % (name, why[e.encryption_key]))
+            key_problem(e.encryption_key, "volume %s: cache key" % name)
         else:
             report["wrapped" if forms[e.encryption_key] else "plain"] += 1
         expires = e.added + CACHE_EXPIRY_SECONDS
         if report["next_expiry"] is None or expires < report["next_expiry"][0]:
             report["next_expiry"] = (expires, name)
         if expires < now:
-            problems.append("volume %s: expired %s (Bareos drops it at its next cache update)"
-                            % (name, _local_time(expires)))
+            problems.append("volume %s: expired %s (Bareos drops it at its next cache update); "
+                            "%s" % (name, _local_time(expires), reset))
         elif expires < limit:
-            problems.append("volume %s: expires %s, within %d days"
-                            % (name, _local_time(expires), days))
+            problems.append("volume %s: expires %s, within %d days; %s"
+                            % (name, _local_time(expires), days, reset))
     for name, same in by_name.items():
         if len({e.encryption_key for e in same}) > 1:
-            problems.append("volume %s: %d cache entries with different keys"
-                            % (_shown(name), len(same)))
+            problems.append("volume %s: %d cache entries with different keys; %s"
+                            % (_shown(name), len(same), populate))
     if export is not None:
         report.update(catalog=len(export.entries), catalog_same=0,
                       catalog_skipped=export.skipped)
         for number, problem in export.bad:
-            problems.append("catalog line %d: %s" % (number, problem))
+            problems.append("catalog export %s line %d: %s; run the export again"
+                            % (catalog, number, problem))
         for name, key in export.entries:
             cached = by_name.get(name)
             mine = passphrase(key)
             if mine is None:
-                problems.append("volume %s: catalog key %s" % (_shown(name), why[key]))
+                key_problem(key, "volume %s: catalog key" % _shown(name))
             elif not cached:
-                problems.append("volume %s: has a key in the catalog but is not in the cache"
-                                % _shown(name))
+                problems.append("volume %s: has a key in the catalog but is not in the cache; "
+                                "%s" % (_shown(name), populate))
             elif any(e.encryption_key == key or passphrase(e.encryption_key) == mine
                      for e in cached):
                 report["catalog_same"] += 1
             else:
-                problems.append("volume %s: the cache holds a different key than the catalog"
-                                % _shown(name))
+                problems.append("volume %s: the cache holds a different key than the catalog; "
+                                "%s" % (_shown(name), populate))
+    unwrapped = sum(1 for key, wrapped in forms.items()
+                    if wrapped and passphrases.get(key) is not None)
+    if len(unwrap_failed) > 1 and not unwrapped:
+        # The same cause N times: say it once.
+        failed = set(unwrap_failed)
+        problems[:] = ["none of the %d wrapped keys unwraps with the KEK: wrong KEK? %s"
+                       % (len(unwrap_failed), other_kek)] + \
+            [p for i, p in enumerate(problems) if i not in failed]
     if progress is not None:
         progress.finish()
     return report
 
 
 def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, catalog=None,
-             now=None, out=None, progress_stream=None):
-    """check: a summary and one line per problem on stdout; returns CHECK_HEALTHY
-    or CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check."""
+             now=None, out=None, progress_stream=None, quiet=False, as_json=False):
+    """check: a summary and one line per problem on stdout (nothing when healthy
+    and quiet); returns CHECK_HEALTHY or CHECK_PROBLEMS, raises with
+    CHECK_UNABLE when it cannot check."""
     try:
         if days < 0:
             raise UsageError("--max-age-days must be 0 or more")
@@ -5331,7 +5579,7 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
     report = check_keys(entries, kek_text, now, days, export,
-                        _Progress("check", len(keys), progress_stream))
+                        _Progress("check", len(keys), progress_stream), cache, catalog)
     lines = ["crypto cache %s: %d entries, %d wrapped, %d not wrapped, %s" % (
         cache, report["entries"], report["wrapped"], report["plain"],
         "unwrapped with %s" % kek_source if kek_text is not None else "no KEK given")]
@@ -5345,13 +5593,30 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
                          catalog, report["catalog"], report["catalog_same"],
                          report["catalog_skipped"]))
     problems = report["problems"]
+    verdict = ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
+               if problems else "healthy")
+    audit("check: crypto cache %s: %d entries: %s" % (cache, report["entries"], verdict),
+          error=bool(problems))
     out = out or sys.stdout
+    code = CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    if as_json:
+        expiry = report["next_expiry"]
+        _json_dump({"cache": cache, "kek": kek_source if kek_text is not None else None,
+                    "entries": report["entries"], "wrapped": report["wrapped"],
+                    "not_wrapped": report["plain"], "window_days": days, "now": now,
+                    "next_expiry": expiry and {"time": expiry[0], "volume": expiry[1]},
+                    "catalog": catalog and {"export": catalog, "volumes": report["catalog"],
+                                            "same_key": report["catalog_same"],
+                                            "without_key": report["catalog_skipped"]},
+                    "problems": problems, "healthy": not problems, "exit_code": code}, out)
+        return code
+    if quiet and not problems:
+        return code
     out.write("".join("check: %s\n" % line for line in lines))
     out.write("".join("problem: %s\n" % line for line in problems))
-    out.write("check: %s\n" % ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
-                               if problems else "healthy"))
+    out.write("check: %s\n" % verdict)
     out.flush()
-    return CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    return code
 
 
 # -- backup-cache: verified, timestamped copies, pruned --
@@ -5370,7 +5635,7 @@ def _backup_names(directory, base):
     return sorted(found)
 
 
-def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
+def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None, as_json=False):
     """backup-cache: copy a readable cache to DIR/NAME.<UTC time>.bak (0600,
     atomic), read it back and compare, then keep only the newest `keep`."""
     if keep < 1:
@@ -5411,6 +5676,10 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None):
         except OSError as e:
             warn("could not remove old backup %s: %s" % (old, e.strerror or e))
     out = out or sys.stdout
+    if as_json:
+        _json_dump({"cache": path, "copy": target, "entries": count, "bytes": len(data),
+                    "verified": True, "pruned": pruned, "keep": keep}, out)
+        return EXIT_OK
     out.write("backup-cache: %s -> %s (%d entries, %d bytes, mode 0600, read back and "
               "verified); %d older cop%s removed, keeping %d\n"
               % (path, target, count, len(data), len(pruned), "y" if len(pruned) == 1 else "ies",
@@ -6531,10 +6800,7 @@ def _add_key_commands(sub, common):
     add_kek_from_arguments(p)
     p.add_argument("-b", "--base64", action="store_true", help="the file holds base64")
     p.add_argument("--as-is", action="store_true", help=AS_IS_HELP)
-    p.set_defaults(run=lambda ns: op_show_key(
-        ns.file, None, ns.base64, prompt=sys.stdin.isatty(), kek_text=kek_from_arguments(ns),
-        kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
-        wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE))
+    p.set_defaults(run=_run_show)
 
     p = sub.add_parser("selftest", parents=[common], help="run the built-in known-answer tests",
                        description="Run the known-answer tests built into this file: the "
@@ -6568,10 +6834,9 @@ def _add_cache_commands(sub, common):
 
     p = sub.add_parser("populate-cache", parents=[common],
                        help="add VolumeName<TAB>Key lines from stdin (as -p)",
-                       description="Read VolumeName<TAB>EncryptionKey lines from standard "
-                                   "input and update the cache with Bareos's rules: a known "
-                                   "name gets the new key and time now, expired entries go, "
-                                   "new names are appended. Any bad line: nothing is written.")
+                       description="Add VolumeName<TAB>EncryptionKey lines from stdin with Bareos's rules "
+                                   "(nothing is written if a line is bad). Example: bscrypto.py "
+                                   "populate-cache CACHE --from-catalog media.txt")
     cache_arg(p)
     writer_args(p)
     p.add_argument("--skip-bad-lines", action="store_true",
@@ -6581,10 +6846,13 @@ def _add_cache_commands(sub, common):
                    help="read the volumes and keys from a catalog export instead of stdin "
                         "(psql -A -t -F '|' output, or CSV with a VolumeName,EncryptionKey "
                         "header; '-' for stdin); prints the counts")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(run=lambda ns: op_populate_from_catalog(
-        ns.cache, ns.from_catalog, ns.now, ns.layout, ns.backup, ns.skip_bad_lines)
+        ns.cache, ns.from_catalog, ns.now, ns.layout, ns.backup, ns.skip_bad_lines,
+        as_json=ns.json)
         if ns.from_catalog else op_populate_cache(ns.cache, ns.now, ns.layout, ns.backup,
-                                                  ns.skip_bad_lines, summary=True))
+                                                  ns.skip_bad_lines, summary=True,
+                                                  as_json=ns.json))
 
     p = sub.add_parser("reset-cache", parents=[common],
                        help="set every entry's time to now (as -r)",
@@ -6620,10 +6888,9 @@ def _add_drive_commands(sub, common):
 
     p = sub.add_parser(
         "set-key", parents=parents, help="load a key into a tape drive (as -s)",
-        description="Load the key of a Bareos key file into the drive, as Bareos does "
-                    "(key bytes: passphrase[:31] + NUL), with the drive's AES-256-GCM "
-                    "algorithm index read from its capabilities page.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+        description="Load a Bareos key file's key into the drive as Bareos does (passphrase[:31] + NUL). "
+                    "Example: bscrypto.py set-key /dev/nst0 vol.key -w kek.key")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("keyfile", nargs="?", help="Bareos key file ('-' reads stdin)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="the key file is wrapped with this KEK")
     add_kek_from_arguments(p)
@@ -6645,14 +6912,16 @@ def _add_drive_commands(sub, common):
     p.add_argument("--key-desc", metavar="TEXT",
                    help="key descriptor (U-KAD) stored with each block, within the drive's "
                         "limit; never put secrets in it")
+    add_syslog_argument(p)
     p.set_defaults(run=_run_set_key)
 
     p = sub.add_parser("clear-key", parents=parents, help="clear the drive key (as -c)",
                        description="Turn the drive's encryption and decryption off and "
                                    "replace its key with zeros (Bareos's clear page).")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--algorithm-index", metavar="N", type=int,
                    help="algorithm index to send (default: the drive's AES-256-GCM, else 1)")
+    add_syslog_argument(p)
     p.set_defaults(run=lambda ns: op_clear_key(ns.device, sys.stdout, ns.timeout,
                                                algorithm_index=ns.algorithm_index))
 
@@ -6661,7 +6930,7 @@ def _add_drive_commands(sub, common):
                        description="Print the drive's data encryption status in Bareos's "
                                    "words; --detail adds the drive's identity, algorithms, "
                                    "key instance counter, key descriptor and next block.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--detail", action="store_true", help="more than Bareos prints")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=lambda ns: op_drive_status(ns.device, ns.detail, ns.json, ns.timeout))
@@ -6670,7 +6939,7 @@ def _add_drive_commands(sub, common):
                        help="show the next block's encryption status (as -v)",
                        description="Print the encryption status of the block at the tape's "
                                    "current position, in Bareos's words.")
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=lambda ns: op_volume_status(ns.device, ns.json, ns.timeout,
                                                    readable=True))
@@ -6687,6 +6956,13 @@ def _add_drive_commands(sub, common):
     p.set_defaults(run=lambda ns: op_verify(ns.device, ns.json, ns.timeout))
 
 
+def _run_show(ns):
+    kek_text, kek_source = kek_from_arguments(ns)
+    return op_show_key(ns.file, None, ns.base64, prompt=sys.stdin.isatty(), kek_text=kek_text,
+                       kek_source=kek_source,
+                       wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE)
+
+
 def _run_set_key(ns):
     if (ns.keyfile is None) == (ns.hex_key is None):
         raise UsageError("set-key needs a key file or --hex-key FILE (one of them)")
@@ -6695,10 +6971,10 @@ def _run_set_key(ns):
     options = drive_key_options(algorithm_index=ns.algorithm_index, ckod=ns.ckod,
                                 raw_read=ns.raw_read, decrypt_only=ns.decrypt_only,
                                 key_desc=ns.key_desc)
+    kek_text, kek_source = kek_from_arguments(ns)
     return op_set_key(ns.device, ns.keyfile, None, ns.base64, ns.hex_key, ns.timeout,
-                      sys.stdout, options, prompt=sys.stdin.isatty(),
-                      kek_text=kek_from_arguments(ns),
-                      kek_source=_kek_description(ns.kek, ns.kek_from, ns.director),
+                      sys.stdout, options, prompt=sys.stdin.isatty(), kek_text=kek_text,
+                      kek_source=kek_source,
                       wrapped=WRAPPED_ALLOW if ns.as_is else WRAPPED_REFUSE)
 
 
@@ -6706,12 +6982,8 @@ def _add_recovery_commands(sub, common):
     """Disaster-recovery subcommands."""
     p = sub.add_parser(
         "label", parents=[common], help="show the Bareos volume label of a tape or volume file",
-        description="Read the first block of a Bareos volume and print its label (volume "
-                    "name, pool, media type, label times). A tape device is rewound, one "
-                    "block is read and it is rewound again; nothing is written and the "
-                    "drive's block mode is not changed. The label is never encrypted: if the "
-                    "read fails with an I/O error while a key is loaded, clear it first. A "
-                    "file is read as a Bareos File volume; '-' reads a block from stdin.")
+        description="Print the Bareos volume label of a tape (rewound, one block read, never written) or a "
+                    "volume file. Example: bscrypto.py label --name /dev/nst0")
     p.add_argument("source", metavar="DEVICE|FILE", help="tape device (/dev/nst0) or volume file")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the label as JSON")
@@ -6721,11 +6993,8 @@ def _add_recovery_commands(sub, common):
     p = sub.add_parser(
         "kek-from-config", parents=[common],
         help="copy the Key Encryption Key from a Bareos config into a key file",
-        description="Find 'Key Encryption Key' in the Director resources of a Bareos "
-                    "configuration (bareos-sd.conf, bareos-dir.conf, a bareos-sd.d or "
-                    "bareos-dir.d directory, or /etc/bareos) and write it to a new key file, "
-                    "mode 0600, for use with -w/--kek. The key is printed only with --print. "
-                    "@include lines are not followed; they are reported.")
+        description="Copy the Key Encryption Key of a Bareos configuration into a 0600 key file. Example: "
+                    "bscrypto.py kek-from-config /etc/bareos --out kek.key")
     p.add_argument("config", metavar="CONFIG", help="configuration file or directory")
     p.add_argument("--director", metavar="NAME",
                    help="the Director resource to use when several have a Key Encryption Key")
@@ -6734,21 +7003,18 @@ def _add_recovery_commands(sub, common):
     dest.add_argument("--print", action="store_true", dest="print_kek",
                       help="print the key on stdout instead")
     p.add_argument("--force", action="store_true", help="replace a non-empty existing --out file")
+    p.add_argument("--json", action="store_true", help="print where the KEK was found as JSON")
     p.set_defaults(run=lambda ns: op_kek_from_config(ns.config, ns.director, ns.out,
-                                                     ns.print_kek, ns.force))
+                                                     ns.print_kek, ns.force, as_json=ns.json))
 
     p = sub.add_parser(
         "load", parents=[common],
         help="load the key of the tape in the drive: label, cache/catalog, KEK, drive",
-        description="One-step recovery: read the volume label from DEVICE (rewound before "
-                    "and after, never written), find the volume's key in the crypto cache "
-                    "and/or a catalog export, unwrap it with the KEK if it is wrapped (54 "
-                    "characters; 43 characters is a key that is not wrapped), load it into "
-                    "the drive as Bareos does, confirm encryption Encrypt and decryption "
-                    "Mixed, and verify on the first data block that the key decrypts the tape "
-                    "(a wrong key is cleared again, exit %d). Every failure names its step and "
-                    "what to try. The key is never printed." % EXIT_WRONG_KEY)
-    p.add_argument("device", metavar="DEVICE", help="tape device, e.g. /dev/nst0")
+        description="Load the key of the tape in the drive: label, cache and/or catalog, KEK, "
+                    "drive, confirmed, then verified on the first data block (a wrong key is "
+                    "cleared again, exit %d). Example: bscrypto.py load /dev/nst0 --cache CACHE "
+                    "--kek-from /etc/bareos" % EXIT_WRONG_KEY)
+    p.add_argument("device", metavar="DEVICE", nargs="?", help=DEVICE_HELP)
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to look the volume up in")
     p.add_argument("--catalog", metavar="EXPORT",
                    help="catalog export (psql -A -t -F '|' or CSV) to look the volume up in; "
@@ -6764,19 +7030,15 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not check on the tape's first data block that the key decrypts it")
+    add_syslog_argument(p)
     p.set_defaults(run=lambda ns: op_load_volume(
-        ns.device, ns.cache, ns.catalog, kek_from_arguments(ns),
-        _kek_description(ns.kek, ns.kek_from, ns.director), ns.volume, ns.json, ns.timeout,
-        ns.algorithm_index, verify=ns.verify))
+        ns.device, ns.cache, ns.catalog, *(kek_from_arguments(ns) + (
+            ns.volume, ns.json, ns.timeout, ns.algorithm_index)), verify=ns.verify))
 
     p = sub.add_parser(
         "rewrap", parents=[common], help="re-wrap every key with a new KEK (KEK rotation)",
-        description="Unwrap every key of the crypto cache and/or a catalog export with the "
-                    "old KEK, wrap it with the new one and check that it unwraps to the same "
-                    "passphrase, all before writing anything: one key that fails aborts with "
-                    "the list of failing volumes. Then writes UPDATE statements for the "
-                    "catalog to --sql-out (mode 0600) and the cache (atomically, times added "
-                    "kept). Keys that are not wrapped stop it unless --wrap-unwrapped.")
+        description="Re-wrap every key with a new KEK, all verified before anything is written. Example: "
+                    "bscrypto.py rewrap --old-kek old.key --new-kek new.key --cache CACHE")
     for which in ("old", "new"):
         p.add_argument("--%s-kek" % which, metavar="KEKFILE", help="the %s KEK file" % which)
         p.add_argument("--%s-kek-from" % which, metavar="CONFIG",
@@ -6792,17 +7054,16 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--force", action="store_true", help="replace a non-empty --sql-out file")
     p.add_argument("--wrap-unwrapped", action="store_true",
                    help="wrap keys that are not wrapped (43 characters) with the new KEK")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_syslog_argument(p)
     p.set_defaults(run=_run_rewrap)
 
     p = sub.add_parser(
         "check", parents=[common], help="prove DR readiness of a crypto cache (for cron)",
-        description="Check that every cache entry decodes and unwraps with the KEK, that "
-                    "none expires within --max-age-days, and (with --catalog) that every "
-                    "catalog volume with a key is cached with the same key. Prints a summary "
-                    "and one 'problem:' line per problem. Exit 0 healthy, 1 problems found, "
-                    "2 could not check (cache, KEK or export unreadable, bad arguments). "
-                    "With --kit: verify a dr-kit offline instead (MANIFEST, cache, export, "
-                    "bootstrap volumes, KEK fingerprint, keys, the embedded tool's selftest).")
+        description="Prove that every cached key unwraps and none expires soon; exit 0 healthy, 1 "
+                    "problems, 2 could not check. With --kit DIR: verify a dr-kit offline "
+                    "instead. Example: bscrypto.py check --quiet --cache CACHE "
+                    "--kek-from /etc/bareos")
     p.add_argument("--cache", metavar="CACHE", help="crypto cache to check")
     p.add_argument("--kit", metavar="DIR", help="a kit made by dr-kit to verify (no --cache)")
     p.add_argument("-w", "--kek", metavar="KEKFILE", help="KEK file the keys are wrapped with")
@@ -6813,23 +7074,25 @@ def _add_recovery_commands(sub, common):
     p.add_argument("--catalog", metavar="EXPORT",
                    help="catalog export whose volumes must all be cached with the same key")
     p.add_argument("--now", metavar="EPOCH", type=int, help=NOW_HELP)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing when healthy (for cron: mail only problems)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_syslog_argument(p)
     p.usage_exit = CHECK_UNABLE  # cron: bad arguments are "could not check", not "problems"
     p.set_defaults(run=_run_check)
 
     p = sub.add_parser(
         "backup-cache", parents=[common], help="verified, timestamped copy of a crypto cache",
-        description="Copy a readable crypto cache to DIR/<name>.<UTC time>.bak (mode 0600, "
-                    "written atomically), read the copy back and compare it, then remove "
-                    "this cache's older copies in DIR beyond --keep. Other files in DIR are "
-                    "never touched. A cache that does not read is not copied.")
+        description="Copy a readable crypto cache to DIR (timestamped, verified) and prune older copies. "
+                    "Example: bscrypto.py backup-cache CACHE /srv/backup --keep 14")
     p.add_argument("cache", metavar="CACHE", help="crypto cache file")
     p.add_argument("directory", metavar="DIR", help="directory for the copies")
     p.add_argument("--keep", metavar="N", type=int, default=DEFAULT_BACKUP_KEEP,
                    help="copies of this cache to keep, the new one included (default %d)"
                         % DEFAULT_BACKUP_KEEP)
-    p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep))
-
-
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=lambda ns: op_backup_cache(ns.cache, ns.directory, ns.keep,
+                                                  as_json=ns.json))
 def _add_prepare_sd_command(sub, common):
     p = sub.add_parser(
         "prepare-sd", parents=[common],
@@ -6854,29 +7117,15 @@ def _add_prepare_sd_command(sub, common):
                                                 ns.now))
 
 
-def _named_kek(ns, which):
-    """(KEK text, description) from --WHICH-kek or --WHICH-kek-from."""
-    path = getattr(ns, which + "_kek")
-    config = getattr(ns, which + "_kek_from")
-    director = getattr(ns, which + "_director")
-    if path and config:
-        raise UsageError("give the %s KEK either with --%s-kek or with --%s-kek-from, not both"
-                         % (which, which, which))
-    if director and not config:
-        raise UsageError("--%s-director only applies with --%s-kek-from" % (which, which))
-    if path:
-        return read_key_file(path, "%s KEK file" % which), _kek_description(path)
-    if config:
-        return kek_from_config(config, director), _kek_description(None, config, director)
-    raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"
-                     % (which, which, which))
-
 
 def _run_rewrap(ns):
-    old, old_source = _named_kek(ns, "old")
-    new, new_source = _named_kek(ns, "new")
+    (old, old_source), (new, new_source) = [kek_from_arguments(ns, w) for w in ("old", "new")]
+    for which, kek in (("old", old), ("new", new)):
+        if kek is None:
+            raise UsageError("rewrap needs the %s KEK: --%s-kek FILE or --%s-kek-from CONFIG"
+                             % (which, which, which))
     return op_rewrap(old, new, ns.cache, ns.catalog, ns.sql_out, ns.backup, ns.force,
-                     ns.wrap_unwrapped, (old_source, new_source))
+                     ns.wrap_unwrapped, (old_source, new_source), as_json=ns.json)
 
 
 def _run_check(ns):
@@ -6885,13 +7134,13 @@ def _run_check(ns):
             raise UsageError("give --cache CACHE or --kit DIR (one of them)")
         if ns.kit is not None and ns.catalog:
             raise UsageError("--catalog does not apply to --kit: the kit holds its export")
-        kek_text = kek_from_arguments(ns)
+        kek_text, kek_source = kek_from_arguments(ns)
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
     if ns.kit is not None:
-        return op_check_kit(ns.kit, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director))
-    return op_check(ns.cache, kek_text, _kek_description(ns.kek, ns.kek_from, ns.director),
-                    ns.max_age_days, ns.catalog, ns.now)
+        return op_check_kit(ns.kit, kek_text, kek_source)
+    return op_check(ns.cache, kek_text, kek_source,
+                    ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
 
 
 def _add_kit_commands(sub, common):
@@ -6923,9 +7172,8 @@ def _add_kit_commands(sub, common):
                    help="put the KEK into the kit (then store the kit like the KEK)")
     p.add_argument("--tar", action="store_true", help="also write kit.tar inside the kit")
     p.set_defaults(run=lambda ns: op_dr_kit(
-        ns.outdir, ns.cache, ns.bsr, ns.config, ns.catalog, kek_from_arguments(ns),
-        _kek_description(ns.kek, ns.kek_from, ns.director), ns.director, ns.keep,
-        ns.include_kek, ns.tar))
+        ns.outdir, ns.cache, ns.bsr, ns.config, ns.catalog, *(kek_from_arguments(ns) + (
+            ns.director, ns.keep, ns.include_kek, ns.tar))))
 
 
 _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
@@ -6935,8 +7183,10 @@ _COMMAND_GROUPS = (_add_key_commands, _add_cache_commands, _add_drive_commands,
 def _command_parser():
     parser_class = _parser_class()
     common = parser_class(add_help=False)
-    common.add_argument("-d", "--debug", metavar="N", type=int, default=0,
-                        help="debug level (never shows key material)")
+    common.add_argument("-d", "--debug-level", "--debug", dest="debug", metavar="N", type=int,
+                        default=0, help="debug level (never shows key material)")
+    common.add_argument("--dt", "--debug-timestamps", action="store_true",
+                        help="print timestamps in debug output")
     p = parser_class(prog="bscrypto", epilog=_exit_code_epilog(),
                      formatter_class=parser_class.raw_formatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
@@ -6960,8 +7210,74 @@ def _commands_epilog():
 
 def _run_command(parser, argv):
     ns = parser.parse_args(argv)
-    _set_debug(ns.debug)
+    _set_debug(ns.debug, ns.dt)
+    _device_from_tape(ns)
     return ns.run(ns)
+
+
+def _device_from_tape(ns):
+    """A drive command without DEVICE takes $TAPE, as mt and stenc do, and says so."""
+    if not hasattr(ns, "device"):
+        return
+    tape = os.environ.get("TAPE", "")
+    # `set-key KEYFILE` with $TAPE set: the one argument is the key file.
+    if ns.command == "set-key" and tape and ns.keyfile is None and ns.hex_key is None:
+        ns.keyfile, ns.device = ns.device, None
+    if ns.device is not None:
+        return
+    if not tape:
+        raise UsageError("%s: give the DEVICE (e.g. /dev/nst0) or set $TAPE" % ns.command)
+    ns.device = tape
+    sys.stderr.write("bscrypto: %s: device %s (from $TAPE)\n" % (ns.command, tape))
+
+
+# Options that may come before the subcommand (`bscrypto.py -d 1 load ...`).
+_GLOBAL_VALUE_OPTIONS = ("-d", "--debug-level", "--debug")
+_GLOBAL_FLAGS = ("--dt", "--debug-timestamps")
+
+
+def _split_global_options(argv):
+    """(leading debug options, the rest of argv)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
+            i += 2
+        elif arg in _GLOBAL_FLAGS or (arg[:2] == "-d" and arg[2:].isdigit()) \
+                or arg.split("=", 1)[0] in _GLOBAL_VALUE_OPTIONS[1:]:
+            i += 1
+        else:
+            break
+    return argv[:i], argv[i:]
+
+
+SHORT_USAGE = """usage: bscrypto.py COMMAND [ARGS]   e.g. bscrypto.py load /dev/nst0 --cache C --kek K
+       bscrypto.py <options> [<device_name>]   (Bareos's bscrypto flags: -k, -s, -D, ...)
+'bscrypto.py help' lists the commands, 'bscrypto.py help COMMAND' shows one;
+on a new host run 'bscrypto.py selftest' first.
+"""
+
+
+def _help(parser, sub, args):
+    """help [COMMAND]: the command's --help, or the overall help."""
+    if not args:
+        return _run_legacy(["--help"])
+    if args[0] in sub.choices:
+        return _run_command(parser, [args[0], "--help"])
+    raise UsageError(_unknown_command(args[0], sub.choices) or
+                     "unknown command %r: 'bscrypto.py help' lists them" % args[0])
+
+
+def _unknown_command(word, names, rest=()):
+    """The message for a first word that is no command, or None when it may
+    be a device name for the original flags (`bscrypto.py /dev/nst0 -e`)."""
+    close = near_names(word, list(names) + ["help"])
+    if close:
+        return "unknown command %r: did you mean %s?" % (word, " or ".join(close))
+    if "/" not in word and not os.path.exists(word) and \
+            not any(arg.startswith("-") for arg in rest):
+        return "unknown command %r: 'bscrypto.py help' lists the commands" % word
+    return None
 
 
 def _run_legacy_ops(ns):
@@ -6975,14 +7291,14 @@ def _run_legacy_ops(ns):
 
 
 def _legacy_cache_ops(ns):
-    """-D, -p, -r (Bareos's order: the first one given runs)."""
+    """-D, -p, -r: the first in this order runs, on the last cache path given (as Bareos)."""
     if ns.dump_cache:
-        return op_dump_cache(ns.dump_cache, ns.json, ns.now)
+        return op_dump_cache(ns.cache_file, ns.json, ns.now)
     if ns.populate_cachefile:
-        return op_populate_cache(ns.populate_cachefile, ns.now, ns.layout, ns.backup,
+        return op_populate_cache(ns.cache_file, ns.now, ns.layout, ns.backup,
                                  ns.skip_bad_lines)
     if ns.reset_expiry_time:
-        return op_reset_cache(ns.reset_expiry_time, ns.now, ns.layout, ns.backup)
+        return op_reset_cache(ns.cache_file, ns.now, ns.layout, ns.backup)
     return None
 
 
@@ -7014,6 +7330,7 @@ def _legacy_drive_ops(ns):
 
 # --now on every command that writes or judges times (resolve_now() reads it).
 NOW_HELP = "take this Unix time as now (default $SOURCE_DATE_EPOCH, else the clock)"
+DEVICE_HELP = "tape device, e.g. /dev/nst0 or /dev/sg1 (default $TAPE, as for mt)"
 
 
 def _exit_code_epilog():
@@ -7021,6 +7338,7 @@ def _exit_code_epilog():
 
 
 _PARSER_CLASS = None
+_USAGE_ERROR = [None]       # the last usage error's text, for --json
 
 
 def _parser_class():
@@ -7063,14 +7381,37 @@ def _parser_class():
                 argparse.ArgumentParser.__init__(self, *args, **kwargs)
 
             def error(self, message):
+                self.error_exit(self.usage_exit, message)
+
+            def error_exit(self, code, message):
+                _USAGE_ERROR[0] = message
                 self.print_usage(sys.stderr)
-                self.exit(self.usage_exit, "%s: error: %s\n" % (self.prog, message))
+                self.exit(code, "%s: error: %s\n" % (self.prog, message))
 
         _PARSER_CLASS = Parser
     return _PARSER_CLASS
 
 
+# Bareos's CLI11 rules for the original flags.  Pairs of options that
+# exclude each other (CLI11's excludes() works both ways): exit 108.
+_LEGACY_EXCLUDES = ("cD ec eD gc ge kg kc ke pc pe rc re sk sc sr sD se sg "
+                    "vc vs vg vk vD vp vr").split()
+_LEGACY_CACHE_OPTIONS = ("dump_cache", "populate_cachefile", "reset_expiry_time")
+
+
+def _debug_level_arg(text):
+    import argparse
+    if text == "t":
+        raise argparse.ArgumentTypeError("the -dt option has changed: use --dt")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid debug level %r: a number" % text)
+
+
 def _legacy_parser():
+    import argparse
+
     class LegacyParser(_parser_class()):
         # The command list needs the full subcommand parser: build it only
         # when help is shown, not on every run.
@@ -7082,45 +7423,75 @@ def _legacy_parser():
         def epilog(self, value):
             pass
 
+        def error(self, message):
+            # Bareos's (CLI11) exit codes; argparse's messages say which case.
+            if "expected one argument" in message:
+                code = EXIT_CLI_MISMATCH
+            elif "--dt" in message:
+                code = EXIT_CLI_NOT_FOUND
+            elif "invalid" in message:
+                code = EXIT_CLI_CONVERSION
+            else:
+                code = EXIT_CLI_EXTRAS
+            self.error_exit(code, message)
+
+    class Given(argparse.Action):
+        # Stores the value and remembers the order options came in: a repeat
+        # is an error and the last cache path wins, as in Bareos.
+        def __call__(self, parser, ns, value, option_string=None):
+            setattr(ns, self.dest, value)
+            if ns.given is None:
+                ns.given = []
+            ns.given.append((self.dest, self.option_strings[-1], value))
+
     p = LegacyParser(
         prog="bscrypto",
         usage="%(prog)s <options> [<device_name>]\n"
               "       %(prog)s COMMAND ...   (see 'commands' below)",
         description="Bareos tape encryption keys, crypto cache and drive keys.",
         formatter_class=LegacyParser.raw_formatter)
+    p.set_defaults(given=None)
     a = p.add_argument
+    a("-?", action="help", help=argparse.SUPPRESS)
     a("-b", "--base64", action="store_true", help="perform base64 encoding of keydata")
     a("-c", "--clear-encryption", action="store_true", help="clear encryption key")
-    a("-D", "--dump-cache", metavar="<cachefile>", help="dump content of given cachefile")
-    a("-d", "--debug", metavar="<nn>", type=int, default=0, help="set debug level to <nn>")
+    a("-D", "--dump-cache", metavar="<cachefile>", action=Given,
+      help="dump content of given cachefile")
+    a("-d", "--debug-level", "--debug", dest="debug", metavar="<level>", type=_debug_level_arg,
+      default=0, help="set debug level to <level>")
+    a("--dt", "--debug-timestamps", action="store_true", help="print timestamps in debug output")
     a("-e", "--drive-encryption-status", action="store_true",
       help="show drive encryption status")
-    a("-g", "--generate-passphrase", metavar="<keyfile>",
+    a("-g", "--generate-passphrase", metavar="<keyfile>", action=Given,
       help="generate new encryption passphrase in keyfile ('-' for stdout)")
-    a("-k", "--show-keyfile", metavar="<keyfile>", help="show content of keyfile")
-    a("-p", "--populate-cachefile", metavar="<cachefile>",
+    a("-k", "--show-keyfile", metavar="<keyfile>", action=Given, help="show content of keyfile")
+    a("-p", "--populate-cachefile", metavar="<cachefile>", action=Given,
       help="populate given cachefile with crypto keys read from stdin")
-    a("-r", "--reset-expiry-time", metavar="<cachefile>",
+    a("-r", "--reset-expiry-time", metavar="<cachefile>", action=Given,
       help="reset expiry time for entries of given cachefile")
-    a("-s", "--set-encryption-key", metavar="<keyfile>",
+    a("-s", "--set-encryption-key", metavar="<keyfile>", action=Given,
       help="set encryption key loaded from keyfile")
     a("-v", "--volume-encryption-status", action="store_true",
       help="show volume encryption status")
-    a("-w", "--wrap-unwrap-key", metavar="<keyfile>",
+    a("-w", "--wrap-unwrap-key", metavar="<keyfile>", action=Given,
       help="wrap/unwrap the key using RFC3394 aes-(un)wrap using the key in "
            "keyfile as a Key Encryption Key")
     # drive: SCSI command timeout (not in Bareos)
     a("--timeout", metavar="SECONDS", type=_timeout_arg, default=DEFAULT_SCSI_TIMEOUT,
-      help="SCSI command timeout for -s, -c, -e, -v (default %d)" % DEFAULT_SCSI_TIMEOUT)
+      action=Given, help="SCSI command timeout for -s, -c, -e, -v (default %d)"
+                         % DEFAULT_SCSI_TIMEOUT)
     # Crypto cache options (bscrypto.py additions, for -D, -p and -r).
     a("--json", action="store_true", help="-D: print the cache as JSON")
     a("--backup", action="store_true", help="-p, -r: first keep a timestamped copy of the cache")
-    a("--now", metavar="EPOCH", type=int, help=NOW_HELP)
-    a("--layout", choices=CACHE_LAYOUT_NAMES,
+    a("--now", metavar="EPOCH", type=int, action=Given, help=NOW_HELP)
+    a("--layout", choices=CACHE_LAYOUT_NAMES, action=Given,
       help="-p, -r: write this cache layout (default: this host's)")
     a("--skip-bad-lines", action="store_true",
       help="-p: warn about bad input lines and apply the good ones")
     a("--force", action="store_true", help="allow -g to replace a non-empty key file")
+    a("--syslog", action="store_true",
+      help="-s, -c: log each key change to syslog (device, algorithm index, key instance "
+           "counter; never the key)")
     a("--version", action="version", version="bscrypto.py " + __version__)
     a("device_name", nargs="?", help="name of device (e.g. /dev/nst0)")
     return p
@@ -7147,10 +7518,33 @@ def _legacy_checks(ns):
     return None
 
 
+def _cli11_errors(parser, ns, extras):
+    """Bareos's parser errors in its order: repeats (114), excludes (108),
+    extra arguments (109).  Also takes the last cache path, as Bareos."""
+    given = ns.given or []
+    dests = [d for d, _, _ in given]
+    for dest, option, _ in given:
+        if dests.count(dest) > 1:
+            parser.error_exit(EXIT_CLI_MISMATCH, "%s given more than once (Bareos takes each "
+                                                 "option once)" % option)
+    ns.cache_file = ([v for d, _, v in given if d in _LEGACY_CACHE_OPTIONS] or [None])[-1]
+    options = {a.option_strings[0][1:]: a for a in parser._actions
+               if a.option_strings and len(a.option_strings[0]) == 2}
+    for pair in _LEGACY_EXCLUDES:
+        first, second = options[pair[0]], options[pair[1]]
+        if getattr(ns, first.dest) and getattr(ns, second.dest):
+            parser.error_exit(EXIT_CLI_EXCLUDES, "%s excludes %s" % (
+                first.option_strings[-1], second.option_strings[-1]))
+    if extras:
+        parser.error_exit(EXIT_CLI_EXTRAS, "unexpected argument%s: %s"
+                          % ("s" if len(extras) > 1 else "", " ".join(extras)))
+
+
 def _run_legacy(argv):
     parser = _legacy_parser()
-    ns = parser.parse_args(argv)
-    _set_debug(ns.debug)
+    ns, extras = parser.parse_known_args(argv)
+    _cli11_errors(parser, ns, extras)
+    _set_debug(ns.debug, ns.dt)
     problem = _legacy_checks(ns)
     if problem:
         sys.stderr.write(problem + "\n")
@@ -7160,9 +7554,10 @@ def _run_legacy(argv):
     return _run_legacy_ops(ns)
 
 
-def _set_debug(level):
-    global DEBUG_LEVEL
+def _set_debug(level, timestamps=False):
+    global DEBUG_LEVEL, DEBUG_TIMESTAMPS
     DEBUG_LEVEL = level or 0
+    DEBUG_TIMESTAMPS = bool(timestamps)
 
 
 def _legacy_key_ops(ns):
@@ -7210,27 +7605,56 @@ def main(argv=None):
     """Entry point: returns the exit status instead of exiting."""
     if argv is None:
         argv = sys.argv[1:]
+    global SYSLOG, JSON_ERRORS
+    # Set before parsing, so that even a usage error is reported in JSON or
+    # logged; each command's parser still decides whether it takes them.
+    SYSLOG, JSON_ERRORS = "--syslog" in argv, "--json" in argv
+    _USAGE_ERROR[0] = None
     _utf8_stdout()
     try:
-        if argv and not argv[0].startswith("-"):
+        if not argv:
+            sys.stderr.write(SHORT_USAGE)
+            return EXIT_USAGE
+        options, rest = _split_global_options(argv)
+        if rest and not rest[0].startswith("-"):
             parser, sub = _command_parser()
-            if argv[0] in sub.choices:
-                return _run_command(parser, argv)
+            if rest[0] in sub.choices:
+                return _run_command(parser, rest[:1] + options + rest[1:])
+            if rest[0] == "help":
+                return _help(parser, sub, rest[1:])
+            problem = _unknown_command(rest[0], sub.choices, rest[1:])
+            if problem:
+                raise UsageError(problem)
         return _run_legacy(argv)
     except BscryptoError as e:
-        sys.stderr.write("bscrypto: %s\n" % e)
-        return e.exit_code
+        return _failed(str(e), e.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write("bscrypto: interrupted\n")
-        return 130
+        return _failed("interrupted", 130)
     except SystemExit as e:  # argparse: --help, --version, usage errors (Parser.error)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+        if code:
+            _failed(_USAGE_ERROR[0] or "usage error", code, printed=True)
+        return code
     except Exception as e:
         if DEBUG_LEVEL:
             raise
-        sys.stderr.write("bscrypto: internal error: %s: %s (rerun with -d 1 for a "
-                         "traceback and please report it)\n" % (type(e).__name__, e))
-        return EXIT_INTERNAL
+        return _failed("internal error: %s: %s (rerun with -d 1 for a traceback and please "
+                       "report it)" % (type(e).__name__, e), EXIT_INTERNAL)
+    finally:
+        # Called in-process (tests, scripts): leave no -d, --syslog or --json behind.
+        _set_debug(0)
+        SYSLOG = JSON_ERRORS = False
+
+
+def _failed(message, code, printed=False):
+    """The one error line on stderr; with --json also an object on stdout, with
+    --syslog also a syslog line.  Returns the exit code."""
+    if not printed:
+        sys.stderr.write("bscrypto: %s\n" % message)
+    if JSON_ERRORS:
+        _json_dump({"error": message, "exit_code": code}, sys.stdout)
+    audit("failed (exit %d): %s" % (code, message), error=True)
+    return code
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Test classes follow the sections of bscrypto.py.  Known answers carry their
 source.  Tests needing a dev-only package (cryptography, pyaes) skip cleanly.
 """
 
+import contextlib
 import io
 import os
 import random
@@ -75,6 +76,30 @@ class Captured(object):
 def cli(*args, **kw):
     """(exit code, stdout bytes, stderr text) of one in-process run."""
     return Captured(args, **kw).run()
+
+
+def run_on_terminal(args, typed, timeout=10):
+    """(exit code, stdout, stderr) of bscrypto.py with a terminal as stdin on
+    which `typed` was typed; fails when it still waits for input."""
+    try:
+        import pty
+        master, slave = pty.openpty()
+    except (ImportError, OSError) as e:
+        raise unittest.SkipTest("no pseudo-terminal: %s" % e)
+    try:
+        proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.write(master, typed)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("%s still waits for input after %r" % (args, typed))
+    finally:
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, out, err
 
 
 class TempDirTestCase(unittest.TestCase):
@@ -240,8 +265,16 @@ class TestBase64(unittest.TestCase):
                 bscrypto.b64decode(bad)
             self.assertIn("not base64", str(cm.exception))
 
-    def test_rejects_impossible_length(self):
-        self.assertRaises(ValueError, bscrypto.b64decode, "abcde")
+    def test_length_1_mod_4_decodes_as_bareos(self):
+        # Base64ToBin drops a last lone character (its 6 bits make no byte).
+        self.assertEqual(bscrypto.b64decode("abcde"), bscrypto.b64decode("abcd"))
+        self.assertEqual(bscrypto.b64decode("abcdefghi"), bscrypto.b64decode("abcdefgh"))
+
+    def test_junk_after_the_needed_bytes_is_ignored_only_there(self):
+        text = bscrypto.b64encode(b"k" * 32)
+        self.assertEqual(bscrypto.b64decode(text + "\t", 32), b"k" * 32)
+        self.assertRaises(ValueError, bscrypto.b64decode, text + "\t")
+        self.assertRaises(ValueError, bscrypto.b64decode, text[:42] + "\t", 32)
 
     def test_message_never_shows_the_characters(self):
         # A raw passphrase given where base64 is expected is a real key: its
@@ -376,6 +409,74 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(bscrypto.strip_key_text(b"key \r\n \n"), b"key")
         self.assertEqual(bscrypto.strip_key_text(b"key\t"), b"key\t")
         self.assertEqual(bscrypto.strip_key_text(b"x" * 70), b"x" * 64)
+        self.assertEqual(bscrypto.strip_key_text(b"abc \0def \n"), b"abc")     # a C string
+
+    def test_nul_ends_a_key_as_in_bareos(self):
+        # Bareos reads a key file as a C string: nothing from the first NUL on.
+        p = self.write("k", b"abc\0def")
+        rc, out, err = cli("-k", p)
+        self.assertEqual((rc, out), (0, b"abc\n"))
+        self.assertIn("NUL byte at offset 3: as Bareos, the key ends there", err)
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(bscrypto.read_set_key_source(p)[0], b"abc".ljust(32, b"\0"))
+
+    def test_kek_is_bareos_buffer_with_nul(self):
+        # Bareos strips the C string only, so "abc\0def\n" keeps its newline
+        # in the 16 KEK bytes.
+        p = self.write("kek", b"abc\0def\n")
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            buffer = bscrypto.read_key_file(p, "KEK file", kek=True)
+        self.assertIn("NUL byte at offset 3: as Bareos, the KEK is its first 16 bytes", err.getvalue())
+        self.assertEqual(bscrypto.kek_from_text(buffer), b"abc\0def\n".ljust(16, b"\0"))
+        self.assertEqual(bscrypto.kek_from_text(bscrypto.bareos_key_buffer(b"ab \n\0x")),
+                         b"ab\0\0\0x".ljust(16, b"\0"))
+        key = self.write("key", bscrypto.wrap_passphrase(b"abc\0def\n", b"p" * 32).encode())
+        rc, out, err = cli("-k", key, "-w", p)
+        self.assertEqual((rc, out), (0, b"p" * 32 + b"\n"), err)
+
+    def test_blank_key_and_kek_say_what_bareos_would_do(self):
+        blank = self.write("blank", b" \n")
+        key = self.write("key", b"k" * 32)
+        rc, _, err = cli("-k", blank)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("is blank: Bareos would have used an empty key", err)
+        rc, _, err = cli("-k", key, "-w", blank)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("is blank: Bareos would have used an all-zero KEK", err)
+        rc, _, err = cli("-k", self.write("nul", b"\0key"))
+        self.assertIn("is blank before its first NUL byte: Bareos would have used an empty key",
+                      err)
+
+    def test_base64_show_prints_at_most_32_bytes(self):
+        p = self.write("k", bscrypto.b64encode(bytes(range(65, 101))).encode())   # 36 bytes
+        rc, out, _ = cli("-b", "-k", p)
+        self.assertEqual((rc, out), (0, bytes(range(65, 97)) + b"\n"))
+        p = self.write("long", b"QUFB" * 12 + b"QQ")                             # 50 characters
+        rc, out, err = cli("-b", "-k", p)
+        self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
+        self.assertIn("Bareos decodes at most 48", err)
+
+    def test_key_files_ending_in_tab_decode_as_in_bareos(self):
+        plain = self.write("plain", bscrypto.b64encode(b"q" * 32).encode() + b"\t\n")
+        rc, out, err = cli("-b", "-k", plain)
+        self.assertEqual((rc, out), (0, b"q" * 32 + b"\n"), err)
+        kek = self.write("kek", b"K" * 32)
+        wrapped = self.write("w", bscrypto.wrap_passphrase(b"K" * 32, b"q" * 32).encode()
+                             + b"\t\n")
+        rc, out, err = cli("-k", wrapped, "-w", kek)
+        self.assertEqual((rc, out), (0, b"q" * 32 + b"\n"), err)
+
+    def test_terminal_key_ends_at_enter(self):
+        # Bareos's one read(): Enter finishes -k -, -w - and -s - at a terminal.
+        kek = self.write("kek", b"K" * 32)
+        wrapped = self.write("w", bscrypto.wrap_passphrase(b"K" * 32, b"q" * 32).encode())
+        for args, typed, want in ((["-k", "-"], b"secret\n", b"secret\n"),
+                                  (["-k", wrapped, "-w", "-"], b"K" * 32 + b"\n", b"q" * 32 + b"\n"),
+                                  (["-k", "-", "-w", kek], read_bytes(wrapped) + b"\n",
+                                   b"q" * 32 + b"\n")):
+            rc, out, err = run_on_terminal(args, typed, timeout=5)
+            self.assertEqual((rc, err), (0, b""), args)
+            self.assertEqual(out, bscrypto.KEY_PROMPT.encode() + want, args)
 
     def test_generate_raw_file(self):
         p = self.path("k")
@@ -941,7 +1042,7 @@ class TestCacheRules(CacheTestCase):
 
     def test_prompt_only_on_a_terminal(self):
         rc, out, _ = self.populate("A\tka\n", tty=True)
-        self.assertEqual((rc, out), (0, b"Enter cache entrie(s) (close with ^D): "))
+        self.assertEqual((rc, out), (0, b"Enter cache entries (close with ^D): "))
         _, out, _ = self.populate("B\tkb\n")
         self.assertEqual(out, b"")
         # On a terminal an empty line ends input, as in Bareos.
@@ -969,7 +1070,7 @@ class TestCacheRules(CacheTestCase):
             for face in (["-p", self.cache], ["populate-cache", self.cache]):
                 rc, _, err = cli(*face, stdin=text)
                 self.assertEqual(rc, bscrypto.EXIT_USAGE, text)
-                self.assertIn(message, err)
+                self.assertIn("bscrypto: stdin " + message, err)
                 self.assertIn("nothing written", err)
                 self.assertNotIn("Traceback", err)
                 self.assertEqual(self.snapshot(), before, text)
@@ -982,8 +1083,8 @@ class TestCacheRules(CacheTestCase):
     def test_skip_bad_lines(self):
         rc, _, err = self.populate(b"A\tka\nbroken\nB\tkb\n\tx\n", "--skip-bad-lines")
         self.assertEqual(rc, 0)
-        self.assertIn("warning: line 2 skipped: no TAB", err)
-        self.assertIn("warning: line 4 skipped: empty volume name", err)
+        self.assertIn("warning: stdin line 2 skipped: no TAB", err)
+        self.assertIn("warning: stdin line 4 skipped: empty volume name", err)
         self.assertEqual([e[0] for e in self.entries()], ["A", "B"])
 
     def test_missing_cache_and_empty_input_creates_nothing(self):
@@ -997,6 +1098,12 @@ class TestCacheRules(CacheTestCase):
         out, err = child.communicate()
         self.assertEqual((child.returncode, out, err), (0, b"", b""))
         self.assertFalse(os.path.exists(self.cache))
+
+    def test_terminal_last_line_ended_by_ctrl_d(self):
+        rc, out, err = run_on_terminal(["-p", self.cache], b"A\tka\nB\tkb\x04")
+        self.assertEqual((rc, err), (0, b""))
+        self.assertEqual(out, b"Enter cache entries (close with ^D): ")
+        self.assertEqual([e[:2] for e in self.entries()], [("A", "ka"), ("B", "kb")])
 
     def test_new_file_mode_and_kept_mode_and_owner(self):
         old = os.umask(0o077)
@@ -1052,11 +1159,21 @@ class TestCacheNeverLost(CacheTestCase):
             ("truncated entry", good[:-1], "truncated or damaged"),
             ("truncated 32-bit", make_cache([(b"V", b"k", 1)] * 2, 4)[:-1], "truncated?"),
             ("negative count", make_cache([], count=-1), "negative entry count"),
-            ("name without NUL", make_cache([(b"N" * 128, b"k", 1)]),
-             "volume name of entry 1 is not NUL-terminated"),
-            ("key without NUL", make_cache([(b"V", b"K" * 128, 1)]),
-             "key of entry 1 is not NUL-terminated"),
         ]
+
+    def test_what_bareos_reads_is_read_with_a_warning(self):
+        # Count 0 and a few stray bytes: Bareos reads an empty cache.
+        self.put(make_cache([], trailing=b"\x01\x02\x03"))
+        rc, out, err = cli("-D", self.cache)
+        self.assertEqual((rc, out.count(b"\n")), (0, 1), err)
+        self.assertIn("3 bytes after the 0 entries", err)
+        # A 128-byte name or key without a NUL: read, truncated to 127, said so.
+        for name, key, what in ((b"N" * 128, b"k", "volume name"), (b"V", b"K" * 128, "key")):
+            self.put(make_cache([(name, key, self.T)]))
+            rc, out, err = cli("export", self.cache)
+            self.assertEqual((rc, out), (0, name[:127] + b"\t" + key[:127] + b"\n"), err)
+            self.assertIn("the %s of entry 1 fills all 128 bytes without a NUL; read as its "
+                          "first 127 bytes (truncated)" % what, err)
 
     def test_each_unreadable_case_for_each_command(self):
         commands = [["-D", self.cache], ["dump-cache", self.cache, "--json"],
@@ -2984,9 +3101,11 @@ class TestDeviceErrors(DriveTestCase):
         for code in (errno.EPERM, errno.EACCES):
             self.kernel.fail(self.dev, code)
             err = self.run_fail(bscrypto.EXIT_PERMISSION, "-e", self.dev)
-            self.assertIn("cap_sys_rawio=ep", err)
-            self.assertIn("CapabilityBoundingSet=CAP_SYS_RAWIO", err)
-            self.assertIn("root", err)
+            # Root, and why not setcap on the interpreter (every script would get it).
+            self.assertIn("run it as root (sudo)", err)
+            self.assertIn("Do not `setcap` the Python binary: that lets every Python script", err)
+            self.assertIn("AmbientCapabilities=CAP_SYS_RAWIO", err)
+            self.assertNotIn("cap_sys_rawio=ep", err)
 
     def test_enotty_is_not_a_scsi_node(self):
         plain = self.write("IBMtape0n", b"")      # a real file: the real ioctl says ENOTTY
@@ -3302,6 +3421,23 @@ class TestDriveCommandsIbm(DriveTestCase):
                     self.dev)
         shown = read_bytes(fixture("keys", "show_wrapped_key_with_-w.expected")).rstrip(b"\n")
         self.assertEqual(self.drive.key, shown[:31] + b"\0")
+
+    def test_syslog_logs_key_changes_never_keys(self):
+        kek, key, passphrase = wrapped_key_files(self)
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append(m)):
+            self.run_ok("set-key", self.dev, key, "-w", kek, "--syslog")
+            self.run_ok("clear-key", self.dev, "--syslog")
+            self.run_ok("-s", key, "-w", kek, "--syslog", self.dev)
+            self.run_ok("-c", "--syslog", self.dev)
+            self.run_ok("set-key", self.dev, key, "-w", kek)           # no --syslog: no line
+        self.assertEqual(len(logged), 4, logged)
+        for line, what, counter in zip(logged, ("loaded", "cleared") * 2, range(1, 5)):
+            self.assertTrue(line.startswith("%s: key %s: algorithm index " % (self.dev, what)),
+                            line)
+            self.assertTrue(line.endswith("key instance counter %d" % counter), line)
+            self.assertNotIn(passphrase[:8].decode(), line)
 
     def test_subcommands_and_counter(self):
         kek, key, _ = wrapped_key_files(self)
@@ -4543,11 +4679,35 @@ Job { Name = x; Client = y }
         conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
         keyfile = self.write("kek.key", b"file-kek\n")
         self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek-from", conf])),
-                         KEK.encode())
-        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek", keyfile])), b"file-kek")
-        self.assertIsNone(bscrypto.kek_from_arguments(parser.parse_args([])))
+                         (KEK.encode(), "the Key Encryption Key in %s" % conf))
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args(["--kek", keyfile])),
+                         (b"file-kek", "KEK file %s" % keyfile))
+        self.assertEqual(bscrypto.kek_from_arguments(parser.parse_args([])), (None, None))
         for args in (["--kek", keyfile, "--kek-from", conf], ["--director", "x"]):
             self.assertRaises(bscrypto.UsageError, bscrypto.kek_from_arguments, parser.parse_args(args))
+        # The same function reads rewrap's --old-kek/--new-kek families.
+        named = argparse.ArgumentParser()
+        for option in ("--old-kek", "--old-kek-from", "--old-director"):
+            named.add_argument(option)
+        self.assertEqual(bscrypto.kek_from_arguments(named.parse_args(
+            ["--old-kek-from", conf, "--old-director", "bareos-dir"]), "old"),
+            (KEK.encode(), "the Key Encryption Key in %s (Director bareos-dir)" % conf))
+        with self.assertRaises(bscrypto.UsageError) as cm:
+            bscrypto.kek_from_arguments(named.parse_args(["--old-kek", keyfile,
+                                                          "--old-kek-from", conf]), "old")
+        self.assertIn("give the old KEK either as a file (--old-kek) or with --old-kek-from",
+                      str(cm.exception))
+
+    def test_json(self):
+        conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
+        out = self.path("kek.key")
+        rc, stdout, err = cli("kek-from-config", conf, "--out", out, "--json")
+        self.assertEqual((rc, err), (0, ""))
+        doc = json.loads(stdout.decode())
+        self.assertEqual((doc["director"], doc["out"], doc["file"]), ("bareos-dir", out, conf))
+        self.assertNotIn(KEK, stdout.decode())              # the key only with --print
+        rc, stdout, _ = cli("kek-from-config", conf, "--print", "--json")
+        self.assertEqual(json.loads(stdout.decode())["kek"], KEK)
 
     def test_command_writes_private_file(self):
         conf = self.conf("bareos-sd.conf", SD_CONF % KEK)
@@ -4822,6 +4982,23 @@ class RecoveryDriveTestCase(DriveTestCase):
 
 
 class TestLoad(RecoveryDriveTestCase):
+    def test_syslog_and_json_error(self):
+        cache = self.wrapped_cache()
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append((m, error))):
+            self.run_ok("load", self.dev, "--cache", cache, "--kek", self.kek, "--syslog")
+            rc, out, _ = cli("load", self.dev, "--cache", cache, "--syslog", "--json")
+        self.assertEqual(logged[0], ("%s: key of volume Full-0042 loaded (from crypto cache %s): "
+                                     "algorithm index 1, key instance counter 3"
+                                     % (self.dev, cache), False))
+        self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
+        self.assertTrue(logged[1][1] and logged[1][0].startswith("failed (exit 3): load:"))
+        self.assertNotIn(self.PASSPHRASE[:31].decode(), repr(logged))
+        doc = json.loads(out.decode())
+        self.assertEqual(sorted(doc), ["error", "exit_code"])
+        self.assertEqual(doc["exit_code"], bscrypto.EXIT_UNWRAP)
+
     def test_label_cache_kek_makes_the_tape_readable(self):
         self.assertEqual(self.data_readable(), (7, 0x74, 0x01))  # before: no key
         cache = self.wrapped_cache()
@@ -4879,7 +5056,17 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("load: looking up the key failed: volume Full-0042 is not in crypto "
                       "cache %s (2 entries, the newest added %s: full-0042)"
                       % (cache, bscrypto._local_time(now - 60)), err)
-        self.assertIn("differing only in case: full-0042", err)
+        self.assertIn("near-miss names: full-0042", err)
+        # Edit distance, not only case: a digit too few or too many.
+        self.assertEqual(bscrypto.near_names(b"Full-001", [b"Full-0001", b"Incr-0001", b"F"], 1),
+                         [b"Full-0001"])
+        self.assertEqual(bscrypto.near_names("Full-00042", ["Full-0042", "Full-0043"], 1),
+                         ["Full-0042"])
+        self.assertEqual(bscrypto._not_found_text(
+            b"Full-001", None, None, "m.txt", bscrypto._record("E", "entries")(
+                [("Full-0001", "k"), ("Full-0002", "k")])).split(": export")[0],
+            "volume Full-001 is not in catalog export m.txt (2 volumes with a key); near-miss "
+            "names: Full-0001")
         self.assertIn("populate-cache %s --from-catalog" % cache, err)
         self.assertIn(bscrypto.CATALOG_EXPORT_SQL, err)
         self.assertIsNone(self.drive.key)
@@ -4900,6 +5087,17 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIn("not a Bareos volume", err)
         self.assertIn("give --volume NAME", err)
 
+    def test_missing_device_gets_no_volume_hint(self):
+        # --volume would fail at the drive just the same: only a label problem gets it.
+        missing = bscrypto.BscryptoError("cannot open /dev/nst9: No such file or directory",
+                                         bscrypto.EXIT_DEVICE)
+        text = str(bscrypto._label_failure("/dev/nst9", missing, 1, None))
+        self.assertEqual(text, "load: reading the volume label failed: cannot open /dev/nst9: "
+                               "No such file or directory")
+        blank = bscrypto.BscryptoError("not a Bareos volume", bscrypto.EXIT_LABEL)
+        self.assertIn("give --volume NAME", str(bscrypto._label_failure("/dev/nst9", blank, 1,
+                                                                         None)))
+
     def test_catalog_only(self):
         export = self.write("media.txt", ("Full-0001|%s\nFull-0042|%s\nFull-0043|\n" % (
             wrap_for(self.KEK, b"a" * 32), wrap_for(self.KEK, self.PASSPHRASE))).encode())
@@ -4908,8 +5106,8 @@ class TestLoad(RecoveryDriveTestCase):
         self.assertIs(self.data_readable(), True)
         err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
                             "--kek", self.kek, "--volume", "Full-0043")
-        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key): "
-                      "export the catalog again" % export, err)
+        self.assertIn("volume Full-0043 is not in catalog export %s (2 volumes with a key); "
+                      "near-miss names: Full-0042: export the catalog again" % export, err)
         cache = self.wrapped_cache()
         err = self.run_fail(bscrypto.EXIT_NOT_FOUND, "load", self.dev, "--catalog", export,
                             "--cache", cache, "--kek", self.kek, "--volume", "Full-0043")
@@ -4977,7 +5175,9 @@ class TestLoad(RecoveryDriveTestCase):
         self.drive.medium.objects[0] = Block(b"x" * 99, b"K" * 32, GCM, 1)  # an odd block
         err = self.run_fail(bscrypto.EXIT_LABEL, "load", self.dev, "--cache",
                             self.wrapped_cache(), "--kek", self.kek)
-        self.assertIn("the drive holds no key that refuses the label", err)
+        self.assertIn("and the drive holds no key that refuses the label: the tape is blank or "
+                      "damaged", err)
+        self.assertNotIn("clear-key", err)          # no advice the drive state contradicts
 
     def test_drive_status_must_confirm_encrypt_and_mixed(self):
         store = self.drive._store
@@ -5224,13 +5424,13 @@ class TestPopulateFromCatalog(CacheTestCase):
         before = self.snapshot(path)
         rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now))
         self.assertEqual(rc, bscrypto.EXIT_USAGE)
-        self.assertIn("line 5: volume Bad: EncryptionKey is not base64", err)
+        self.assertIn("bscrypto: %s line 5: volume Bad: EncryptionKey is not base64" % export, err)
         self.assertIn("nothing written", err)
         self.assertEqual(self.snapshot(path), before)
         rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--now", str(now),
                            "--skip-bad-lines", "--backup")
         self.assertEqual(rc, 0, err)
-        self.assertIn("line 5 skipped", err)
+        self.assertIn("warning: %s line 5 skipped" % export, err)
         self.assertEqual(out.decode(), "%s: from catalog export %s (psql): 5 read, 1 added, "
                          "1 updated, 1 unchanged, 1 skipped without a key, 1 bad lines skipped; "
                          "1 expired removed; written\n" % (path, export))
@@ -5350,10 +5550,41 @@ class TestRewrap(RecoveryCacheTestCase):
         self.assertFalse(os.path.exists(sql))
         self.assertEqual([n for n in os.listdir(self.tmp) if n.endswith((".bak", ".tmp"))], [])
         # The wrong old KEK fails every key, and the list says so.
-        rc, _, err = cli("rewrap", "--old-kek", new, "--new-kek", old, "--cache", path)
+        wrong = self.write("wrong.kek", b"W" * 32)
+        rc, _, err = cli("rewrap", "--old-kek", wrong, "--new-kek", new, "--cache", path)
         self.assertEqual(rc, bscrypto.EXIT_UNWRAP)
         self.assertIn("50 of the keys", err)
         self.assertEqual(self.snapshot(path), before)
+
+    def test_a_second_run_recognises_keys_already_rewrapped(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        entries = self.make(4)
+        bscrypto.write_cache(path, entries)
+        export = self.write("m.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                             for e in entries).encode())
+        args = ["rewrap", "--old-kek", old, "--new-kek", new, "--cache", path]
+        rc, out, err = cli(*args)
+        self.assertEqual(rc, 0, err)
+        rotated = self.snapshot(path)
+        # Partial rotation: the cache is done, the catalog (old keys) is not.
+        rc, out, err = cli(*(args + ["--catalog", export, "--sql-out", self.path("u.sql")]))
+        self.assertEqual(rc, 0, err)
+        text = out.decode()
+        self.assertIn("rewrap: 4 distinct keys unwrapped with KEK file %s" % old, text)
+        self.assertIn("rewrap: 4 distinct keys already unwrap with KEK file %s (an earlier "
+                      "rewrap): left as they are" % new, text)
+        self.assertIn("every entry already wrapped with the new KEK; not written", text)
+        self.assertEqual(self.snapshot(path), rotated)
+        sql = read_bytes(self.path("u.sql")).decode()
+        cache = bscrypto.read_cache(path)
+        for e in cache.entries:
+            self.assertIn(bscrypto.sql_update_key(e.volume_name, e.encryption_key), sql)
+        # Run again after it all: nothing to do, nothing written, exit 0.
+        rc, out, err = cli(*args)
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"4 distinct keys already unwrap", out)
+        self.assertEqual(self.snapshot(path), rotated)
 
     def test_unwrapped_keys_need_wrap_unwrapped(self):
         old, new = self.keks()
@@ -5461,6 +5692,44 @@ class TestCheck(RecoveryCacheTestCase):
             "the same key; 1 without a key" % export,
             "check: healthy"])
 
+    def test_quiet_json_and_syslog(self):
+        from unittest import mock
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send", lambda m, error=False: logged.append(
+                (m, error))):
+            rc, out, err = self.check("--cache", path, "--kek", old, "--quiet", "--syslog")
+            self.assertEqual((rc, out, err), (0, "", ""))           # healthy: nothing to mail
+            self.assertEqual(logged, [("check: crypto cache %s: 3 entries: healthy" % path,
+                                       False)])
+            rc, out, err = self.check("--cache", path, "--kek", new, "-q")
+            self.assertEqual(rc, 1)
+            self.assertIn("check: 1 problem", out)              # problems: everything
+        self.assertEqual(len(logged), 1)                        # only with --syslog
+        rc, out, _ = self.check("--cache", path, "--kek", old, "--json")
+        doc = __import__("json").loads(out)
+        self.assertEqual((rc, doc["healthy"], doc["entries"], doc["problems"], doc["exit_code"]),
+                         (0, True, 3, [], 0))
+        self.assertEqual(doc["next_expiry"]["volume"], "Vol00002")
+        rc, out, _ = self.check("--cache", self.path("missing"), "--kek", old, "--json")
+        doc = __import__("json").loads(out)
+        self.assertEqual(rc, 2)
+        self.assertEqual(doc["exit_code"], 2)
+        self.assertIn("check: could not check: crypto cache", doc["error"])
+
+    def test_wrong_kek_is_said_once(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(5))
+        rc, out, _ = self.check("--cache", path, "--kek", new)
+        self.assertEqual(rc, 1)
+        self.assertEqual([line for line in out.splitlines() if line.startswith("problem: ")], [
+            "problem: none of the 5 wrapped keys unwraps with the KEK: wrong KEK? try the "
+            "Director's KEK: --kek-from /etc/bareos (--director NAME when there are several)"])
+        self.assertEqual(out.count("wrong KEK?"), 1)
+
     def test_problems(self):
         old, _ = self.keks()
         path = self.path("c.cryptoc")
@@ -5477,19 +5746,23 @@ class TestCheck(RecoveryCacheTestCase):
         rc, out, err = self.check("--cache", path, "-w", old, "--catalog", export)
         self.assertEqual(rc, 1, err)
         problems = [line for line in out.splitlines() if line.startswith("problem: ")]
+        reset = "; run `bscrypto.py reset-cache %s`" % path
+        populate = "; run `bscrypto.py populate-cache %s --from-catalog %s`" % (path, export)
         self.assertEqual(problems, [
-            "problem: volume Vol00001: expires %s, within 7 days"
-            % bscrypto._local_time(self.NOW + 5 * DAY),
+            "problem: volume Vol00001: expires %s, within 7 days" % bscrypto._local_time(
+                self.NOW + 5 * DAY) + reset,
             "problem: volume Vol00002: expired %s (Bareos drops it at its next cache update)"
-            % bscrypto._local_time(self.NOW - DAY),
-            "problem: volume Vol00003: cache key fails the integrity check: does not unwrap with "
-            "the KEK",
-            "problem: volume Vol00004: cache key is not a Bareos key: not base64: 5 characters "
-            "cannot encode whole bytes",
-            "problem: catalog line 4: volume Vol00000x: EncryptionKey is not base64: 1 of its 4 "
-            "characters is outside the base64 alphabet (the first at position 4)",
-            "problem: volume Vol00005: the cache holds a different key than the catalog",
-            "problem: volume Missing: has a key in the catalog but is not in the cache"])
+            % bscrypto._local_time(self.NOW - DAY) + reset,
+            "problem: volume Vol00003: cache key fails the integrity check: wrong KEK for it, "
+            "or damaged" + populate,
+            "problem: volume Vol00004: cache key is not a Bareos key: decodes to 3 bytes; a "
+            "Bareos key is 32 bytes (43 characters, not wrapped) or 40 bytes (54 characters, "
+            "wrapped)" + populate,
+            "problem: catalog export %s line 4: volume Vol00000x: EncryptionKey is not base64: 1 "
+            "of its 4 characters is outside the base64 alphabet (the first at position 4); run "
+            "the export again" % export,
+            "problem: volume Vol00005: the cache holds a different key than the catalog" + populate,
+            "problem: volume Missing: has a key in the catalog but is not in the cache" + populate])
         self.assertTrue(out.endswith("check: 7 problems\n"))
         rc, out, _ = self.check("--cache", path, "-w", old, "--max-age-days", "0")
         self.assertEqual(out.count("problem: "), 3)          # expired, bad KEK, bad key
@@ -5938,8 +6211,9 @@ class TestDrKitProblems(DrKitTestCase):
         self.assertEqual(problems, [
             "volume Vol0005: the cache key does not unwrap with the KEK (wrong KEK or damaged "
             "key)",
-            "volume Full-0003: the cache key is not a Bareos key: not base64: 9 characters "
-            "cannot encode whole bytes"])
+            "volume Full-0003: the cache key is not a Bareos key: decodes to 6 bytes; a Bareos "
+            "key is 32 bytes (43 characters, not wrapped) or 40 bytes (54 characters, "
+            "wrapped)"])
         self.assertIn("problem: volume Vol0005: the cache key does not unwrap", checked)
 
     def test_export_and_cache_disagree(self):
@@ -6203,6 +6477,57 @@ class TestPrepareSd(RecoveryCacheTestCase):
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (4321, 4322, 0o640))
 
 
+class TestJsonOutput(RecoveryCacheTestCase):
+    """--json on populate-cache, rewrap, backup-cache; errors as {error, exit_code}."""
+
+    def json_of(self, *args, **kw):
+        rc, out, err = cli(*args, **kw)
+        return rc, json.loads(out.decode()), err
+
+    def test_populate_cache(self):
+        path = self.path("c.cryptoc")
+        rc, doc, err = self.json_of("populate-cache", path, "--json", stdin=b"A\tka\nB\tkb\n")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(doc, {"cache": path, "added": 2, "updated": 0, "unchanged": 0,
+                               "expired_removed": 0, "written": True, "bad_lines": 0})
+        export = self.write("m.txt", b"A|%s\nC|%s\nD|\n" % (B64_PLAIN.encode(),
+                                                           B64_WRAPPED.encode()))
+        rc, doc, err = self.json_of("populate-cache", path, "--from-catalog", export, "--json")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual((doc["added"], doc["updated"], doc["read"], doc["skipped_without_key"],
+                          doc["format"], doc["written"]), (1, 1, 3, 1, "psql", True))
+
+    def test_rewrap_and_backup_cache(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send",
+                               lambda m, error=False: logged.append(m)):
+            rc, doc, err = self.json_of("rewrap", "--old-kek", old, "--new-kek", new, "--cache",
+                                        path, "--json", "--syslog")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual((doc["rewrapped"], doc["already_new_kek"], doc["cache"]["written"],
+                          doc["cache"]["rewrapped"]), (3, 0, True, 3))
+        self.assertEqual(logged, ["rewrap: 3 distinct keys re-wrapped with KEK file %s, 0 already "
+                                  "were; crypto cache %s: 3 entries written" % (new, path)])
+        os.mkdir(self.path("backups"))
+        rc, doc, err = self.json_of("backup-cache", path, self.path("backups"), "--json")
+        self.assertEqual((rc, doc["entries"], doc["verified"], doc["pruned"]), (0, 3, True, []))
+        self.assertEqual(read_bytes(doc["copy"]), read_bytes(path))
+
+    def test_errors_are_json_objects_on_stdout(self):
+        for args, code in ((["dump-cache", self.path("missing"), "--json"], bscrypto.EXIT_CACHE),
+                           (["backup-cache", "--json"], bscrypto.EXIT_USAGE),
+                           (["check", "--json"], bscrypto.CHECK_UNABLE)):
+            rc, doc, err = self.json_of(*args)
+            self.assertEqual((rc, doc["exit_code"], sorted(doc)), (code, code,
+                                                                  ["error", "exit_code"]), args)
+            self.assertIn(doc["error"].split(":")[0], err)      # the same text on stderr
+        rc, out, _ = cli("dump-cache", self.path("missing"))
+        self.assertEqual(out, b"")                              # only when --json was asked
+
+
 class TestLegacyCommandLine(unittest.TestCase):
     """Bareos's argument rules, messages and exit code 1."""
 
@@ -6215,14 +6540,57 @@ class TestLegacyCommandLine(unittest.TestCase):
         for opt in ("-e", "-v", "-c"):
             self.check([opt], "Missing device_name argument for this option")
 
+    def cli11(self, args, code, message):
+        rc, out, err = cli(*args)
+        self.assertEqual((rc, out), (code, b""), args)
+        self.assertIn(message, err, args)
+        self.assertNotIn("Traceback", err)
+
     def test_exclusions(self):
-        self.check(["-g", "a", "-k", "b"], "Either use -g or -k not both")
-        self.check(["-c", "-s", "k", "/dev/nst0"], "Either use -c or -s not both")
-        self.check(["-s", "k", "-e", "/dev/nst0"],
-                   "Either set or clear the crypto key or ask for status not both")
-        self.check(["-e", "-g", "k", "/dev/nst0"],
+        # CLI11's excludes() in Bareos's bscrypto.cc: exit 108.
+        for args, message in ((["-g", "-", "-k", "f"], "--show-keyfile excludes "
+                                                       "--generate-passphrase"),
+                              (["-c", "-s", "k", "/dev/nst0"], "--set-encryption-key excludes "
+                                                                "--clear-encryption"),
+                              (["-s", "k", "-e", "/dev/nst0"], "excludes"),
+                              (["-e", "-g", "k", "/dev/nst0"], "excludes"),
+                              (["-v", "-p", "c", "/dev/nst0"], "excludes"),
+                              (["-D", "c", "-c", "/dev/nst0"], "excludes")):
+            self.cli11(args, bscrypto.EXIT_CLI_EXCLUDES, message)
+        # What CLI11 lets through meets Bareos's own checks: exit 1.
+        self.check(["-s", "k", "-p", "c", "/dev/nst0"],
                    "Don't mix operations which are incompatible e.g. generate/show vs "
                    "set/clear etc.")
+
+    def test_cli11_exit_codes(self):
+        self.cli11(["-k"], bscrypto.EXIT_CLI_MISMATCH, "expected one argument")
+        self.cli11(["-k", "a", "-k", "b"], bscrypto.EXIT_CLI_MISMATCH, "--show-keyfile given "
+                                                                      "more than once")
+        self.cli11(["-D", "a", "--dump-cache", "b"], bscrypto.EXIT_CLI_MISMATCH, "more than once")
+        self.cli11(["-dt", "-e", "/dev/nst0"], bscrypto.EXIT_CLI_NOT_FOUND, "use --dt")
+        self.cli11(["-d", "abc", "-g", "-"], bscrypto.EXIT_CLI_CONVERSION, "invalid debug level")
+        self.cli11(["--no-such-option", "-g", "-"], bscrypto.EXIT_CLI_EXTRAS, "--no-such-option")
+        self.cli11(["-e", "/dev/a", "/dev/b"], bscrypto.EXIT_CLI_EXTRAS, "/dev/b")
+
+    def test_last_cache_path_wins(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = os.path.join(tmp, "c.cryptoc")
+            bscrypto.write_cache(cache, [bscrypto.CacheEntry("Vol1", "k", 0)])
+            rc, out, err = cli("-D", os.path.join(tmp, "missing"), "-p", cache)
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b"Vol1", out)
+
+    def test_bareos_flags_help_debug_level_and_timestamps(self):
+        rc, out, _ = cli("-?")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"usage: bscrypto", out)
+        with tempfile.TemporaryDirectory() as tmp:
+            for args in (["--debug-level", "1", "--dt"], ["-d", "1", "--debug-timestamps"]):
+                key = os.path.join(tmp, "k%d" % len(args[0]))
+                rc, _, err = cli(*(args + ["-g", key]))
+                self.assertEqual(rc, 0, err)
+                self.assertRegex(err, r"^\d\d-\w{3}-\d{4} \d\d:\d\d:\d\d\.\d{6} bscrypto: "
+                                      r"debug: wrote 32-byte key file")
 
     def test_version_and_help(self):
         rc, out, _ = cli("--version")
@@ -6281,10 +6649,75 @@ class TestLegacyCommandLine(unittest.TestCase):
         self.assertNotIn("`bscrypto ", err)
 
     def test_unknown_option_is_usage_error(self):
-        for args in (["--no-such-option"], ["generate"], ["-d", "x", "-g", "-"]):
+        for args, code in ((["--no-such-option"], bscrypto.EXIT_CLI_EXTRAS),
+                           (["generate"], bscrypto.EXIT_USAGE),
+                           (["-d", "x", "-g", "-"], bscrypto.EXIT_CLI_CONVERSION)):
             rc, _, err = cli(*args)
-            self.assertEqual(rc, bscrypto.EXIT_USAGE, args)  # not argparse's 2: that is EXIT_KEY_FILE
+            self.assertEqual(rc, code, args)  # never argparse's 2: that is EXIT_KEY_FILE
             self.assertNotIn("Traceback", err)
+
+
+class TestAdminHabits(TempDirTestCase):
+    """What an admin used to mt, stenc and sg3_utils types first."""
+
+    def test_no_arguments_prints_a_short_usage(self):
+        rc, out, err = cli()
+        self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""))
+        self.assertEqual(err, bscrypto.SHORT_USAGE)
+        self.assertNotIn("Missing device_name", err)
+
+    def test_mistyped_command_did_you_mean(self):
+        rc, out, err = cli("laod", "/dev/nst0")
+        self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""))
+        self.assertEqual(err, "bscrypto: unknown command 'laod': did you mean load?\n")
+        rc, _, err = cli("chek", "--cache", "c")
+        self.assertIn("did you mean check?", err)
+        rc, _, err = cli("frobnicate")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("unknown command 'frobnicate': 'bscrypto.py help' lists", err)
+        # A device name first is still the original flags' device.
+        rc, _, err = cli(self.path("nst0"), "-e")
+        self.assertEqual(rc, bscrypto.EXIT_DEVICE, err)
+
+    def test_help_command(self):
+        rc, out, _ = cli("help")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"commands (each has its own --help)", out)
+        rc, out, _ = cli("help", "check")
+        self.assertEqual(rc, 0)
+        self.assertIn(b"usage: bscrypto check", out)
+        rc, _, err = cli("help", "chek")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("did you mean check?", err)
+
+    def test_main_leaves_no_debug_level_behind(self):
+        # Else later in-process calls print debug lines into `make test` output.
+        rc, _, err = cli("-d", "3", "--json", "generate", self.path("k"))
+        self.assertEqual((bscrypto.DEBUG_LEVEL, bscrypto.SYSLOG, bscrypto.JSON_ERRORS),
+                         (0, False, False))
+
+    def test_global_options_before_the_command(self):
+        key = self.path("k")
+        for args in (["-d", "1", "generate", key], ["--dt", "-d2", "generate", key + "2"],
+                     ["--debug-level", "1", "generate", key + "3"]):
+            rc, _, err = cli(*args)
+            self.assertEqual(rc, 0, err)
+            self.assertIn("debug: wrote 32-byte key file", err)
+
+    def test_drive_commands_take_tape_from_the_environment(self):
+        from unittest import mock
+        node = self.path("nst7")
+        key = self.write("k", b"k" * 32)
+        with mock.patch.dict(os.environ, {"TAPE": node}):
+            for args in (["drive-status"], ["volume-status", "--json"], ["clear-key"],
+                         ["set-key", key], ["load", "--volume", "V", "--cache", key]):
+                rc, _, err = cli(*args)
+                self.assertIn(rc, (bscrypto.EXIT_DEVICE, bscrypto.EXIT_CACHE), (args, err))
+                self.assertIn("bscrypto: %s: device %s (from $TAPE)\n" % (args[0], node), err)
+        with mock.patch.dict(os.environ, {"TAPE": ""}):
+            rc, _, err = cli("drive-status")
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("drive-status: give the DEVICE (e.g. /dev/nst0) or set $TAPE", err)
 
 
 class TestSelftest(unittest.TestCase):
@@ -6343,6 +6776,105 @@ class TestStartup(unittest.TestCase):
     def test_legacy_layout_choices_name_every_layout(self):
         self.assertEqual(bscrypto.CACHE_LAYOUT_NAMES,
                          tuple(layout.name for layout in bscrypto.CACHE_LAYOUTS))
+
+
+PYTHON27 = os.path.expanduser("~/.pyenv/versions/2.7.18/bin/python")
+
+
+def python2_problems(source):
+    """What in source Python 2.7 cannot parse (so the version guard never runs)."""
+    import ast
+    import io as _io
+    import tokenize
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", "?")
+        name = type(node).__name__
+        if name in ("JoinedStr", "Nonlocal", "YieldFrom", "AsyncFunctionDef", "Await",
+                    "AsyncFor", "AsyncWith", "NamedExpr", "AnnAssign", "MatMult"):
+            problems.append("%s: %s" % (line, name))
+        elif isinstance(node, ast.Raise) and node.cause is not None:
+            problems.append("%s: raise ... from" % line)
+        elif isinstance(node, ast.arguments):
+            if node.kwonlyargs or getattr(node, "posonlyargs", None):
+                problems.append("%s: keyword-only or positional-only arguments" % line)
+            if any(a.annotation is not None for a in node.args + node.kwonlyargs) or \
+                    (node.vararg and node.vararg.annotation) or (node.kwarg and node.kwarg.annotation):
+                problems.append("%s: annotation" % line)
+        elif isinstance(node, (ast.FunctionDef,)) and node.returns is not None:
+            problems.append("%s: return annotation" % line)
+        elif isinstance(node, (ast.Assign, ast.For, ast.comprehension)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Starred) for target in targets for t in ast.walk(target)):
+                problems.append("%s: starred assignment" % line)
+        elif isinstance(node, (ast.List, ast.Tuple, ast.Set)) and \
+                isinstance(node.ctx if hasattr(node, "ctx") else ast.Load(), ast.Load) and \
+                any(isinstance(e, ast.Starred) for e in node.elts):
+            problems.append("%s: starred display" % line)
+        elif isinstance(node, ast.Dict) and None in node.keys:
+            problems.append("%s: dict unpacking" % line)
+        elif isinstance(node, ast.Call):
+            starred = [i for i, a in enumerate(node.args) if isinstance(a, ast.Starred)]
+            if len(starred) > 1 or (starred and starred[0] != len(node.args) - 1):
+                problems.append("%s: call unpacking" % line)
+            if sum(k.arg is None for k in node.keywords) > 1:
+                problems.append("%s: several ** in a call" % line)
+            if isinstance(node.func, ast.Name) and node.func.id == "print" and node.keywords:
+                problems.append("%s: print() with keywords" % line)
+    for tok in tokenize.generate_tokens(_io.StringIO(source).readline):
+        text = tok[1]
+        if tok[0] == tokenize.STRING:
+            prefix = text[:len(text) - len(text.lstrip("bBrRuUfF"))].lower()
+            if prefix not in ("", "b", "br", "u", "r", "ur"):
+                problems.append("%d: string prefix %r" % (tok[2][0], prefix))
+        elif tok[0] == tokenize.NUMBER and "_" in text:
+            problems.append("%d: underscore in number" % tok[2][0])
+    return problems
+
+
+class TestPython2Guard(unittest.TestCase):
+    """Python 2 on an old rescue host gets one line, not a traceback."""
+
+    def test_python27_prints_one_line(self):
+        if not os.path.exists(PYTHON27):
+            self.skipTest("no Python 2.7 at %s" % PYTHON27)
+        proc = subprocess.Popen([PYTHON27, SCRIPT, "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        out, err = proc.communicate()
+        self.assertEqual((proc.returncode, out, err),
+                         (1, b"", b"bscrypto.py needs Python 3.6 or later: run it with python3\n"))
+
+    def test_file_parses_as_python27_would_need(self):
+        with open(SCRIPT) as f:
+            self.assertEqual(python2_problems(f.read()), [])
+
+    def test_checker_finds_python3_only_syntax(self):
+        for snippet in ('x = f"{y}"\n', "def f(a, *, b): pass\n", "a, *b = c\n",
+                        "d = {**e}\n", "raise X from Y\n", "def f():\n    nonlocal x\n",
+                        "s = rb'x'\n", "n = 1_000\n", "def f(a: int): pass\n",
+                        "print(x, file=y)\n", "f(*a, *b)\n"):
+            self.assertNotEqual(python2_problems(snippet), [], snippet)
+
+
+class TestRepository(unittest.TestCase):
+    def test_interoperability_tests_skip_without_reference(self):
+        env = dict(os.environ, BSCRYPTO_REFERENCE=os.path.join(HERE, "no-such-reference"))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "test_bscrypto.py"),
+                                 "TestKeyFileFixtures"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        out = proc.communicate()[0].decode()
+        self.assertEqual(proc.returncode, 0, out)
+        self.assertRegex(out, r"\n0 passed, 0 failed, [1-9]\d* skipped\n")
+
+    def test_license_file_and_spdx_line(self):
+        with open(os.path.join(HERE, "LICENSE")) as f:
+            text = f.read()
+        self.assertTrue(text.lstrip().startswith("GNU AFFERO GENERAL PUBLIC LICENSE"))
+        self.assertIn("Version 3, 19 November 2007", text)
+        self.assertIn("END OF TERMS AND CONDITIONS", text)
+        with open(SCRIPT) as f:
+            head = [f.readline() for _ in range(3)]
+        self.assertIn("# SPDX-License-Identifier: AGPL-3.0-or-later\n", head)
 
 
 # ---------------------------------------------------------------------------
