@@ -1449,7 +1449,6 @@ _RECORD_FIELDS = {
     "ScsiResult": "status data_in sense resid host_status driver_status info duration",
     "CStructLayout": "name pointer_size struct fields offsets size arrays",
     "SupportedSecurityProtocols": "protocols",
-    "SecurityProtocolPages": "page_code page_codes",
     "AlgorithmDescriptor": (
         "algorithm_index avfmv sdk_c mac_c delb_c decrypt_c encrypt_c avfcp nonce_c kadf_c "
         "vcelb_c ukadf akadf maximum_ukad_length maximum_akad_length key_length dkad_c "
@@ -1478,7 +1477,6 @@ def _record(name, fields=None):
     fields defaults to _RECORD_FIELDS[name]."""
     cls = _RECORDS.get(name)
     if cls is None:
-        from collections import namedtuple
         cls = _RECORDS[name] = namedtuple(name, fields or _RECORD_FIELDS[name])
     return cls
 
@@ -1501,7 +1499,6 @@ SG_IO = 0x2285                  # a legacy request number: no size encoded, same
 SG_DXFER_NONE = -1
 SG_DXFER_TO_DEV = -2
 SG_DXFER_FROM_DEV = -3
-SG_INFO_OK_MASK = 0x1
 # driver_status: DRIVER_SENSE (0x08) only says sense data is there.
 SG_DRIVER_STATUS_NAMES = {1: "DRIVER_BUSY", 2: "DRIVER_SOFT", 3: "DRIVER_MEDIA",
                           4: "DRIVER_ERROR", 5: "DRIVER_INVALID", 6: "DRIVER_TIMEOUT",
@@ -1945,12 +1942,9 @@ OP_SECURITY_PROTOCOL_OUT = 0xB5
 SECURITY_PROTOCOL_INFORMATION = 0x00     # SPC-4: supported security protocols
 SECURITY_PROTOCOL_TAPE = 0x20            # SSC-4: tape data encryption
 SPIN_SUPPORTED_PROTOCOLS = 0x0000        # protocol 00h page
-# SSC-4 tape data encryption pages (security protocol specific field).
-TDE_IN_SUPPORT_PAGE = 0x0000
-TDE_OUT_SUPPORT_PAGE = 0x0001
+# SSC-4 tape data encryption pages (security protocol specific field; 0000h
+# and 0001h list the in/out pages, 0011h the key formats).
 DATA_ENCRYPTION_CAPABILITIES_PAGE = 0x0010
-SUPPORTED_KEY_FORMATS_PAGE = 0x0011
-DATA_ENCRYPTION_MANAGEMENT_CAPABILITIES_PAGE = 0x0012
 DATA_ENCRYPTION_STATUS_PAGE = 0x0020
 NEXT_BLOCK_ENCRYPTION_STATUS_PAGE = 0x0021
 SET_DATA_ENCRYPTION_PAGE = 0x0010        # SPOUT
@@ -1963,11 +1957,8 @@ SPIN_ALLOCATION_LIMIT = 8192
 INQUIRY_ALLOCATION_LENGTH = 96
 VPD_UNIT_SERIAL_NUMBER = 0x80
 
-SCOPE_PUBLIC = 0
-SCOPE_LOCAL = 1
-SCOPE_ALL_I_T_NEXUS = 2
-ENCRYPTION_MODE_DISABLE = 0
-ENCRYPTION_MODE_EXTERNAL = 1
+SCOPE_ALL_I_T_NEXUS = 2          # SCOPE: 0 public, 1 local, 2 all I_T nexus
+ENCRYPTION_MODE_DISABLE = 0      # 1 is EXTERNAL (not used by AME)
 ENCRYPTION_MODE_ENCRYPT = 2
 DECRYPTION_MODE_DISABLE = 0
 DECRYPTION_MODE_RAW = 1
@@ -1978,21 +1969,15 @@ RDMC_ENABLED = 2                 # blocks written may be read raw (--allow-raw-r
 RDMC_DISABLED = 3                # blocks written may not be read raw (--no-raw-read)
 KEY_FORMAT_PLAIN = 0
 KAD_FORMAT_UNSPECIFIED = 0
-KAD_FORMAT_BINARY = 1
 KAD_FORMAT_ASCII = 2
 KAD_TYPE_UKAD = 0                # unauthenticated key-associated data (key description)
-KAD_TYPE_AKAD = 1
-KAD_TYPE_NONCE = 2
-KAD_TYPE_MKAD = 3
 KAD_TYPE_NAMES = {0: "U-KAD", 1: "A-KAD", 2: "nonce", 3: "M-KAD"}
-PARAMETERS_CONTROL_AME = 1
 PARAMETERS_CONTROL_DRIVE = 2
 PARAMETERS_CONTROL_LIBRARY = 3
 ENCRYPT_C_SPOUT = 2              # ENCRYPT_C/DECRYPT_C: capable, controlled by SPOUT
 
 # Security algorithm codes: 0001xxxxh with an IKEv2 transform id (SPC-4).
 ALGORITHM_AES_256_GCM = 0x00010014
-ALGORITHM_AES_256_CCM = 0x00010010
 _ALGORITHM_NAMES = {0x00010014: "AES-GCM", 0x00010010: "AES-CCM", 0x0001000C: "AES-CBC",
                     0x0001000D: "AES-CTR", 0x00010013: "AES-GCM-12", 0x00010012: "AES-GCM-8",
                     0x0001000F: "AES-CCM-12", 0x0001000E: "AES-CCM-8",
@@ -2037,7 +2022,7 @@ def cdb_inquiry(allocation_length=INQUIRY_ALLOCATION_LENGTH, vpd_page=None):
 
 
 def cdb_test_unit_ready():
-    return bytes(6)
+    return bytes([OP_TEST_UNIT_READY, 0, 0, 0, 0, 0])
 
 
 # Tape motion (SSC-4), for `verify`: REWIND, SPACE(6) and READ(6) only; never
@@ -2086,13 +2071,6 @@ def parse_supported_security_protocols(data):
         raise ValueError("supported security protocols: %d bytes, needs 8" % len(data))
     end = min(len(data), 8 + int.from_bytes(data[6:8], "big"))
     return _record("SupportedSecurityProtocols")(tuple(bytearray(data[8:end])))
-
-
-def parse_security_protocol_pages(data):
-    """SSC-4 tape data encryption in/out support pages (0000h, 0001h): page codes."""
-    data, end = _page_body(data, None, 4, "support page")
-    codes = tuple(int.from_bytes(data[i:i + 2], "big") for i in range(4, end - 1, 2))
-    return _record("SecurityProtocolPages")(int.from_bytes(data[0:2], "big"), codes)
 
 
 def parse_kads(data, start, end, problems=None):
@@ -2841,9 +2819,8 @@ MTREW = 6
 # Linux major device numbers of the st driver and of SCSI generic nodes.
 ST_MAJOR = 9
 SG_MAJOR = 21
-# Bits of struct mtget: mt_dsreg low 24 bits = block size; mt_gstat door open.
+# struct mtget: the low 24 bits of mt_dsreg are the block size.
 MT_ST_BLKSIZE_MASK = 0xFFFFFF
-GMT_DR_OPEN = 0x00040000
 
 
 def _linux_ioc(direction, group, number, size, machine=None):
@@ -4671,7 +4648,6 @@ NEXT_BLOCK_DECRYPTABLE = 5
 NEXT_BLOCK_NO_VALID_KEY = 6
 VERIFY_READ_SIZE = 65536           # Bareos writes its label in at most 64,512 bytes
 VERIFY_MAX_FILEMARKS = 3           # the label's, and an empty file's two at end of data
-VERIFY_OUTCOMES = ("verified", "wrong_key", "not_encrypted", "nothing", "undetermined")
 
 
 def _verification(outcome, text, nbes=None, label_type=None):
@@ -7193,11 +7169,6 @@ def _command_parser():
     for add in _COMMAND_GROUPS:
         add(sub, common)
     return p, sub
-
-
-def _command_names():
-    _, sub = _command_parser()
-    return list(sub.choices)
 
 
 def _commands_epilog():
