@@ -534,21 +534,30 @@ def check_path(path, what):
         raise UsageError("the %s path is empty ('', an unset shell variable?)" % what)
 
 
-def read_regular_file(path, limit=None, dir_fd=None, follow=True):
+def read_regular_file(path, limit=None, dir_fd=None, follow=True, keep_open=False):
     """(bytes, os.stat_result) of a regular file; OSError for anything else.
 
     Checked before it is opened, opened non-blocking and checked again by
-    fstat, so a FIFO or device swapped in never blocks or is read.
+    fstat, so a FIFO or device swapped in never blocks or is read.  With
+    keep_open, (bytes, stat, the open file).
     """
-    if not stat.S_ISREG(os.stat(path, dir_fd=dir_fd, follow_symlinks=follow).st_mode):
-        raise _not_regular(os.stat(path, dir_fd=dir_fd, follow_symlinks=follow))
+    st = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_CLOEXEC
-    fd = os.open(path, flags | (0 if follow else _O_NOFOLLOW), dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
+    f = os.fdopen(os.open(path, flags | (0 if follow else _O_NOFOLLOW), dir_fd=dir_fd), "rb")
+    try:
+        st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(st)
-        return (f.read() if limit is None else f.read(limit)), st
+        data = f.read() if limit is None else f.read(limit)
+    except BaseException:
+        f.close()
+        raise
+    if keep_open:
+        return data, st, f
+    f.close()
+    return data, st
 
 
 def read_input(path, what, limit=None):
@@ -939,6 +948,17 @@ def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None):
 
 def _stdout_bytes():
     return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+def write_bytes(out, data):
+    """out.write(data) to the end: a buffered stdout can take part of a large
+    write to a pipe closed meanwhile and say so only by its count."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        if n is None:       # a stream that does not count (test doubles)
+            return
+        view = view[n:]
 
 
 def report_output(out, text, done=None):
@@ -1475,6 +1495,7 @@ class CacheFile(object):
         self.read_st = self._UNREAD
         self.data = None
         self.dir_fd = None
+        self.read_file = None       # held open: its inode number cannot be reused
         try:
             self.real = resolve_path(path)
             self.directory, self.base = os.path.split(self.real)
@@ -1503,6 +1524,9 @@ class CacheFile(object):
         return False
 
     def close(self):
+        if self.read_file is not None:
+            self.read_file.close()
+            self.read_file = None
         if self.dir_fd is not None:
             os.close(self.dir_fd)
             self.dir_fd = None
@@ -1510,9 +1534,11 @@ class CacheFile(object):
     def read(self):
         """The cache's bytes (never through a link swapped in since the path was
         resolved); remembers which file was read.  CacheMissingError if none."""
+        if self.read_file is not None:
+            self.read_file.close()
         try:
-            self.data, self.read_st = read_regular_file(self.base, dir_fd=self.dir_fd,
-                                                        follow=False)
+            self.data, self.read_st, self.read_file = read_regular_file(
+                self.base, dir_fd=self.dir_fd, follow=False, keep_open=True)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise CacheError("cannot read %s: %s" % (_cache_name(self.path),
@@ -3826,9 +3852,9 @@ def op_dump_cache(path, as_json=False, now=None, out=None):
     cache = read_cache(path, raw=not as_json)
     out = out or _stdout_bytes()
     if as_json:
-        out.write(cache_to_json(cache, path, resolve_now(now)).encode("ascii"))
+        write_bytes(out, cache_to_json(cache, path, resolve_now(now)).encode("ascii"))
     else:
-        out.write(format_cache_table(cache.entries))
+        write_bytes(out, format_cache_table(cache.entries))
     out.flush()
     return EXIT_OK
 
@@ -3930,7 +3956,7 @@ def op_export_cache(path, out=None):
     """The cache as the TSV that populate reads (keys included: keep it private)."""
     data = format_cache_tsv(read_cache(path).entries)
     out = out or _stdout_bytes()
-    out.write(data)
+    write_bytes(out, data)
     out.flush()
     return EXIT_OK
 

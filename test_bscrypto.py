@@ -5,6 +5,8 @@ Test classes follow the sections of bscrypto.py.  Known answers carry their
 source.  Tests needing a dev-only package (cryptography, pyaes) skip cleanly.
 """
 
+import errno
+import functools
 import io
 import os
 import random
@@ -494,7 +496,7 @@ class TestKeyFiles(TempDirTestCase):
             self.assertIn("symlink owned by uid 12345", err)
         self.assertEqual(read_bytes(target), b"")
 
-    def test_concurrent_writers_of_one_new_file(self):
+    def test_concurrent_writers_of_one_new_file_fuzz(self):
         # Today 21 of 80 concurrent -g succeeded where 10 rounds of 8 allow 10.
         rounds, writers = (10, 8) if FUZZ_FULL else (1, 6)
         for n in range(rounds):
@@ -510,6 +512,24 @@ class TestKeyFiles(TempDirTestCase):
                     self.assertIn(b"already exists", err)
             self.assertEqual(len(read_bytes(p)), 32)
         self.assertEqual([n for n in os.listdir(self.tmp) if n.endswith(".tmp")], [])
+
+    def test_a_writer_that_finishes_first_is_never_replaced(self):
+        # Another -g creates the file while this one writes its temporary
+        # file: the first keeps its key, this one says the file exists.
+        p = self.path("k")
+        real = os.fsync
+
+        def other_writer_finishes(fd):
+            if not os.path.exists(p):
+                with open(p, "wb") as f:
+                    f.write(b"the other writer's key")
+            return real(fd)
+        with mock.patch.object(os, "fsync", other_writer_finishes):
+            rc, out, err = cli("-g", p)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("already exists", err)
+        self.assertEqual(read_bytes(p), b"the other writer's key")
+        self.assertEqual(os.listdir(self.tmp), ["k"])
 
     def test_empty_path_is_a_usage_error(self):
         # `-w ''` (an unset variable) silently dropped the wrap.
@@ -1244,6 +1264,188 @@ class TestCacheNeverLost(CacheTestCase):
         self.assertTrue(os.path.exists(live))
 
 
+class TestCacheFileSafety(CacheTestCase):
+    """Root runs writers in /var/lib/bareos, which the bareos user owns: nothing
+    placed there may redirect, block or leak what the tool writes."""
+
+    def outside(self):
+        """A valid cache outside the cache's directory, and its snapshot."""
+        other = os.path.join(self.tmp, "elsewhere")
+        os.mkdir(other)
+        target = self.put(make_cache([(b"Outside", b"ko", self.T)]), os.path.join(other, "c"))
+        return target, self.snapshot(target)
+
+    def test_nothing_at_the_old_lock_place_is_followed_created_or_chowned(self):
+        target, before = self.outside()
+        lock = self.cache + ".lock"
+        nodes = [lambda: os.symlink(target, lock), lambda: os.symlink(self.path("none"), lock),
+                 lambda: os.mkfifo(lock), lambda: os.mkdir(lock),
+                 lambda: os.symlink("/dev/null", lock)]
+        for n, make in enumerate(nodes):
+            make()
+            kind = stat.S_IFMT(os.lstat(lock).st_mode)
+            rc, _, err = self.populate("V%d\tk\n" % n, "--now", str(self.T))
+            self.assertEqual((rc, err), (0, ""))
+            self.assertEqual(stat.S_IFMT(os.lstat(lock).st_mode), kind)
+            self.assertFalse(os.path.exists(self.path("none")))
+            self.assertEqual(self.snapshot(target), before)
+            self.assertEqual(os.stat(target).st_uid, os.stat(self.tmp).st_uid)
+            (os.rmdir if kind == stat.S_IFDIR else os.unlink)(lock)
+        self.assertEqual(len(self.entries()), len(nodes))
+
+    def test_symlink_swapped_between_read_and_write(self):
+        # The race: the cache is read through a link, the link is pointed
+        # elsewhere, then the rewrite happens.  It goes to the file read.
+        target, before = self.outside()
+        real = self.put(make_cache([(b"In", b"ki", self.T)]), self.path("real.cryptoc"))
+        os.symlink("real.cryptoc", self.cache)
+        apply = bscrypto.apply_cache_updates
+
+        def swap_then_apply(*args):
+            os.rename(self.cache, self.path("old-link"))
+            os.symlink(target, self.cache)
+            return apply(*args)
+        with mock.patch.object(bscrypto, "apply_cache_updates", swap_then_apply):
+            rc, _, err = self.populate("New\tkn\n", "--now", str(self.T), "--backup")
+        self.assertEqual((rc, err), (0, ""))
+        self.assertEqual(self.snapshot(target), before)
+        self.assertEqual([e[0] for e in self.entries(real)], ["In", "New"])
+        self.assertEqual(len(os.listdir(os.path.dirname(target))), 1)
+
+    def test_file_replaced_between_read_and_write_is_not_overwritten(self):
+        target, before = self.outside()
+        self.put(make_cache([(b"In", b"ki", self.T)]))
+        apply = bscrypto.apply_cache_updates
+        for swap in (lambda: os.symlink(target, self.cache),
+                     lambda: self.put(make_cache([(b"Other", b"k", self.T)])), lambda: None):
+            def swap_then_apply(*args, **kw):
+                os.unlink(self.cache)
+                kw.pop("swap")()
+                return apply(*args)
+            swap_then_apply = functools.partial(swap_then_apply, swap=swap)
+            os.unlink(self.cache)
+            self.put(make_cache([(b"In", b"ki", self.T)]))
+            with mock.patch.object(bscrypto, "apply_cache_updates", swap_then_apply):
+                rc, _, err = self.populate("New\tkn\n", "--now", str(self.T))
+            self.assertEqual(rc, bscrypto.EXIT_CACHE)
+            self.assertIn("since it was read; run again; the old file is unchanged", err)
+            self.assertEqual(self.snapshot(target), before)
+            self.assertFalse(self.no_temp_files())
+
+    def test_symlink_swap_during_a_large_populate_fuzz(self):
+        # The race in real time, as the bareos user would run it against root:
+        # while a child populates a large cache, the cache is replaced by
+        # that user's link to a file outside, and put back, again and again.
+        if os.geteuid() != 0:
+            self.skipTest("needs root to own the link as another user")
+        target, before = self.outside()
+        count = 100000 if FUZZ_FULL else 3000
+        entries = [bscrypto.CacheEntry("V%06d" % i, "k%d" % i, self.T) for i in range(count)]
+        bscrypto.write_cache(self.cache, entries)
+        hold, link = self.path("hold"), self.path("link")
+        outcomes = {0: 0, bscrypto.EXIT_CACHE: 0}
+        for n in range(20 if FUZZ_FULL else 4):
+            child = _start_populate(self.cache, b"Race%d\tk\n" % n, self.T)
+            while child.poll() is None:
+                for name in (link, hold):
+                    if os.path.lexists(name):
+                        os.unlink(name)
+                os.symlink(target, link)
+                os.lchown(link, 12345, 12345)
+                try:
+                    os.link(self.cache, hold)
+                    os.rename(link, self.cache)     # the swap
+                    os.rename(hold, self.cache)     # and back
+                except OSError:
+                    pass    # a lookup racing the child's rename (overlayfs): try again
+            rc, err = _finish(child)
+            self.assertIn(rc, outcomes, err)
+            outcomes[rc] += 1
+            self.assertEqual(self.snapshot(target), before)
+        self.assertGreaterEqual(len(self.entries()), count)
+        if FUZZ_FULL:
+            sys.stderr.write(" (%d written, %d refused) " % (outcomes[0],
+                                                              outcomes[bscrypto.EXIT_CACHE]))
+
+    def test_root_writer_refuses_another_users_link(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root")
+        real = self.put(make_cache([(b"In", b"ki", self.T)]), self.path("real.cryptoc"))
+        os.symlink("real.cryptoc", self.cache)
+        os.lchown(self.cache, 12345, 12345)
+        before = self.snapshot(real)
+        for args in (["-p", self.cache], ["-r", self.cache], ["reset-cache", self.cache]):
+            rc, _, err = cli(*args, stdin=b"V\tk\n")
+            self.assertEqual(rc, bscrypto.EXIT_CACHE, args)
+            self.assertIn("is a symlink owned by uid 12345; as root only root's", err)
+        self.assertEqual(self.snapshot(real), before)
+        self.assertEqual(cli("-D", self.cache)[0], 0)      # reading it harms nobody
+
+    def test_fifo_or_device_as_cache_never_hangs(self):
+        os.mkfifo(self.cache)
+        for args in (["-D", self.cache], ["-p", self.cache], ["-r", self.cache],
+                     ["export", self.cache], ["check", "--cache", self.cache],
+                     ["backup-cache", self.cache, self.tmp]):
+            child = subprocess.Popen([sys.executable, SCRIPT] + args, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = child.communicate(timeout=20)
+            self.assertIn(child.returncode, (bscrypto.EXIT_CACHE, bscrypto.CHECK_UNABLE), args)
+            self.assertIn(b"a FIFO, not a regular file", err, args)
+        self.assertEqual(cli("-D", "/dev/null")[0], bscrypto.EXIT_CACHE)
+
+    def test_path_that_names_no_file_is_a_usage_error(self):
+        for args in (["-p", self.tmp + "/"], ["populate-cache", ""], ["-r", self.tmp + "/"],
+                     ["populate-cache", "", "--from-catalog", "-"]):
+            rc, _, err = cli(*args, stdin=b"V\tk\n")
+            self.assertEqual(rc, bscrypto.EXIT_USAGE, (args, err))
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_now_beyond_64_bits_is_a_usage_error(self):
+        for now in (str(1 << 64), str(-(1 << 64)), str((1 << 63) - 1)):
+            rc, _, err = self.populate("V\tk\n", "--now", now)
+            self.assertEqual(rc, bscrypto.EXIT_USAGE, err)
+            self.assertIn("beyond a 64-bit time", err)
+        self.assertFalse(os.path.exists(self.cache))
+
+    def test_rewrite_that_cannot_keep_the_owner_says_so(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to give the cache another owner")
+        self.put(make_cache([(b"In", b"ki", self.T)]))
+        os.chown(self.cache, 12345, 12345)
+
+        def refused(fd, uid, gid):      # as a user who is not root
+            raise OSError(errno.EPERM, "Operation not permitted")
+        with mock.patch.object(os, "fchown", refused):
+            rc, _, err = self.populate("V\tk\n")
+        self.assertEqual(rc, 0)
+        self.assertIn("the new file belongs to uid 0 gid 0, not uid 12345 gid 12345 as before "
+                      "(Operation not permitted; only root can keep the owner)", err)
+
+    def test_stale_backup_temps_are_removed_by_the_next_run(self):
+        # A run killed while writing its --backup copy or a backup-cache copy
+        # leaves a partial copy of every key; the next run removes it.
+        self.put(make_cache([(b"In", b"ki", self.T)]))
+        backups = self.path("b")
+        os.mkdir(backups)
+        for where in (self.tmp, backups):
+            real_link = os.link
+
+            def killed(*args, **kw):
+                raise KeyboardInterrupt
+            with mock.patch.object(os, "link", killed), \
+                    mock.patch.object(os, "getpid", lambda: 999999999), \
+                    mock.patch.object(bscrypto.TempFile, "discard", lambda self: None):
+                args = (["-p", self.cache, "--backup"] if where == self.tmp
+                        else ["backup-cache", self.cache, backups])
+                self.assertEqual(cli(*args, stdin=b"V\tk\n")[0], 130)
+            self.assertEqual(len([n for n in os.listdir(where) if n.endswith(".tmp")]), 1)
+            self.assertIs(os.link, real_link)
+        self.assertEqual(self.populate("W\tk\n", "--backup")[0], 0)
+        self.assertEqual(cli("backup-cache", self.cache, backups)[0], 0)
+        for where in (self.tmp, backups):
+            self.assertEqual([n for n in os.listdir(where) if n.endswith(".tmp")], [])
+
+
 def _start_populate(path, data, now=None):
     """A child `bscrypto.py populate-cache PATH` fed `data`; finish with _finish()."""
     args = [sys.executable, SCRIPT, "populate-cache", path]
@@ -1436,7 +1638,6 @@ class TestCacheFuzz(CacheTestCase):
 # describes it and a read after loading the right key succeeds.
 
 import ctypes  # noqa: E402
-import errno  # noqa: E402
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -5093,6 +5294,193 @@ class TestBackupCache(RecoveryCacheTestCase):
         self.assertEqual(rc, bscrypto.EXIT_CACHE)
         self.assertIn("does not read back the same", err)
         self.assertEqual(os.listdir(backups), [])
+
+
+class TestRecoveryFileSafety(RecoveryCacheTestCase):
+    """Issue 9 items of the recovery commands: all-or-nothing, rotation, secrets."""
+
+    def test_rewrap_leaves_no_sql_when_the_cache_cannot_be_written(self):
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3))
+        export = self.write("media.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                                 for e in self.make(2)).encode())
+        sql = self.path("update.sql")
+        before = read_bytes(path)
+        real = os.rename
+
+        def full(src, dst, **kw):
+            if dst == os.path.basename(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(src, dst, **kw)
+        with mock.patch.object(os, "rename", full):
+            rc, out, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                               "--catalog", export, "--sql-out", sql)
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertIn("No space left on device; the old file is unchanged; %s was not written "
+                      "either" % sql, err)
+        self.assertEqual(sorted(os.listdir(self.tmp)),
+                         ["c.cryptoc", "media.txt", "new.kek", "old.kek"])
+        self.assertEqual(read_bytes(path), before)
+        # The SQL destination is checked before any work.
+        self.write("update.sql", b"older statements")
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--cache", path,
+                         "--catalog", export, "--sql-out", sql)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("already exists and is not empty: choose another name or add --force", err)
+        self.assertEqual(read_bytes(path), before)
+
+    def test_sql_comment_never_carries_a_live_line_from_the_path(self):
+        old, new = self.keks()
+        export = self.write("media.txt", "".join("%s|%s\n" % (e.volume_name, e.encryption_key)
+                                                 for e in self.make(2)).encode())
+        sql = self.path("x\nDROP TABLE Media;\n.sql")
+        rc, _, err = cli("rewrap", "--old-kek", old, "--new-kek", new, "--catalog", export,
+                         "--sql-out", sql)
+        self.assertEqual(rc, 0, err)
+        lines = read_bytes(sql).decode().splitlines()
+        self.assertFalse([line for line in lines if "DROP" in line and not line.startswith("--")])
+        self.assertEqual([line[:6] for line in lines if not line.startswith("--")],
+                         ["BEGIN;", "UPDATE", "UPDATE", "COMMIT"])
+
+    def test_backup_rotation_keeps_the_new_copy_despite_future_names(self):
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        backups = self.path("b")
+        os.mkdir(backups)
+        future = ["c.cryptoc.20991231T235959Z.bak", "c.cryptoc.20991231T235959Z.1.bak"]
+        past = ["c.cryptoc.20200101T000000Z.bak"]
+        for name in future + past:
+            with open(os.path.join(backups, name), "wb") as f:
+                f.write(b"old")
+        for _ in range(2):
+            rc, out, err = cli("backup-cache", path, backups, "--keep", "1")
+            self.assertEqual(rc, 0, err)
+            self.assertIn("2 copies of c.cryptoc in %s dated in the future (clock skew?): kept, "
+                          "not counted in --keep" % backups, err)
+        left = sorted(os.listdir(backups))
+        self.assertEqual(left[-2:], sorted(future))
+        self.assertEqual(len(left), 3)
+        self.assertEqual(read_bytes(os.path.join(backups, left[0])), read_bytes(path))
+        self.assertNotIn(past[0], left)
+
+    def test_backup_into_a_missing_directory_is_not_a_cache_error(self):
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(1))
+        rc, _, err = cli("backup-cache", path, self.path("nodir"))
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertEqual(err, "bscrypto: backup directory %s: No such file or directory; "
+                              "nothing copied\n" % self.path("nodir"))
+
+    def test_check_without_a_kek_on_wrapped_keys_could_not_check(self):
+        path = self.path("c.cryptoc")
+        padded = self.make(1)[0].encryption_key + "=="     # 56 characters, still wrapped
+        for key in (self.make(1)[0].encryption_key, padded):
+            bscrypto.write_cache(path, [bscrypto.CacheEntry("V", key, CACHE_FIXTURE_TIME)])
+            rc, out, err = cli("check", "--cache", path, "--now", str(CACHE_FIXTURE_TIME))
+            self.assertEqual(rc, bscrypto.CHECK_UNABLE, (key, out, err))
+            self.assertIn("look wrapped: give the KEK", err)
+
+    def test_catalog_names_a_cache_cannot_hold(self):
+        path = self.path("c.cryptoc")
+        key = self.make(1)[0].encryption_key
+        export = self.write("media.txt", ("Good|%s\n%s|%s\nNul\0Name|%s\n" % (
+            key, "L" * 128, key, key)).encode())
+        rc, _, err = cli("populate-cache", path, "--from-catalog", export)
+        self.assertEqual(rc, bscrypto.EXIT_USAGE)
+        self.assertIn("line 2: VolumeName is 128 bytes, at most 127 fit", err)
+        self.assertIn("line 3: VolumeName contains a NUL byte", err)
+        self.assertFalse(os.path.exists(path))
+        rc, out, err = cli("populate-cache", path, "--from-catalog", export, "--skip-bad-lines")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("warning: line 2 skipped", err)
+        self.assertEqual([e[0] for e in self.entries(path)], ["Good"])
+
+    def test_swapped_columns_never_print_the_key(self):
+        entries = self.make(2)
+        export = self.write("media.txt", "".join("%s|%s\n" % (e.encryption_key, e.volume_name)
+                                                 for e in entries).encode())
+        for args in (["populate-cache", self.path("c"), "--from-catalog", export],
+                     ["check", "--cache", self.path("c"), "--catalog", export]):
+            rc, out, err = cli(*args)
+            self.assertNotEqual(rc, 0)
+            for e in entries:
+                self.assertNotIn(e.encryption_key, err + out.decode())
+        self.assertIn("(columns swapped?)", cli(
+            "populate-cache", self.path("c"), "--from-catalog", export)[2])
+
+    def test_key_commands_allow_no_core_dump(self):
+        code = ("import resource, sys; sys.path.insert(0, %r); import bscrypto; "
+                "bscrypto.main(['-g', '-']); print(resource.getrlimit(resource.RLIMIT_CORE)[0])"
+                % HERE)
+        out = subprocess.check_output([sys.executable, "-c", code])
+        self.assertEqual(out.splitlines()[-1], b"0")
+
+
+class TestEnvironmentErrors(RecoveryCacheTestCase):
+    """A closed pipe, a closed stdout, a full disk: documented exit codes, no
+    'internal error', and what was done on disk is said."""
+
+    def sh(self, command, *args):
+        child = subprocess.Popen(["/bin/bash", "-c", command, "sh", sys.executable, SCRIPT]
+                                 + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = child.communicate(timeout=60)
+        return child.returncode, out, err.decode()
+
+    def test_broken_pipe(self):
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(3000))
+        for command in ('"$1" "$2" selftest | head -c 1 >/dev/null; exit ${PIPESTATUS[0]}',
+                        '"$1" "$2" dump-cache "$3" | head -1 >/dev/null; exit ${PIPESTATUS[0]}',
+                        '"$1" "$2" -D "$3" | (exec 0<&-); exit ${PIPESTATUS[0]}'):
+            rc, _, err = self.sh(command, path)
+            self.assertEqual(rc, bscrypto.EXIT_OUTPUT, (command, err))
+            self.assertEqual(err, "bscrypto: cannot write to standard output: Broken pipe\n")
+
+    def test_closed_stdout_and_full_disk(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full")
+        rc, _, err = self.sh('"$1" "$2" -g - >&-')
+        self.assertEqual((rc, err), (bscrypto.EXIT_OUTPUT, "bscrypto: cannot write to standard "
+                                                          "output: standard output is closed\n"))
+        key = self.path("k")
+        self.assertEqual(self.sh('"$1" "$2" -g "$3" >&-', key)[:2], (0, b""))
+        self.assertEqual(len(read_bytes(key)), 32)
+        for command in ('"$1" "$2" -g - > /dev/full', '"$1" "$2" selftest > /dev/full',
+                        '"$1" "$2" -k "$3" > /dev/full'):
+            rc, _, err = self.sh(command, key)
+            self.assertEqual(rc, bscrypto.EXIT_OUTPUT, (command, err))
+            self.assertEqual(err, "bscrypto: cannot write to standard output: No space left on "
+                                  "device\n")
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        rc, _, err = self.sh('"$1" "$2" check --cache "$3" --kek-from /nonexistent > /dev/full',
+                             path)
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE, err)
+        old, _ = self.keks()
+        rc, _, err = self.sh('"$1" "$2" check --cache "$3" --kek "$4" --now 1 > /dev/full',
+                             path, old)
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE, err)
+        self.assertIn("check: could not check: cannot write the report", err)
+        export = self.write("media.txt", ("New|%s\n" % self.make(1)[0].encryption_key).encode())
+        new = self.path("new.cryptoc")
+        rc, _, err = self.sh('"$1" "$2" populate-cache "$3" --from-catalog "$4" > /dev/full',
+                             new, export)
+        self.assertEqual(rc, bscrypto.EXIT_OUTPUT, err)
+        self.assertEqual(err, "bscrypto: %s was written; but cannot write to standard output: "
+                              "No space left on device\n" % new)
+        self.assertEqual([e[0] for e in self.entries(new)], ["New"])
+
+    def test_fifo_inputs_are_refused_without_blocking(self):
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        for args in (["-k", fifo], ["-g", "-", "-w", fifo], ["kek-from-config", fifo, "--print"],
+                     ["populate-cache", self.path("c"), "--from-catalog", fifo],
+                     ["set-key", "/dev/null", "--hex-key", fifo]):
+            rc, _, err = self.sh('exec "$1" "$2" "${@:3}"', *args)
+            self.assertEqual(rc, bscrypto.EXIT_KEY_FILE, (args, err))
+            self.assertIn("a FIFO, not a regular file", err, args)
+
 
 
 # ---------------------------------------------------------------------------
