@@ -986,7 +986,8 @@ def report_output(out, text, done=None):
 #
 # Bareos erases a cache it cannot read and rewrites in place without a lock.
 # Here a cache that cannot be read is never changed; writers hold an flock on
-# CACHE.lock for the whole read-modify-write and replace the file by rename.
+# the cache's directory for the whole read-modify-write and replace the file
+# by rename (CacheFile).
 
 CACHE_ID = b"BAREOS Crypto Cache\n"     # char id[21]; Bareos ignores byte 20 (forces NUL)
 CACHE_VERSION = 1

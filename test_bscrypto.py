@@ -539,13 +539,16 @@ class TestKeyFiles(TempDirTestCase):
         for args in (["-k", key, "-w", ""], ["-g", self.path("new"), "-w", ""],
                      ["show", key, "-w", ""], ["generate", self.path("new"), "--kek", ""],
                      ["-g", ""], ["-k", ""], ["-p", ""], ["populate-cache", ""],
-                     ["kek-from-config", "", "--print"]):
+                     ["kek-from-config", "", "--print"], ["-s", key, "-w", "", "/dev/nst0"],
+                     ["load", "/dev/nst0", "--cache", ""], ["rewrap", "--sql-out", ""]):
             rc, out, err = cli(*args, stdin=b"V\tk\n")
             self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""), args)
             self.assertIn("is empty ('', an unset shell variable?)", err)
         self.assertEqual(sorted(os.listdir(self.tmp)), ["kek", "key"])
         with self.assertRaises(bscrypto.UsageError):
             bscrypto.read_key_file("")
+        rc, out, err = cli("check", "--cache", "", stdin=b"")
+        self.assertEqual((rc, out), (bscrypto.CHECK_UNABLE, b""))     # cron: could not check
 
     def test_empty_existing_file_is_replaced(self):
         p = self.write("k", b"", mode=0o644)
@@ -1399,6 +1402,17 @@ class TestCacheFileSafety(CacheTestCase):
             rc, _, err = cli(*args, stdin=b"V\tk\n")
             self.assertEqual(rc, bscrypto.EXIT_USAGE, (args, err))
         self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_default_cache_is_named_as_the_default(self):
+        # It said "cannot open lock file /var/lib/bareos/bareos-sd.9103.cryptoc.lock".
+        if os.path.isdir(os.path.dirname(bscrypto.DEFAULT_CACHE_PATH)):
+            self.skipTest("this host has a Bareos working directory")
+        for args in (["populate-cache"], ["dump-cache"], ["reset-cache"]):
+            rc, _, err = cli(*args, stdin=b"V\tk\n")
+            self.assertEqual(rc, bscrypto.EXIT_CACHE, args)
+            self.assertIn("crypto cache %s (the default; give CACHE to use another)"
+                          % bscrypto.DEFAULT_CACHE_PATH, err)
+            self.assertNotIn(".lock", err)
 
     def test_now_beyond_64_bits_is_a_usage_error(self):
         for now in (str(1 << 64), str(-(1 << 64)), str((1 << 63) - 1)):
