@@ -1576,7 +1576,7 @@ class CacheFile(object):
         except OSError as e:
             raise CacheError("cannot write %s: %s; the old file is unchanged"
                              % (self.path, e.strerror or e))
-        self.data, self.read_st = bytes(data), self._UNREAD
+        self.data, self.read_st = None, self._UNREAD
 
     def _unchanged(self):
         """The cache's lstat now (None if missing); OSError if it is not the file read."""
@@ -3889,7 +3889,7 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
         stream, tty = _stdin_stream()
         interactive = tty if interactive is None else interactive
     if interactive:
-        if os.path.lexists(path):
+        if os.path.exists(path):
             read_cache(path)    # fail before the user types anything
         sys.stdout.write(CACHE_PROMPT)
         sys.stdout.flush()

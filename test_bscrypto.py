@@ -428,10 +428,9 @@ class TestKeyFiles(TempDirTestCase):
     def test_outputs_that_are_not_files_get_what_dash_prints(self):
         # `-g /dev/stdout` as root renamed a file over the /dev/stdout link.
         import threading
-        fifo, link, device = self.path("fifo"), self.path("stdout"), self.path("null")
+        # Own nodes, not /dev/null itself: a regression must not break the host.
+        fifo = self.path("fifo")
         os.mkfifo(fifo)
-        os.symlink(os.devnull, link)
-        os.symlink(os.devnull, device)
         got = []
         for args in (["-g", fifo], ["-b", "-g", fifo], ["generate", fifo, "--force"]):
             reader = threading.Thread(target=lambda: got.append(read_bytes(fifo)))
@@ -442,21 +441,32 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual([len(g) for g in got], [33, 44, 33])
         self.assertTrue(all(g.endswith(b"\n") for g in got))
         self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
-        for args in (["-g", link], ["-g", device, "--force"], ["generate", link, "-b"]):
-            self.assertEqual(cli(*args), (0, b"", ""))
-        self.assertEqual(os.readlink(link), os.devnull)
         rc, out, err = cli("-g", self.tmp, "--force")
         self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
         self.assertEqual(err, "bscrypto: %s exists and is a directory, not a regular file; "
                               "write the key to a new file (or '-' for stdout)\n" % self.tmp)
+        device, link = self.path("null"), self.path("link")
+        try:
+            os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))    # Linux's null
+        except (OSError, AttributeError):
+            self.skipTest("cannot make a character device here")
+        os.symlink(device, link)
+        for args in (["-g", link], ["-g", device, "--force"], ["generate", link, "-b"]):
+            self.assertEqual(cli(*args), (0, b"", ""))
+        self.assertEqual(os.readlink(link), device)
+        self.assertTrue(stat.S_ISCHR(os.lstat(device).st_mode))
 
     def test_stdout_aliases_get_what_dash_prints(self):
         # Today `-g /dev/stdout > file` exited 0, left file empty and replaced
-        # the system's /dev/stdout link by a file holding the key.
-        before = os.readlink("/dev/stdout") if os.path.islink("/dev/stdout") else None
-        for alias in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
-            if not os.path.exists(alias):
-                continue
+        # the system's /dev/stdout link by a file holding the key.  The test
+        # uses its own link of the same kind: a regression must not break the host.
+        self.assertEqual([bscrypto._stdio_alias(p) for p in ("/dev/stdout", "/dev/stderr")],
+                         [1, 2])
+        stdout = self.path("stdout")
+        os.symlink("/proc/self/fd/1", stdout)
+        for alias in (stdout, "/dev/fd/1", "/proc/self/fd/1"):
+            if not os.path.exists("/proc/self/fd/1"):
+                self.skipTest("no /proc")
             for args, size in ((["-g", alias], 33), (["-b", "-g", alias, "--force"], 44),
                                (["kek-from-config", self.write("sd.conf", (SD_CONF % KEK).encode()),
                                  "--out", alias], len(KEK) + 1)):
@@ -466,8 +476,7 @@ class TestKeyFiles(TempDirTestCase):
                 self.assertEqual(rc, 0, (alias, args))
                 data = read_bytes(out)
                 self.assertEqual(len(data.split(b"\n")[0]) + 1, size, (alias, args))
-        if before is not None:
-            self.assertEqual(os.readlink("/dev/stdout"), before)
+        self.assertEqual(os.readlink(stdout), "/proc/self/fd/1")
 
     def test_symlink_to_a_file_updates_the_target(self):
         target = self.write("target.key", b"precious")
@@ -5484,6 +5493,25 @@ class TestEnvironmentErrors(RecoveryCacheTestCase):
         self.assertEqual(err, "bscrypto: %s was written; but cannot write to standard output: "
                               "No space left on device\n" % new)
         self.assertEqual([e[0] for e in self.entries(new)], ["New"])
+
+    def test_io_error_on_stdout(self):
+        class Failing(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def write(self, data):
+                raise OSError(errno.EIO, "Input/output error")
+        saved = sys.stdout, sys.stderr
+        err = _KeptBytesIO()
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(Failing()), "utf-8")
+        sys.stderr = io.TextIOWrapper(err, "utf-8", write_through=True)
+        try:
+            rc = bscrypto.main(["-g", "-"])
+        finally:
+            sys.stdout, sys.stderr = saved
+        self.assertEqual(rc, bscrypto.EXIT_OUTPUT)
+        self.assertEqual(err.getvalue(), b"bscrypto: cannot write to standard output: "
+                                         b"Input/output error\n")
 
     def test_fifo_inputs_are_refused_without_blocking(self):
         fifo = self.path("fifo")
