@@ -583,7 +583,8 @@ def resolve_path(path):
     at any file on the host."""
     if os.geteuid() != 0:
         return os.path.realpath(path)
-    done, todo, hops = "/", os.path.abspath(path).split("/")[::-1], 0
+    # Not abspath: it would drop "link/.." before the link is read.
+    done, todo, hops = "/", os.path.join(os.getcwd(), path).split("/")[::-1], 0
     while todo:
         part = todo.pop()
         if part in ("", "."):

@@ -540,6 +540,34 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual(read_bytes(p), b"the other writer's key")
         self.assertEqual(os.listdir(self.tmp), ["k"])
 
+    def test_file_helpers(self):
+        # An open descriptor named as a path gets the stream's bytes.
+        self.assertEqual([bscrypto._stdio_alias(p) for p in
+                          ("/dev/fd/5", "/proc/self/fd/7", "/proc/%d/fd/3" % os.getpid(),
+                           self.path("none"), "/dev/fdx/1")], [5, 7, 3, None, None])
+        r, w = os.pipe()
+        try:
+            bscrypto.write_private_file("/dev/fd/%d" % w, b"key", stream_data=b"key\n")
+            self.assertEqual(os.read(r, 100), b"key\n")
+        finally:
+            os.close(r)
+            os.close(w)
+        # resolve_path: "..", relative links, loops.
+        os.mkdir(self.path("d"))
+        os.symlink("../d", self.path("d/up"))
+        self.assertEqual(bscrypto.resolve_path(self.path("d/up/../d/x")),
+                         os.path.realpath(self.path("d/x")))
+        os.symlink("loop", self.path("loop"))
+        with self.assertRaises(OSError):
+            bscrypto.resolve_path(self.path("loop"))
+        # replace_file_atomically keeps the owner and mode of `like`.
+        like = self.write("like", b"", mode=0o640)
+        target = self.write("t", b"old")
+        bscrypto.replace_file_atomically(target, b"new", like=like)
+        self.assertEqual((read_bytes(target), stat.S_IMODE(os.stat(target).st_mode)),
+                         (b"new", 0o640))
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["d", "like", "loop", "t"])
+
     def test_empty_path_is_a_usage_error(self):
         # `-w ''` (an unset variable) silently dropped the wrap.
         kek, key = self.path("kek"), self.path("key")
