@@ -798,6 +798,11 @@ class PrivateOutput(object):
                                "add --force" % (self.path, "; a lost key is lost data"
                                                 if self.what == "key file" else ""))
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+            if os.geteuid() == 0 and st.st_uid != 0:
+                raise KeyFileError("%s is %s owned by uid %d: as root a key is written only "
+                                   "to root's own FIFOs and devices (its owner could read it)"
+                                   % (self.path, _not_regular(st).strerror.split(",")[0],
+                                      st.st_uid))
             self.stream = st
             return st
         raise KeyFileError("%s exists and is %s; write the key to a new file (or '-' for "

@@ -504,6 +504,13 @@ class TestKeyFiles(TempDirTestCase):
             self.assertNotEqual(rc, 0, args)
             self.assertIn("symlink owned by uid 12345", err)
         self.assertEqual(read_bytes(target), b"")
+        # Nor writes a key into a FIFO another user owns (they would read it).
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        os.chown(fifo, 12345, 12345)
+        rc, out, err = cli("-g", fifo)
+        self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
+        self.assertIn("is a FIFO owned by uid 12345: as root a key is written only to root's", err)
 
     def test_concurrent_writers_of_one_new_file_fuzz(self):
         # Today 21 of 80 concurrent -g succeeded where 10 rounds of 8 allow 10.
