@@ -508,7 +508,12 @@ class TestKeyFiles(TempDirTestCase):
         fifo = self.path("fifo")
         os.mkfifo(fifo)
         os.chown(fifo, 12345, 12345)
-        rc, out, err = cli("-g", fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # a regression fails, not hangs
+        try:
+            rc, out, err = cli("-g", fifo)
+            self.assertEqual(os.read(reader, 100), b"")
+        finally:
+            os.close(reader)
         self.assertEqual((rc, out), (bscrypto.EXIT_KEY_FILE, b""))
         self.assertIn("is a FIFO owned by uid 12345: as root a key is written only to root's", err)
 
@@ -574,6 +579,27 @@ class TestKeyFiles(TempDirTestCase):
         self.assertEqual((read_bytes(target), stat.S_IMODE(os.stat(target).st_mode)),
                          (b"new", 0o640))
         self.assertEqual(sorted(os.listdir(self.tmp)), ["d", "like", "loop", "t"])
+
+    def test_a_writer_that_finishes_just_after_the_last_check_keeps_its_file(self):
+        # The name is taken between the last check and the publish: only a
+        # link (which fails on an existing name) keeps the other key.
+        p = self.path("k")
+        real = bscrypto._lstat_at
+        calls = []
+
+        def other_writer_finishes_after(name, dir_fd):
+            st = real(name, dir_fd)
+            calls.append(name)
+            if len(calls) == 2:
+                with open(p, "wb") as f:
+                    f.write(b"the other writer's key")
+            return st
+        with mock.patch.object(bscrypto, "_lstat_at", other_writer_finishes_after):
+            rc, out, err = cli("-g", p)
+        self.assertEqual(rc, bscrypto.EXIT_KEY_FILE)
+        self.assertIn("already exists (written meanwhile by another program?)", err)
+        self.assertEqual(read_bytes(p), b"the other writer's key")
+        self.assertEqual(os.listdir(self.tmp), ["k"])
 
     def test_empty_path_is_a_usage_error(self):
         # `-w ''` (an unset variable) silently dropped the wrap.
@@ -1378,6 +1404,24 @@ class TestCacheFileSafety(CacheTestCase):
             self.assertIn("since it was read; run again; the old file is unchanged", err)
             self.assertEqual(self.snapshot(target), before)
             self.assertFalse(self.no_temp_files())
+
+    def test_file_replaced_while_the_new_one_is_written(self):
+        target, before = self.outside()
+        self.put(make_cache([(b"In", b"ki", self.T)]))
+        real_fsync = os.fsync
+
+        def swap_then_fsync(fd):
+            if os.path.isfile(self.cache) and not os.path.islink(self.cache):
+                os.unlink(self.cache)
+                os.symlink(target, self.cache)
+            return real_fsync(fd)
+        with mock.patch.object(os, "fsync", swap_then_fsync):
+            rc, _, err = self.populate("New\tkn\n", "--now", str(self.T))
+        self.assertEqual(rc, bscrypto.EXIT_CACHE)
+        self.assertIn("since it was read; run again; the old file is unchanged", err)
+        self.assertEqual(self.snapshot(target), before)
+        self.assertTrue(os.path.islink(self.cache))
+        self.assertFalse(self.no_temp_files())
 
     def test_symlink_swap_during_a_large_populate_fuzz(self):
         # The race in real time, as the bareos user would run it against root:
@@ -5468,11 +5512,17 @@ class TestRecoveryFileSafety(RecoveryCacheTestCase):
             "populate-cache", self.path("c"), "--from-catalog", export)[2])
 
     def test_key_commands_allow_no_core_dump(self):
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        if hard == 0:
+            self.skipTest("core dumps are off for this whole session")
+        # The child allows core dumps first, as a login shell may.
         code = ("import resource, sys; sys.path.insert(0, %r); import bscrypto; "
-                "bscrypto.main(['-g', '-']); print(resource.getrlimit(resource.RLIMIT_CORE)[0])"
-                % HERE)
+                "resource.setrlimit(resource.RLIMIT_CORE, (%d, %d)); "
+                "bscrypto.main(['-g', '-']); print(resource.getrlimit(resource.RLIMIT_CORE))"
+                % (HERE, min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20, hard))
         out = subprocess.check_output([sys.executable, "-c", code])
-        self.assertEqual(out.splitlines()[-1], b"0")
+        self.assertEqual(out.splitlines()[-1], ("(0, %d)" % hard).encode())
 
 
 class TestEnvironmentErrors(RecoveryCacheTestCase):
