@@ -3593,8 +3593,10 @@ def _catalog_rows(text, delimiter, source="catalog export"):
             except StopIteration:
                 return
             except csv.Error as e:  # a NUL byte (before 3.11), a broken quote
-                raise KeyFileError("%s line %d is not valid CSV (%s): is it a catalog "
-                                   "export?" % (source, reader.line_num, e))
+                if "NUL" not in str(e):
+                    raise KeyFileError("%s line %d is not valid CSV (%s): is it a catalog "
+                                       "export?" % (source, reader.line_num, e))
+                row = None          # a bad line like any other (3.11+ reads it)
             yield start, row
             start = reader.line_num + 1
     for number, line in enumerate(text.split("\n"), 1):
@@ -3633,6 +3635,9 @@ def parse_catalog_export(text, source="catalog export"):
     bad = []
     header_done = False
     for number, cells in _catalog_rows(text, delimiter, source):
+        if cells is None:
+            bad.append((number, "VolumeName contains a NUL byte"))
+            continue
         cells = [c.strip() for c in cells]
         if not any(cells):
             continue

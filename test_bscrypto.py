@@ -5497,6 +5497,14 @@ class TestRecoveryFileSafety(RecoveryCacheTestCase):
         self.assertEqual(rc, 0, err)
         self.assertIn("warning: line 2 skipped", err)
         self.assertEqual([e[0] for e in self.entries(path)], ["Good"])
+        # The same in CSV (which Python before 3.11 cannot read with a NUL).
+        os.unlink(path)
+        export = self.write("media.csv", ("VolumeName,EncryptionKey\nGood,%s\nNul\0Name,%s\n"
+                                          "Last,%s\n" % (key, key, key)).encode())
+        rc, _, err = cli("populate-cache", path, "--from-catalog", export, "--skip-bad-lines")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("warning: line 3 skipped: VolumeName contains a NUL byte", err)
+        self.assertEqual([e[0] for e in self.entries(path)], ["Good", "Last"])
 
     def test_swapped_columns_never_print_the_key(self):
         entries = self.make(2)
