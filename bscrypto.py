@@ -5219,11 +5219,14 @@ def _backup_into(path, directory, dir_fd, base, data, count, keep, out):
     # was ahead) are kept but not counted, so they cannot pin the rotation.
     stamp = backup_stamp(time.time() + 60)
     older, future = [], []
-    for old, key in _backup_names(os.listdir(dir_fd), base).items():
-        st = _lstat_at(old, dir_fd)
-        if old == name or st is None or not stat.S_ISREG(st.st_mode):
-            continue
-        (future if key[0] > stamp else older).append((key, old))
+    try:
+        for old, key in _backup_names(os.listdir(dir_fd), base).items():
+            st = _lstat_at(old, dir_fd)
+            if old != name and st is not None and stat.S_ISREG(st.st_mode):
+                (future if key[0] > stamp else older).append((key, old))
+    except OSError as e:
+        warn("could not list %s to remove older copies: %s" % (directory, e.strerror or e))
+        older, future = [], []
     if future:
         warn("%d cop%s of %s in %s dated in the future (clock skew?): kept, not counted in "
              "--keep; remove them by hand once checked: %s" % (
