@@ -1626,7 +1626,7 @@ def write_backup(dir_fd, base, data, like=None, source=None):
     try:
         if like is not None:
             keep_owner(temp.fd, like, source or base)
-            os.fchmod(temp.fd, stat.S_IMODE(like.st_mode))
+        os.fchmod(temp.fd, stat.S_IMODE(like.st_mode) if like is not None else 0o600)
         for n in range(1000):
             name = "%s.%s%s%s" % (base, stamp, ".%d" % n if n else "", _BACKUP_SUFFIX)
             if temp.publish(name, replace=False):
