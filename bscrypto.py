@@ -5887,22 +5887,26 @@ def _no_core_dumps():
 
 
 class _ClosedStream(io.RawIOBase):
-    """Standard output when the process started with it closed (`>&-`)."""
+    """Standard output when the process started with it closed (`>&-`): the
+    first write fails; later ones (the interpreter's last flush) go nowhere."""
+
+    failed = False
 
     def writable(self):
         return True
 
     def write(self, data):
+        if self.failed:
+            return len(data)
+        self.failed = True
         raise OSError(errno.EBADF, "standard output is closed")
 
 
 def _output_failed():
     """After stdout failed: send the rest (and the interpreter's last flush) nowhere."""
-    out = sys.stdout
     try:
-        fd = out.fileno()
+        fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):
-        sys.stdout = io.TextIOWrapper(io.BytesIO())
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd)

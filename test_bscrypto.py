@@ -5589,10 +5589,15 @@ class TestEnvironmentErrors(RecoveryCacheTestCase):
 
     def test_io_error_on_stdout(self):
         class Failing(io.RawIOBase):
+            failed = False      # fails once, as a device would, then takes the last flush
+
             def writable(self):
                 return True
 
             def write(self, data):
+                if self.failed:
+                    return len(data)
+                self.failed = True
                 raise OSError(errno.EIO, "Input/output error")
         saved = sys.stdout, sys.stderr
         err = _KeptBytesIO()
