@@ -771,9 +771,9 @@ class PrivateOutput(object):
     writes the temporary file, commit() publishes it, discard() drops it.
     """
 
-    def __init__(self, path, force=False, what="key file"):
+    def __init__(self, path, force=False, what="key file", mode=0o600):
         check_path(path, what)
-        self.path, self.force, self.what = path, force, what
+        self.path, self.force, self.what, self.mode = path, force, what, mode
         self.temp, self.dir_fd, self.stream = None, None, None
         self.fd_number = _stdio_alias(path)
         if self.fd_number is not None:
@@ -815,7 +815,7 @@ class PrivateOutput(object):
         try:
             _remove_stale_temps(self.dir_fd, self.base)
             self.temp = TempFile(self.dir_fd, self.base, data)
-            os.fchmod(self.temp.fd, 0o600)
+            os.fchmod(self.temp.fd, self.mode)
         except OSError as e:
             self.close()
             raise KeyFileError("cannot write %s: %s" % (self.path, e.strerror or e))
@@ -882,10 +882,10 @@ def replace_file_atomically(path, data, mode=0o600, like=None):
         os.close(dir_fd)
 
 
-def write_private_file(path, data, force=False, stream_data=None):
+def write_private_file(path, data, force=False, mode=0o600, stream_data=None):
     """Write a key file: mode 0600, atomically, never clobbering a key silently
     (PrivateOutput says where what goes); stream_data is what '-' would print."""
-    PrivateOutput(path, force).prepare(data, stream_data).commit()
+    PrivateOutput(path, force, mode=mode).prepare(data, stream_data).commit()
 
 
 def make_key_text(passphrase, kek_text=None, base64=False):
@@ -4531,7 +4531,7 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
         raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
                            "bytes, which a key file cannot keep; use --kek-from %s instead of "
                            "a file" % (where, KEK_LENGTH, path))
-    write_private_file(dest, found.kek, force, found.kek + b"\n")
+    write_private_file(dest, found.kek, force, stream_data=found.kek + b"\n")
     report_output(sys.stdout, "wrote the Key Encryption Key of %s to %s (mode 0600)\n"
                   % (where, dest), "%s was written" % dest)
     return EXIT_OK
