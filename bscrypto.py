@@ -84,6 +84,7 @@ EXIT_NOT_FOUND = 13        # volume not in the cache or catalog
 EXIT_WRONG_KEY = 14        # the drive cannot decrypt the tape with the loaded key
 EXIT_SD_NOT_READY = 15     # prepare-sd: the storage daemon's setup misses requirements
 EXIT_KIT_INCOMPLETE = 16   # dr-kit: kit incomplete (named ...-INCOMPLETE) or not written
+EXIT_OUTPUT = 17           # standard output not writable: closed, broken pipe, disk full, EIO
 EXIT_INTERNAL = 70         # a bug: please report it with --debug output
 # The original flags' usage errors exit as Bareos's CLI11 parser does.
 EXIT_CLI_CONVERSION = 104  # a value of the wrong kind (-d abc)
@@ -110,6 +111,7 @@ EXIT_CODES = (
     (EXIT_WRONG_KEY, "the loaded key does not decrypt this tape (load cleared it)"),
     (EXIT_SD_NOT_READY, "prepare-sd: storage daemon requirements missing"),
     (EXIT_KIT_INCOMPLETE, "dr-kit: kit incomplete (named ...-INCOMPLETE) or not written"),
+    (EXIT_OUTPUT, "standard output could not be written (closed, broken pipe, disk full)"),
     (EXIT_INTERNAL, "internal error (a bug)"),
     (EXIT_CLI_CONVERSION, "original flags: a value of the wrong kind (-d abc), as Bareos"),
     (EXIT_CLI_EXCLUDES, "original flags: options Bareos does not combine (-g F -k F)"),
@@ -140,6 +142,15 @@ class KeyFileError(BscryptoError):
 
 class UnwrapError(BscryptoError):
     exit_code = EXIT_UNWRAP
+
+
+class OutputError(BscryptoError):
+    exit_code = EXIT_OUTPUT
+
+
+# What a failed write to stdout reports: the environment, not a bug.
+OUTPUT_ERRNOS = frozenset((errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT,
+                           errno.EFBIG, errno.ECONNRESET))
 
 
 # SCSI command timeout for the drive operations (-s, -c, -e, -v and their
@@ -195,6 +206,13 @@ def _syslog_send(message, error=False):
     import syslog
     syslog.openlog("bscrypto", syslog.LOG_PID, syslog.LOG_USER)
     syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_NOTICE, message)
+
+
+def warn(message):
+    try:
+        sys.stderr.write("bscrypto: warning: %s\n" % message)
+    except (OSError, ValueError, AttributeError):
+        pass        # stderr closed or full: a warning must not turn success into failure
 
 
 # ---------------------------------------------------------------------------
@@ -543,17 +561,10 @@ def strip_key_text(data):
 def read_key_file(path, what="key file", prompt=True, kek=False):
     """Read a key file (or stdin for '-') the way Bareos does: the key text,
     or with kek=True the buffer whose first 16 bytes are the KEK."""
-    if path == "-":
-        if prompt:
-            sys.stdout.write(KEY_PROMPT)
-            sys.stdout.flush()
-        data = _read_stdin_bytes(KEY_FILE_READ_LIMIT)
-    else:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(KEY_FILE_READ_LIMIT)
-        except OSError as e:
-            raise KeyFileError("cannot read %s %s: %s" % (what, path, e.strerror or e))
+    if path == "-" and prompt:
+        sys.stdout.write(KEY_PROMPT)
+        sys.stdout.flush()
+    data = read_input(path, what, KEY_FILE_READ_LIMIT)
     source = "on stdin" if path == "-" else path
     if not data:
         raise KeyFileError("%s %s is empty" % (what, source))
@@ -586,9 +597,14 @@ def _terminal_fd(stream):
         return None
 
 
-def _read_stdin_bytes(limit):
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:
+def _read_stdin_bytes(limit=None):
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    if stream is None:          # started with stdin closed
+        return b""
+    if limit is None:
+        data = stream.read()
+        return data.encode("latin-1") if isinstance(data, str) else data
+    if stream is sys.stdin:
         return sys.stdin.read(limit).encode("latin-1")
     fd = _terminal_fd(stream)
     if fd is not None:
@@ -603,37 +619,149 @@ def _read_stdin_bytes(limit):
     return data
 
 
-# Atomic replacement, shared by key files and the crypto cache.
+# -- safe file access, shared by key files, exports, configs and the cache --
+#
+# Root runs this tool in directories other users own (/var/lib/bareos belongs
+# to the bareos user).  So inputs are checked before they are opened (a FIFO
+# would block, a tape device rewinds on close), opened non-blocking and
+# checked again by fstat; outputs are resolved once, then written through the
+# one directory file descriptor by temporary file and rename (or link, which
+# fails when the name was taken meanwhile), and root never follows a symlink
+# another user owns.
 
-def _give_owner_of(original, fd):
-    """Give fd's file the owner of original (if it exists and differs); best effort."""
-    try:
-        st = os.stat(original)
-        mine = os.fstat(fd)
-        if (st.st_uid, st.st_gid) != (mine.st_uid, mine.st_gid):
-            os.fchown(fd, st.st_uid, st.st_gid)
-    except OSError:
-        pass
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_NODE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink"))
+# The names under which a process reaches its own open descriptors.
+_STDIO_NAMES = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
-def _fsync_directory(directory):
+def _not_regular(st):
+    """The OSError for a node that is not a regular file."""
+    kind = next((name for test, name in _NODE_KINDS if test(st.st_mode)), "a special file")
+    return OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL,
+                   "%s, not a regular file" % kind)
+
+
+def check_path(path, what):
+    """UsageError for an empty path: an unset shell variable must not mean "none"."""
+    if path is not None and not path:
+        raise UsageError("the %s path is empty ('', an unset shell variable?)" % what)
+
+
+def read_regular_file(path, limit=None, dir_fd=None, follow=True, keep_open=False):
+    """(bytes, os.stat_result) of a regular file; OSError for anything else.
+
+    Checked before it is opened, opened non-blocking and checked again by
+    fstat, so a FIFO or device swapped in never blocks or is read.  With
+    keep_open, (bytes, stat, the open file).
+    """
+    st = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_CLOEXEC
+    f = os.fdopen(os.open(path, flags | (0 if follow else _O_NOFOLLOW), dir_fd=dir_fd), "rb")
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st)
+        data = f.read() if limit is None else f.read(limit)
+    except BaseException:
+        f.close()
+        raise
+    if keep_open:
+        return data, st, f
+    f.close()
+    return data, st
+
+
+def read_input(path, what, limit=None):
+    """The bytes of an input file, or of stdin for '-'; KeyFileError saying why not."""
+    check_path(path, what)
+    if path == "-":
+        return _read_stdin_bytes(limit)
     try:
-        os.fsync(fd)
+        return read_regular_file(path, limit)[0]
+    except OSError as e:
+        raise KeyFileError("cannot read %s %s: %s" % (what, path, e.strerror or e))
+
+
+def _refused_link(path, st):
+    return OSError(errno.EPERM, "%s is a symlink owned by uid %d; as root only root's symlinks "
+                                "are followed (another user could point it anywhere): give "
+                                "the path it points to" % (path, st.st_uid))
+
+
+def resolve_path(path):
+    """os.path.realpath, except that root refuses (OSError) a symlink another
+    user owns: the owner of a directory like /var/lib/bareos could point it
+    at any file on the host."""
+    if os.geteuid() != 0:
+        return os.path.realpath(path)
+    # Not abspath: it would drop "link/.." before the link is read.
+    done, todo, hops = "/", os.path.join(os.getcwd(), path).split("/")[::-1], 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            done = os.path.dirname(done)
+            continue
+        here = os.path.join(done, part)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            done = here
+            continue
+        hops += 1
+        if hops > 40:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links")
+        if st.st_uid != 0:
+            raise _refused_link(here, st)
+        target = os.readlink(here)
+        todo.extend(target.split("/")[::-1])
+        if target.startswith("/"):
+            done = "/"
+    return done
+
+
+def open_directory(directory):
+    return os.open(directory or ".", os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
+
+def _lstat_at(name, dir_fd):
+    """lstat of name in dir_fd, or None when there is nothing by that name."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _same_file(a, b):
+    return (a is None and b is None) or (a is not None and b is not None
+                                         and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino))
+
+
+def _fsync_directory(dir_fd):
+    try:
+        os.fsync(dir_fd)
     except OSError:
         pass    # some filesystems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
-def _remove_stale_temps(directory, base):
-    """Temporary files of writers that died (killed mid-write) beside the file."""
+def _remove_stale_temps(dir_fd, base):
+    """Temporary files of writers that died (killed mid-write) beside the file:
+    each is a partial copy of every key."""
     prefix = "." + base + "."
     try:
-        names = os.listdir(directory)
+        names = os.listdir(dir_fd)
     except OSError:
         return
     for name in names:
@@ -649,66 +777,233 @@ def _remove_stale_temps(directory, base):
         except OSError:
             continue                    # alive under another user
         try:
-            os.unlink(os.path.join(directory, name))
+            os.unlink(name, dir_fd=dir_fd)
             debug(1, "removed %s left by a writer that died" % name)
         except OSError:
             pass
 
 
-def replace_file_atomically(path, data, mode=0o600, like=None):
-    """Write data to path by temp file in the same directory, fsync, rename,
-    fsync the directory: a crash leaves the old file or the new one, and
-    readers never see a partial file.  Owner and mode come from `like` when
-    given.  OSError on failure, with the temporary file removed.
-    """
-    directory, base = os.path.split(path)
-    directory = directory or "."
-    _remove_stale_temps(directory, base)
-    tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (
-        base, os.getpid(), binascii.hexlify(os.urandom(4)).decode("ascii")))
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+class TempFile(object):
+    """data in a new temporary file .BASE.PID.RANDOM.tmp in dir_fd (O_EXCL,
+    never through a link), fsynced; publish() renames or links it to its name."""
+
+    def __init__(self, dir_fd, base, data, mode=0o600):
+        self.dir_fd = dir_fd
+        self.name = ".%s.%d.%s.tmp" % (base, os.getpid(),
+                                       binascii.hexlify(os.urandom(4)).decode("ascii"))
+        self.fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW
+                          | _O_CLOEXEC, mode, dir_fd=dir_fd)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
-            os.fsync(fd)
-            if like is not None:
-                _give_owner_of(like, fd)
-                mode = os.stat(like).st_mode & 0o7777
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
         except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
+            self.discard()
+            raise
+
+    def publish(self, name, replace):
+        """Rename over name (replace), or link to name only if it is free:
+        False when it is taken.  Then the directory is fsynced."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if replace:
+            os.rename(self.name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        else:
+            try:
+                os.link(self.name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                        follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    return False
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                                   errno.EMLINK):
+                    raise
+                if _lstat_at(name, self.dir_fd) is not None:    # no hard links here
+                    return False
+                os.rename(self.name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                self.name = None
+            self.discard()
+        self.name = None
+        _fsync_directory(self.dir_fd)
+        return True
+
+    def discard(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.name is not None:
+            try:
+                os.unlink(self.name, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+            self.name = None
 
 
-def write_private_file(path, data, force=False, mode=0o600):
-    """Write a key file atomically, mode 0600, never clobbering a key silently.
-
-    A temporary file in the same directory is written, fsynced and renamed,
-    so a crash leaves the old file or the new one, never a torn key.
-    """
+def keep_owner(fd, like, name):
+    """Give fd's file the owner of stat result `like`; say so when it cannot."""
+    mine = os.fstat(fd)
+    if (like.st_uid, like.st_gid) == (mine.st_uid, mine.st_gid):
+        return
     try:
-        st = os.stat(path)
-    except OSError:
-        st = None
-    # The rename would replace a device node, FIFO or /dev/stdout link by a file.
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise KeyFileError("%s exists and is not a regular file; write the key to a new file "
-                           "(or '-' for stdout)" % path)
-    if st is not None and st.st_size > 0 and not force:
-        raise KeyFileError("%s already exists and is not empty; a lost key is lost "
-                           "data: choose another name or add --force" % path)
-    try:
-        replace_file_atomically(path, data, mode)
+        os.fchown(fd, like.st_uid, like.st_gid)
     except OSError as e:
-        raise KeyFileError("cannot write %s: %s" % (path, e.strerror or e))
+        warn("%s: the new file belongs to uid %d gid %d, not uid %d gid %d as before (%s; only "
+             "root can keep the owner): chown it if the storage daemon must read it"
+             % (name, mine.st_uid, mine.st_gid, like.st_uid, like.st_gid, e.strerror or e))
+
+
+def _stdio_alias(path):
+    """The descriptor number when path names one of this process's own open
+    descriptors (/dev/stdout, /dev/fd/N, /proc/self/fd/N), else None."""
+    for _ in range(40):
+        norm = os.path.normpath(path)
+        if norm in _STDIO_NAMES:
+            return _STDIO_NAMES[norm]
+        head, number = os.path.split(norm)
+        if number.isdigit() and head in ("/dev/fd", "/proc/self/fd", "/proc/thread-self/fd",
+                                         "/proc/%d/fd" % os.getpid()):
+            return int(number)
+        try:
+            path = os.path.join(os.path.dirname(norm), os.readlink(norm))
+        except OSError:
+            return None
+    return None
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class PrivateOutput(object):
+    """A key or SQL output (mode 0600) checked before anything is written.
+
+    The destination is resolved once.  A new file is published by link, so
+    of two writers exactly one gets the name; a regular file (also through
+    a symlink) is replaced by rename, only if empty or with force; a FIFO,
+    a character device or the process's own stdout (/dev/stdout, /dev/fd/N)
+    receives what '-' would print; anything else is refused.  prepare()
+    writes the temporary file, commit() publishes it, discard() drops it.
+    """
+
+    def __init__(self, path, force=False, what="key file", mode=0o600):
+        check_path(path, what)
+        self.path, self.force, self.what, self.mode = path, force, what, mode
+        self.temp, self.dir_fd, self.stream = None, None, None
+        self.fd_number = _stdio_alias(path)
+        if self.fd_number is not None:
+            return
+        try:
+            real = resolve_path(path)
+            directory, self.base = os.path.split(real)
+            self.dir_fd = open_directory(directory)
+            self.st = self._check(_lstat_at(self.base, self.dir_fd))
+        except OSError as e:
+            self.close()
+            raise KeyFileError("cannot write %s: %s" % (path, e.strerror or e))
+        except BscryptoError:
+            self.close()
+            raise
+
+    def _check(self, st):
+        if st is None or stat.S_ISREG(st.st_mode) and (st.st_size == 0 or self.force):
+            return st
+        if stat.S_ISREG(st.st_mode):
+            raise KeyFileError("%s already exists and is not empty%s: choose another name or "
+                               "add --force" % (self.path, "; a lost key is lost data"
+                                                if self.what == "key file" else ""))
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+            if os.geteuid() == 0 and st.st_uid != 0:
+                raise KeyFileError("%s is %s owned by uid %d: as root a key is written only "
+                                   "to root's own FIFOs and devices (its owner could read it)"
+                                   % (self.path, _not_regular(st).strerror.split(",")[0],
+                                      st.st_uid))
+            self.stream = st
+            return st
+        raise KeyFileError("%s exists and is %s; write the key to a new file (or '-' for "
+                           "stdout)" % (self.path, _not_regular(st).strerror))
+
+    def prepare(self, data, stream_data=None):
+        self.data = data if stream_data is None else stream_data
+        if self.fd_number is not None or self.stream is not None:
+            return self
+        try:
+            _remove_stale_temps(self.dir_fd, self.base)
+            self.temp = TempFile(self.dir_fd, self.base, data)
+            os.fchmod(self.temp.fd, self.mode)
+        except OSError as e:
+            self.close()
+            raise KeyFileError("cannot write %s: %s" % (self.path, e.strerror or e))
+        return self
+
+    def commit(self):
+        try:
+            if self.fd_number is not None:
+                sys.stdout.flush()
+                _write_all(self.fd_number, self.data)
+            elif self.stream is not None:
+                fd = os.open(self.base, os.O_WRONLY | os.O_NOCTTY | _O_NOFOLLOW | _O_CLOEXEC,
+                             dir_fd=self.dir_fd)
+                try:
+                    if stat.S_IFMT(os.fstat(fd).st_mode) != stat.S_IFMT(self.stream.st_mode):
+                        raise OSError(errno.EAGAIN, "it was replaced while this ran")
+                    _write_all(fd, self.data)
+                finally:
+                    os.close(fd)
+            else:
+                now = self._check(_lstat_at(self.base, self.dir_fd))
+                if self.st is not None and not _same_file(now, self.st):
+                    raise OSError(errno.EAGAIN, "it was replaced while this ran")
+                if not self.temp.publish(self.base, replace=self.st is not None):
+                    raise KeyFileError("%s already exists (written meanwhile by another "
+                                       "program?): choose another name or add --force"
+                                       % self.path)
+        except OSError as e:
+            raise KeyFileError("cannot write %s: %s" % (self.path, e.strerror or e))
+        finally:
+            self.close()
+
+    def close(self):
+        if self.temp is not None:
+            self.temp.discard()
+            self.temp = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+
+    discard = close
+
+
+def replace_file_atomically(path, data, mode=0o600, like=None):
+    """Write data to path (resolved once) by temporary file in its directory,
+    fsync, rename, fsync of the directory: a crash leaves the old file or the
+    new one.  Owner and mode come from the file `like` names, when given.
+    OSError on failure, with the temporary file removed."""
+    directory, base = os.path.split(resolve_path(path))
+    dir_fd = open_directory(directory)
+    try:
+        _remove_stale_temps(dir_fd, base)
+        temp = TempFile(dir_fd, base, data)
+        try:
+            if like is not None:
+                st = os.stat(like)
+                keep_owner(temp.fd, st, path)
+                mode = stat.S_IMODE(st.st_mode)
+            os.fchmod(temp.fd, mode)
+            temp.publish(base, replace=True)
+        finally:
+            temp.discard()
+    finally:
+        os.close(dir_fd)
+
+
+def write_private_file(path, data, force=False, mode=0o600, stream_data=None):
+    """Write a key file: mode 0600, atomically, never clobbering a key silently
+    (PrivateOutput says where what goes); stream_data is what '-' would print."""
+    PrivateOutput(path, force, mode=mode).prepare(data, stream_data).commit()
 
 
 def make_key_text(passphrase, kek_text=None, base64=False):
@@ -780,14 +1075,21 @@ def passphrase_from_key_text(text, source, kek_text=None, kek_source=None, base6
 
 def op_generate(dest, kek_path=None, base64=False, force=False, out=None):
     """-g: make a new passphrase (optionally base64 or wrapped) into dest."""
-    kek_text = read_key_file(kek_path, "KEK file", kek=True) if kek_path else None
-    text = make_key_text(generate_passphrase(), kek_text, base64)
-    if dest == "-":
+    check_path(dest, "key file")
+    output = PrivateOutput(dest, force) if dest != "-" else None   # refuse before any work
+    try:
+        kek_text = read_key_file(kek_path, "KEK file", kek=True) if kek_path is not None else None
+        text = make_key_text(generate_passphrase(), kek_text, base64)
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+    if output is None:
         out = out or _stdout_bytes()
         out.write(text + b"\n")
         out.flush()
     else:
-        write_private_file(dest, text, force=force)
+        output.prepare(text, text + b"\n").commit()
         debug(1, "wrote %d-byte key file %s (mode 0600)" % (len(text), dest))
     return EXIT_OK
 
@@ -796,7 +1098,7 @@ def op_show_key(source, kek_path=None, base64=False, prompt=True, out=None, kek_
                 kek_source=None, wrapped=WRAPPED_ALLOW):
     """-k / show: print the passphrase held in a key file.  The KEK comes from
     kek_path, or as kek_text (described by kek_source) from --kek-from."""
-    if kek_text is None and kek_path:
+    if kek_text is None and kek_path is not None:
         kek_text, kek_source = read_key_file(kek_path, "KEK file", kek=True), kek_path
     text = read_key_file(source, prompt=prompt)
     name = "stdin" if source == "-" else source
@@ -812,6 +1114,30 @@ def _stdout_bytes():
     return getattr(sys.stdout, "buffer", sys.stdout)
 
 
+def write_bytes(out, data):
+    """out.write(data) to the end: a buffered stdout can take part of a large
+    write to a pipe closed meanwhile and say so only by its count."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        if n is None:       # a stream that does not count (test doubles)
+            return
+        view = view[n:]
+
+
+def report_output(out, text, done=None):
+    """Write and flush a command's report; when stdout fails, OutputError that
+    says what was already done on disk."""
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError("%scannot write to standard output: %s"
+                          % ("%s; but " % done if done else "", e.strerror or e))
+
+
 # ---------------------------------------------------------------------------
 # Crypto cache
 # ---------------------------------------------------------------------------
@@ -824,14 +1150,16 @@ def _stdout_bytes():
 #
 # Bareos erases a cache it cannot read and rewrites in place without a lock.
 # Here a cache that cannot be read is never changed; writers hold an flock on
-# CACHE.lock for the whole read-modify-write and replace the file by rename.
+# the cache's directory for the whole read-modify-write and replace the file
+# by rename (CacheFile).
 
 CACHE_ID = b"BAREOS Crypto Cache\n"     # char id[21]; Bareos ignores byte 20 (forces NUL)
 CACHE_VERSION = 1
 CACHE_HEADER_SIZE = 32                  # id[21], 3 padding bytes, int32 version, int32 count
 CACHE_STRING_SIZE = 128                 # Bareos MAX_NAME_LENGTH: 127 bytes and a NUL
 CACHE_EXPIRY_SECONDS = 60 * 24 * 3600   # Bareos CRYPTO_CACHE_MAX_AGE
-CACHE_NEW_FILE_MODE = 0o640             # what Bareos creates
+CACHE_NEW_FILE_MODE = 0o640             # what Bareos creates (less the umask)
+_BACKUP_SUFFIX = ".bak"
 DEFAULT_CACHE_PATH = "/var/lib/bareos/bareos-sd.9103.cryptoc"
 CACHE_PROMPT = "Enter cache entries (close with ^D): "
 _CACHE_TEXT = ("utf-8", "surrogateescape")
@@ -857,10 +1185,6 @@ class CacheError(BscryptoError):
 
 class CacheMissingError(CacheError):
     """The cache file does not exist (populate then starts a new one)."""
-
-
-def warn(message):
-    sys.stderr.write("bscrypto: warning: %s\n" % message)
 
 
 def host_cache_layout():
@@ -1031,25 +1355,16 @@ def parse_cache(data, source="crypto cache", raw=False):
     return CryptoCache(entries, layout), len(data) - end
 
 
-def _read_cache_bytes(path):
-    try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise CacheError("%s is not a regular file, not a crypto cache" % path)
-            return f.read()
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise CacheMissingError("crypto cache %s does not exist (the storage daemon's is "
-                                    "<WorkingDirectory>/bareos-sd.<port>.cryptoc)" % path)
-        raise CacheError("cannot read crypto cache %s: %s" % (path, e.strerror or e))
-
-
 def read_cache(path, raw=False):
     """Read a cache of any layout; CacheError when it cannot.  Never writes.
 
     Names and keys are str (UTF-8, surrogateescape), or bytes with raw=True.
     """
-    cache, trailing = parse_cache(_read_cache_bytes(path), path, raw)
+    if isinstance(path, CacheFile):
+        data, path = path.read(), path.path
+    else:
+        data = _read_cache_bytes(path)
+    cache, trailing = parse_cache(data, path, raw)
     debug(1, "%s: layout %s (%s), %d entries of %d bytes"
           % (path, cache.layout.name, cache.layout.description, len(cache.entries),
              cache.layout.entry_size))
@@ -1103,15 +1418,17 @@ def build_cache(entries, layout=None):
 
 def resolve_now(now=None):
     """"Now" in Unix seconds: the value given, else SOURCE_DATE_EPOCH, else the clock."""
-    if now is not None:
-        return int(now)
-    env = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if env:
+    if now is None:
+        env = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
         try:
-            return int(env)
+            now = int(env) if env else int(time.time())
         except ValueError:
             raise UsageError("SOURCE_DATE_EPOCH must be whole seconds since 1970, not %r" % env)
-    return int(time.time())
+    now = int(now)
+    # A cache entry holds a signed 64-bit time, and 60 days are added to it.
+    if not -(1 << 63) <= now < (1 << 63) - CACHE_EXPIRY_SECONDS:
+        raise UsageError("--now (or SOURCE_DATE_EPOCH) %d is beyond a 64-bit time" % now)
+    return now
 
 
 # -- Bareos's update rules, kept linear with a name index --
@@ -1333,90 +1650,201 @@ def format_cache_tsv(entries):
     return b"".join(lines)
 
 
-# -- locking and atomic, durable replacement --
+# -- the cache file: resolved once, locked, replaced atomically --
 
 
-class _CacheLock:
-    """Exclusive flock on CACHE.lock; released on exit (and by the kernel on death)."""
+def _cache_name(path):
+    """How messages name a cache: the default path says it is the default."""
+    if path == DEFAULT_CACHE_PATH:
+        return "crypto cache %s (the default; give CACHE to use another)" % path
+    return "crypto cache %s" % path
+
+
+class CacheFile(object):
+    """A crypto cache whose path is resolved once: every later read, lock,
+    temporary file, backup, rename and fsync happens in its directory through
+    one file descriptor, and the file renamed over must be the one read.
+
+    As a context manager (cache_lock) it holds an exclusive flock on that
+    directory for the whole read-modify-write: no lock file is left behind,
+    and nothing placed beside the cache can redirect or block the lock.
+    """
+
+    _UNREAD = object()
 
     def __init__(self, path):
-        self.path = os.path.realpath(path) + ".lock"
-        self.fd = None
+        check_path(path, "crypto cache")
+        if path.endswith(os.sep):
+            raise UsageError("crypto cache path %s ends in '%s': give the cache's file name"
+                             % (path, os.sep))
+        self.path = path
+        self.read_st = self._UNREAD
+        self.data = None
+        self.dir_fd = None
+        self.read_file = None       # held open: its inode number cannot be reused
+        try:
+            self.real = resolve_path(path)
+            self.directory, self.base = os.path.split(self.real)
+            self.dir_fd = open_directory(self.directory)
+        except OSError as e:
+            raise CacheError("cannot open the directory of %s: %s" % (_cache_name(path),
+                                                                       e.strerror or e))
 
     def __enter__(self):
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, CACHE_NEW_FILE_MODE)
-        except OSError as e:
-            raise CacheError("cannot open lock file %s: %s" % (self.path, e.strerror or e))
-        try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                     raise
-                debug(1, "waiting for the lock on %s" % self.path)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                debug(1, "waiting for the lock on %s" % self.directory)
+                fcntl.flock(self.dir_fd, fcntl.LOCK_EX)
         except OSError as e:
-            os.close(fd)
-            raise CacheError("cannot lock %s: %s" % (self.path, e.strerror or e))
-        self.fd = fd
-        _give_owner_of(self.path[:-len(".lock")], fd)
+            self.close()
+            raise CacheError("cannot lock the directory %s of %s: %s" % (
+                self.directory, _cache_name(self.path), e.strerror or e))
         return self
 
     def __exit__(self, *exc):
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        self.close()        # closing the descriptor releases the lock
         return False
+
+    def close(self):
+        if self.read_file is not None:
+            self.read_file.close()
+            self.read_file = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+
+    def read(self):
+        """The cache's bytes (never through a link swapped in since the path was
+        resolved); remembers which file was read.  CacheMissingError if none."""
+        if self.read_file is not None:
+            self.read_file.close()
+        try:
+            self.data, self.read_st, self.read_file = read_regular_file(
+                self.base, dir_fd=self.dir_fd, follow=False, keep_open=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise CacheError("cannot read %s: %s" % (_cache_name(self.path),
+                                                         e.strerror or e))
+            self.read_st = None
+            raise _missing_cache(self.path)
+        return self.data
+
+    def replace(self, data, backup=False):
+        """Atomically replace the cache with data: temporary file, fsync, the
+        old file's owner and mode (CACHE_NEW_FILE_MODE less the umask for a
+        new one), rename, fsync the directory.  CacheError, old file kept,
+        when it cannot, or when the file is no longer the one read."""
+        try:
+            _remove_stale_temps(self.dir_fd, self.base)
+            like = self._unchanged()
+            if like is not None and not stat.S_ISREG(like.st_mode):
+                raise _not_regular(like)
+            if backup and like is not None:
+                old = self.data if self.data is not None else self.read()
+                self.backup_name = write_backup(self.dir_fd, self.base, old, like, self.path)
+                debug(1, "kept a copy of %s as %s" % (self.path, self.backup_name))
+            # Created with Bareos's mode: the kernel applies the umask.
+            temp = TempFile(self.dir_fd, self.base, data,
+                            0o600 if like is not None else CACHE_NEW_FILE_MODE)
+            try:
+                if like is not None:
+                    keep_owner(temp.fd, like, self.path)
+                    os.fchmod(temp.fd, stat.S_IMODE(like.st_mode))
+                self._unchanged()
+                temp.publish(self.base, replace=True)
+            finally:
+                temp.discard()
+        except OSError as e:
+            raise CacheError("cannot write %s: %s; the old file is unchanged"
+                             % (self.path, e.strerror or e))
+        self.data, self.read_st = None, self._UNREAD
+
+    def _unchanged(self):
+        """The cache's lstat now (None if missing); OSError if it is not the file read."""
+        now = _lstat_at(self.base, self.dir_fd)
+        if self.read_st is not self._UNREAD and not _same_file(now, self.read_st):
+            raise OSError(errno.EAGAIN, "it was replaced, removed or created by another "
+                                        "program (or a link swapped in) since it was read; run "
+                                        "again")
+        return now
+
+
+def _missing_cache(path):
+    return CacheMissingError("%s does not exist (the storage daemon's is "
+                             "<WorkingDirectory>/bareos-sd.<port>.cryptoc)" % _cache_name(path))
+
+
+def _read_cache_bytes(path):
+    try:
+        return read_regular_file(path)[0]
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise _missing_cache(path)
+        raise CacheError("cannot read %s: %s" % (_cache_name(path), e.strerror or e))
 
 
 def cache_lock(path):
-    """Context manager: exclusive flock on path + ".lock" around a read-modify-write."""
-    return _CacheLock(path)
+    """Context manager: the CacheFile of path, its directory exclusively
+    flocked, around a read-modify-write."""
+    return CacheFile(path).__enter__()
 
 
-def _replace_file(path, data, like=None, mode=CACHE_NEW_FILE_MODE):
-    """replace_file_atomically for the cache: CacheError, the old file unchanged."""
+def backup_stamp(t=None):
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+
+
+def write_backup(dir_fd, base, data, like=None, source=None):
+    """data as BASE.<UTC time>[.N].bak in dir_fd, never over an existing name
+    (owner and mode of stat result `like`, else 0600); its name.  OSError."""
+    stamp = backup_stamp()
+    temp = TempFile(dir_fd, base, data)
     try:
-        replace_file_atomically(path, data, mode, like)
-    except OSError as e:
-        raise CacheError("cannot write %s: %s; the old file is unchanged"
-                         % (path, e.strerror or e))
+        if like is not None:
+            keep_owner(temp.fd, like, source or base)
+        os.fchmod(temp.fd, stat.S_IMODE(like.st_mode) if like is not None else 0o600)
+        for n in range(1000):
+            name = "%s.%s%s%s" % (base, stamp, ".%d" % n if n else "", _BACKUP_SUFFIX)
+            if temp.publish(name, replace=False):
+                return name
+        raise OSError(errno.EEXIST, "1000 backups named %s.%s" % (base, stamp))
+    finally:
+        temp.discard()
 
 
 def backup_cache(path):
     """Copy the cache to CACHE.YYYYmmddTHHMMSSZ.bak (same mode, owner); its path or None."""
-    real = os.path.realpath(path)
-    if not os.path.exists(real):
-        return None
-    data = _read_cache_bytes(real)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    backup = "%s.%s.bak" % (real, stamp)
-    n = 0
-    while os.path.lexists(backup):
-        n += 1
-        backup = "%s.%s.%d.bak" % (real, stamp, n)
-    _replace_file(backup, data, like=real)
-    debug(1, "kept a copy of %s as %s" % (real, backup))
-    return backup
+    cf = CacheFile(path)
+    try:
+        try:
+            data = cf.read()
+        except CacheMissingError:
+            return None
+        try:
+            name = write_backup(cf.dir_fd, cf.base, data, cf.read_st, path)
+        except OSError as e:
+            raise CacheError("cannot back up %s: %s" % (path, e.strerror or e))
+    finally:
+        cf.close()
+    return os.path.join(cf.directory, name)
 
 
 def write_cache(path, entries, layout=None, backup=False):
-    """Atomically replace the cache (caller holds cache_lock).
-
-    Temp file in the same directory, fsync, the original's mode and owner
-    (0640 for a new file), rename over, fsync the directory: a crash leaves
-    the old cache or the new one.  `backup` first keeps a timestamped copy.
-    """
+    """Atomically replace the cache (caller holds cache_lock): `path` is a
+    path or the CacheFile read under the lock (then it must still be the
+    file read).  `backup` first keeps a timestamped copy."""
     layout = cache_layout(layout)
     data = build_cache(entries, layout)      # refuse bad entries before touching anything
-    real = os.path.realpath(path)
-    if backup:
-        backup_cache(real)
-    _replace_file(real, data, like=real if os.path.exists(real) else None)
-    debug(1, "wrote %d entries to %s (layout %s)" % (len(entries), real, layout.name))
+    cf = path if isinstance(path, CacheFile) else CacheFile(path)
+    try:
+        cf.replace(data, backup)
+    finally:
+        if cf is not path:
+            cf.close()
+    debug(1, "wrote %d entries to %s (layout %s)" % (len(entries), cf.real, layout.name))
 
 
 # ---------------------------------------------------------------------------
@@ -3277,6 +3705,7 @@ def config_files(path):
     one is absent, its bareos-*.d/*/*.conf tree; in a *.d directory or one
     of its resource directories, the *.conf files below it."""
     import glob
+    check_path(path, "configuration")
     if not os.path.isdir(path):
         return [path]
     files = []
@@ -3299,11 +3728,7 @@ def config_files(path):
 def _read_config_text(name):
     """A configuration file's text; latin-1 maps every byte to one character, so
     a KEK's bytes survive."""
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise KeyFileError("cannot read %s: %s" % (name, e.strerror or e))
+    data = read_input(name, "configuration file")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise KeyFileError("%s is UTF-16; Bareos reads UTF-8 configuration files" % name)
     if data.startswith(b"\xef\xbb\xbf"):
@@ -3322,11 +3747,7 @@ def read_config_keks(path):
     return keks, includes
 
 
-def _warn(message):
-    sys.stderr.write("bscrypto: warning: %s\n" % message)
-
-
-def find_config_kek(path, director=None, warn=_warn):
+def find_config_kek(path, director=None, warn=warn):
     """The ConfigKek to use from a Bareos config file or directory.
 
     Several directors with different KEKs and no director given is an
@@ -3406,14 +3827,14 @@ def kek_from_arguments(ns, which=None):
     path = getattr(ns, prefix + "kek", None)
     config = getattr(ns, prefix + "kek_from")
     director = getattr(ns, prefix + "director")
-    if path and config:
+    if path is not None and config is not None:
         raise UsageError("give the %s either as a file (%skek) or with %skek-from, not both"
                          % (name, option, option))
-    if director and not config:
+    if director is not None and config is None:
         raise UsageError("%sdirector only applies with %skek-from" % (option, option))
-    if path:
+    if path is not None:
         return read_key_file(path, name + " file", kek=True), _kek_description(path)
-    if config:
+    if config is not None:
         return kek_from_config(config, director), _kek_description(None, config, director)
     return None, None
 
@@ -3451,8 +3872,10 @@ def _catalog_rows(text, delimiter, source="catalog export"):
             except StopIteration:
                 return
             except csv.Error as e:  # a NUL byte (before 3.11), a broken quote
-                raise KeyFileError("%s line %d is not valid CSV (%s): is it a catalog "
-                                   "export?" % (source, reader.line_num, e))
+                if "NUL" not in str(e):
+                    raise KeyFileError("%s line %d is not valid CSV (%s): is it a catalog "
+                                       "export?" % (source, reader.line_num, e))
+                row = None          # a bad line like any other (3.11+ reads it)
             yield start, row
             start = reader.line_num + 1
     for number, line in enumerate(text.split("\n"), 1):
@@ -3491,6 +3914,9 @@ def parse_catalog_export(text, source="catalog export"):
     bad = []
     header_done = False
     for number, cells in _catalog_rows(text, delimiter, source):
+        if cells is None:
+            bad.append((number, "VolumeName contains a NUL byte"))
+            continue
         cells = [c.strip() for c in cells]
         if not any(cells):
             continue
@@ -3524,8 +3950,17 @@ def parse_catalog_export(text, source="catalog export"):
             skipped += 1
             continue
         problem = _catalog_key_problem(key)
+        if problem and width is not None and _catalog_key_problem(volume) is None:
+            # Never print the key that sits in the name's column.
+            bad.append((number, "the first column holds a key, not a VolumeName (columns "
+                                "swapped?): put VolumeName first or add a header line"))
+            continue
         if problem:
             bad.append((number, "volume %s: %s" % (volume, problem)))
+            continue
+        problem = cache_string_problem(volume, "VolumeName")
+        if problem:
+            bad.append((number, "%s; a crypto cache cannot hold it" % problem))
             continue
         if volume in seen:
             if seen[volume][1] != key:
@@ -3540,22 +3975,13 @@ def parse_catalog_export(text, source="catalog export"):
 
 def read_catalog_export(path):
     """parse_catalog_export of a file ('-' for stdin)."""
-    if path == "-":
-        data = getattr(sys.stdin, "buffer", sys.stdin).read()
-        source = "stdin"
-    else:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise KeyFileError("cannot read catalog export %s: %s" % (path, e.strerror or e))
-        source = path
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise KeyFileError("%s is not UTF-8 text (byte %d); export it again with psql or "
-                               "\\copy" % (source, e.start))
+    data = read_input(path, "catalog export")
+    source = "stdin" if path == "-" else path
+    try:
+        data = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KeyFileError("%s is not UTF-8 text (byte %d); export it again with psql or "
+                           "\\copy" % (source, e.start))
     return parse_catalog_export(data, source)
 
 
@@ -3717,9 +4143,9 @@ def op_dump_cache(path, as_json=False, now=None, out=None):
     cache = read_cache(path, raw=not as_json)
     out = out or _stdout_bytes()
     if as_json:
-        out.write(cache_to_json(cache, path, resolve_now(now)).encode("ascii"))
+        write_bytes(out, cache_to_json(cache, path, resolve_now(now)).encode("ascii"))
     else:
-        out.write(format_cache_table(cache.entries))
+        write_bytes(out, format_cache_table(cache.entries))
     out.flush()
     return EXIT_OK
 
@@ -3749,7 +4175,7 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
     cache cannot be read, or when nothing changed.
     """
     now = resolve_now(now)
-    target = cache_layout(layout)
+    CacheFile(path).close()     # a usable path, before any input is read
     if stream is None:
         stream, tty = _stdin_stream()
         interactive = tty if interactive is None else interactive
@@ -3761,38 +4187,48 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
     updates, problems = parse_cache_input(_read_cache_input(stream, interactive))
     if problems:
         _report_bad_lines(problems, path, skip_bad_lines)
-    with cache_lock(path):
+    stats, write = update_cache(path, updates, now, layout, backup)
+    text = ("%s: %d added, %d updated, %d unchanged, %d expired removed; %s"
+            % (path, stats["added"], stats["updated"], stats["unchanged"],
+               stats["expired_removed"], "written" if write else "nothing changed, not written"))
+    debug(1, text)
+    done = "%s was %s" % (path, "written" if write else "not changed")
+    if as_json:
+        report_output(sys.stdout, _json_text(dict(stats, cache=path, written=write,
+                                                  bad_lines=len(problems))), done)
+    elif summary:
+        report_output(sys.stdout, text + "\n", done)
+    return EXIT_OK
+
+
+def update_cache(path, updates, now, layout=None, backup=False):
+    """Apply (name, key) updates with Bareos's rules under the lock, atomically;
+    (stats, written).  Written when something changed or --layout converts."""
+    target = cache_layout(layout)
+    with cache_lock(path) as cf:
         try:
-            cache = read_cache(path)
+            cache = read_cache(cf)
         except CacheMissingError:
             cache = CryptoCache([], None)
         entries, stats = apply_cache_updates(cache.entries, updates, now)
         convert = layout is not None and cache.layout not in (None, target)
         write = cache_changed(stats) or convert
         if write:
-            if cache.layout not in (None, target):
+            if convert:
                 debug(1, "%s: rewriting layout %s as %s" % (path, cache.layout.name, target.name))
-            write_cache(path, entries, target, backup)
-    text = ("%s: %d added, %d updated, %d unchanged, %d expired removed; %s"
-            % (path, stats["added"], stats["updated"], stats["unchanged"],
-               stats["expired_removed"], "written" if write else "nothing changed, not written"))
-    debug(1, text)
-    if as_json:
-        _json_dump(dict(stats, cache=path, written=write, bad_lines=len(problems)), sys.stdout)
-    elif summary:
-        sys.stdout.write(text + "\n")
-    return EXIT_OK
+            write_cache(cf, entries, target, backup)
+    return stats, write
 
 
 def op_reset_cache(path, now=None, layout=None, backup=False):
     """-r: set every entry's time added to now (a missing cache is an error)."""
     now = resolve_now(now)
     target = cache_layout(layout)
-    with cache_lock(path):
-        cache = read_cache(path, raw=True)
+    with cache_lock(path) as cf:
+        cache = read_cache(cf, raw=True)
         entries = reset_cache_times(cache.entries, now)
         if entries != cache.entries or (layout is not None and target != cache.layout):
-            write_cache(path, entries, target, backup)
+            write_cache(cf, entries, target, backup)
         else:
             debug(1, "%s: every entry already has time %d; not written" % (path, now))
     return EXIT_OK
@@ -3815,7 +4251,7 @@ def op_export_cache(path, out=None):
     """The cache as the TSV that populate reads (keys included: keep it private)."""
     data = format_cache_tsv(read_cache(path).entries)
     out = out or _stdout_bytes()
-    out.write(data)
+    write_bytes(out, data)
     out.flush()
     return EXIT_OK
 
@@ -4445,17 +4881,8 @@ def read_set_key_source(key_file=None, kek_file=None, base64=False, hex_key_file
     the base64 text itself), otherwise its text is the passphrase.
     """
     if hex_key_file is not None:
-        if hex_key_file == "-":
-            data = _read_stdin_bytes(4096)
-        else:
-            try:
-                with open(hex_key_file, "rb") as f:
-                    data = f.read(4096)
-            except OSError as e:
-                raise KeyFileError("cannot read hex key file %s: %s"
-                                   % (hex_key_file, e.strerror or e))
-        return parse_hex_key_file(data, hex_key_file)
-    if kek_text is None and kek_file:
+        return parse_hex_key_file(read_input(hex_key_file, "hex key file", 4096), hex_key_file)
+    if kek_text is None and kek_file is not None:
         kek_text, kek_source = read_key_file(kek_file, "KEK file", kek=True), kek_file
     text = read_key_file(key_file, prompt=prompt)
     name = "stdin" if key_file == "-" else key_file
@@ -4479,9 +4906,13 @@ def op_set_key(device, key_file=None, kek_file=None, base64=False, hex_key_file=
     return op_load_key(device, key, out, timeout, options=options)
 
 
-def _json_dump(obj, out):
+def _json_text(obj):
     import json
-    out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _json_dump(obj, out):
+    out.write(_json_text(obj))
     out.flush()
 
 
@@ -4837,11 +5268,13 @@ def op_kek_from_config(path, director=None, dest=None, print_kek=False, force=Fa
         raise KeyFileError("the Key Encryption Key of %s ends in spaces within its first %d "
                            "bytes, which a key file cannot keep; use --kek-from %s instead of "
                            "a file" % (where, KEK_LENGTH, path))
-    write_private_file(dest, found.kek, force=force)
+    write_private_file(dest, found.kek, force, stream_data=found.kek + b"\n")
+    done = "%s was written" % dest
     if as_json:
-        _json_dump(record, out or sys.stdout)
+        report_output(out or sys.stdout, _json_text(record), done)
         return EXIT_OK
-    sys.stdout.write("wrote the Key Encryption Key of %s to %s (mode 0600)\n" % (where, dest))
+    report_output(sys.stdout, "wrote the Key Encryption Key of %s to %s (mode 0600)\n"
+                  % (where, dest), done)
     return EXIT_OK
 
 
@@ -4859,7 +5292,6 @@ DEFAULT_CHECK_DAYS = 7
 DEFAULT_BACKUP_KEEP = 14
 PROGRESS_MINIMUM = 300             # fewer keys finish before progress would help
 PROGRESS_INTERVAL = 0.2            # seconds between progress updates
-_BACKUP_SUFFIX = ".bak"
 
 
 def key_form(text):
@@ -4873,6 +5305,13 @@ def key_form(text):
                      "wrapped) or %d bytes (%d characters, wrapped)"
                      % (len(raw), PASSPHRASE_LENGTH, PLAIN_KEY_CHARS, WRAPPED_LENGTH,
                         WRAPPED_KEY_CHARS))
+
+
+def _looks_wrapped(key):
+    try:
+        return key_form(key)[0]
+    except ValueError:
+        return False
 
 
 def _form_text(wrapped):
@@ -5206,31 +5645,22 @@ def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=Fa
     if export.bad:
         _report_bad_lines(export.bad, path, skip_bad_lines,
                           "stdin" if export_path == "-" else export_path)
-    now = resolve_now(now)
-    target = cache_layout(layout)
-    with cache_lock(path):
-        try:
-            cache = read_cache(path)
-        except CacheMissingError:
-            cache = CryptoCache([], None)
-        entries, stats = apply_cache_updates(cache.entries, export.entries, now)
-        write = cache_changed(stats) or (layout is not None
-                                         and cache.layout not in (None, target))
-        if write:
-            write_cache(path, entries, target, backup)
-    out = out or sys.stdout
+    stats, write = update_cache(path, export.entries, resolve_now(now), layout, backup)
+    done = "%s was %s" % (path, "written" if write else "not changed")
     if as_json:
-        _json_dump(dict(stats, cache=path, written=write, catalog=export_path,
-                        format=export.format, read=export.read, skipped_without_key=export.skipped,
-                        bad_lines=len(export.bad)), out)
+        report_output(out or sys.stdout, _json_text(dict(
+            stats, cache=path, written=write, catalog=export_path, format=export.format,
+            read=export.read, skipped_without_key=export.skipped, bad_lines=len(export.bad))),
+            done)
         return EXIT_OK
-    out.write("%s: from catalog export %s (%s): %d read, %d added, %d updated, %d unchanged, "
-              "%d skipped without a key, %d bad lines%s; %d expired removed; %s\n" % (
-                  path, "stdin" if export_path == "-" else export_path, export.format,
-                  export.read, stats["added"], stats["updated"], stats["unchanged"],
-                  export.skipped, len(export.bad), " skipped" if export.bad else "",
-                  stats["expired_removed"], "written" if write else "nothing changed, not written"))
-    out.flush()
+    report_output(out or sys.stdout, "%s: from catalog export %s (%s): %d read, %d added, "
+                  "%d updated, %d unchanged, %d skipped without a key, %d bad lines%s; %d "
+                  "expired removed; %s\n" % (
+                      path, "stdin" if export_path == "-" else export_path, export.format,
+                      export.read, stats["added"], stats["updated"], stats["unchanged"],
+                      export.skipped, len(export.bad), " skipped" if export.bad else "",
+                      stats["expired_removed"],
+                      "written" if write else "nothing changed, not written"), done)
     return EXIT_OK
 
 
@@ -5307,6 +5737,8 @@ def _rewrap_refusal(failures, plain, uses):
 
 
 def _sql_script(updates, path):
+    # A newline in the path must not start a live SQL line.
+    path = "".join(c if " " <= c != "\x7f" else "?" for c in path)
     lines = ["-- bscrypto.py rewrap: EncryptionKey of %d volumes, wrapped with the new KEK."
              % len(updates),
              "-- One transaction: psql -v ON_ERROR_STOP=1 -f %s bareos  (or mysql bareos < %s)"
@@ -5328,7 +5760,9 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
     """rewrap: re-wrap every key of a cache and/or catalog export with a new KEK.
 
     All keys are unwrapped, re-wrapped and verified first; any failure writes
-    nothing.  Then the SQL file (0600), then the cache (atomic, `added` kept).
+    nothing.  The SQL file (0600) is written to a temporary file, then the
+    cache is replaced (atomic, `added` kept), then the SQL file is published:
+    a cache that cannot be written leaves no SQL behind.
     """
     if not cache and not catalog:
         raise UsageError("rewrap needs --cache CACHE and/or --catalog EXPORT")
@@ -5337,8 +5771,6 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
     if kek_from_text(old_kek_text) == kek_from_text(new_kek_text):
         raise UsageError("the new KEK is the same AES key as the old one (Bareos uses the first "
                          "%d bytes): nothing to do" % KEK_LENGTH)
-    if sql_out and not force and os.path.exists(sql_out) and os.path.getsize(sql_out) > 0:
-        raise KeyFileError("%s already exists: choose another --sql-out or add --force" % sql_out)
     export = read_catalog_export(catalog) if catalog else None
     if export is not None and export.bad:
         for number, problem in export.bad[:20]:
@@ -5347,10 +5779,13 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                            "again or fix them" % (len(export.bad), catalog))
     import contextlib
     with contextlib.ExitStack() as stack:
-        entries, layout = [], None
+        entries, layout, cf = [], None, None
+        if sql_out:
+            sql_file = PrivateOutput(sql_out, force, "--sql-out")
+            stack.callback(sql_file.discard)
         if cache:
-            stack.enter_context(cache_lock(cache))
-            found = read_cache(cache)
+            cf = stack.enter_context(cache_lock(cache))
+            found = read_cache(cf)
             entries, layout = found.entries, found.layout
         uses = {}          # key -> [(volume, where)]
         for e in entries:
@@ -5380,27 +5815,40 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
         if cache:
             build_cache(new_entries, layout)        # refuse before writing anything
         if sql is not None:
-            write_private_file(sql_out, sql, force=force)
+            sql_file.prepare(sql)
         if cache and cache_changes:
-            write_cache(cache, new_entries, layout, backup)
+            try:
+                write_cache(cf, new_entries, layout, backup)
+            except CacheError as e:
+                raise CacheError("%s%s" % (e, "; %s was not written either" % sql_out
+                                           if sql is not None else ""))
+        if sql is not None:
+            try:
+                sql_file.commit()
+            except KeyFileError as e:
+                raise KeyFileError("%s; the crypto cache %s WAS re-wrapped and written: run "
+                                   "rewrap again on the catalog export alone to get the SQL"
+                                   % (e, cache) if cache and cache_changes else str(e))
     if export is None:
         warn("only the cache's volumes were re-wrapped: the catalog's other volumes keep keys "
              "wrapped with the old KEK; export the catalog and rewrap it too (--catalog EXPORT "
              "--sql-out FILE)")
-    out = out or sys.stdout
     rewrapped = len(new_keys) - already
     audit("rewrap: %d distinct keys re-wrapped with %s, %d already were%s%s" % (
         rewrapped, kek_sources[1], already,
         "; crypto cache %s: %d entries written" % (cache, cache_changes) if cache else "",
         "; %s written" % sql_out if sql is not None else ""))
+    written = "rewrap finished (%s written)" % " and ".join(
+        [cache] * bool(cache and cache_changes) + [sql_out] * (sql is not None))
     if as_json:
-        _json_dump({"old_kek": kek_sources[0], "new_kek": kek_sources[1],
-                    "rewrapped": rewrapped, "already_new_kek": already,
-                    "cache": cache and {"path": cache, "entries": len(entries),
-                                        "rewrapped": cache_changes,
-                                        "written": bool(cache_changes), "backup": backup},
-                    "sql_out": sql_out if sql is not None else None,
-                    "sql_updates": sql.count(b"\nUPDATE ") if sql is not None else 0}, out)
+        report_output(out or sys.stdout, _json_text({
+            "old_kek": kek_sources[0], "new_kek": kek_sources[1],
+            "rewrapped": rewrapped, "already_new_kek": already,
+            "cache": cache and {"path": cache, "entries": len(entries),
+                                "rewrapped": cache_changes, "written": bool(cache_changes),
+                                "backup": backup},
+            "sql_out": sql_out if sql is not None else None,
+            "sql_updates": sql.count(b"\nUPDATE ") if sql is not None else 0}), written)
         return EXIT_OK
     done = []
     if already:
@@ -5414,14 +5862,13 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
                     "written" % cache)
     if sql is not None:
         done.append("%s: %d UPDATE statements (mode 0600)" % (sql_out, sql.count(b"\nUPDATE ")))
-    out.write("rewrap: %d distinct keys unwrapped with %s, wrapped with %s and verified\n"
-              % (len(new_keys) - already, kek_sources[0], kek_sources[1]))
-    for line in done:
-        out.write("rewrap: %s\n" % line)
-    out.write("rewrap: next: %sset Key Encryption Key to the new KEK in the Director resources "
-              "of bareos-dir and bareos-sd, and restart both\n"
-              % ("apply %s to the catalog, then " % sql_out if sql is not None else ""))
-    out.flush()
+    text = ["rewrap: %d distinct keys unwrapped with %s, wrapped with %s and verified\n"
+            % (rewrapped, kek_sources[0], kek_sources[1])]
+    text.extend("rewrap: %s\n" % line for line in done)
+    text.append("rewrap: next: %sset Key Encryption Key to the new KEK in the Director "
+                "resources of bareos-dir and bareos-sd, and restart both\n"
+                % ("apply %s to the catalog, then " % sql_out if sql is not None else ""))
+    report_output(out or sys.stdout, "".join(text), written)
     return EXIT_OK
 
 
@@ -5548,7 +5995,7 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
         keys = {e.encryption_key for e in entries}
         keys.update(key for _, key in (export.entries if export is not None else ()))
         if kek_text is None:
-            wrapped = sum(1 for key in keys if len(key) == WRAPPED_KEY_CHARS)
+            wrapped = sum(1 for key in keys if _looks_wrapped(key))
             if wrapped:
                 raise UsageError("%d distinct keys look wrapped: give the KEK (--kek FILE or "
                                  "--kek-from CONFIG) to check that they unwrap" % wrapped)
@@ -5598,17 +6045,17 @@ def op_check(cache, kek_text=None, kek_source=None, days=DEFAULT_CHECK_DAYS, cat
 # -- backup-cache: verified, timestamped copies, pruned --
 
 
-def _backup_names(directory, base):
-    """[(sort key, name)] of this cache's backups in directory, oldest first."""
+def _backup_names(names, base):
+    """{name: sort key} of this cache's backups among names."""
     import re
     pattern = re.compile(re.escape(base) + r"\.(\d{8}T\d{6}Z)(?:\.(\d+))?"
                          + re.escape(_BACKUP_SUFFIX) + r"\Z")
-    found = []
-    for name in os.listdir(directory):
+    found = {}
+    for name in names:
         m = pattern.match(name)
-        if m and os.path.isfile(os.path.join(directory, name)):
-            found.append(((m.group(1), int(m.group(2) or 0)), name))
-    return sorted(found)
+        if m:
+            found[name] = (m.group(1), int(m.group(2) or 0))
+    return found
 
 
 def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None, as_json=False):
@@ -5616,51 +6063,77 @@ def op_backup_cache(path, directory, keep=DEFAULT_BACKUP_KEEP, out=None, as_json
     atomic), read it back and compare, then keep only the newest `keep`."""
     if keep < 1:
         raise UsageError("--keep must be 1 or more (the new copy is one of them)")
-    if not os.path.isdir(directory):
-        raise CacheError("backup directory %s does not exist or is not a directory" % directory)
-    data = _read_cache_bytes(path)
-    # Refuse a cache that does not parse: pruning must never replace good copies by bad.
-    count = len(parse_cache(data, path)[0].entries)
-    base = os.path.basename(os.path.realpath(path))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = "%s.%s%s" % (base, stamp, _BACKUP_SUFFIX)
-    n = 0
-    while os.path.lexists(os.path.join(directory, name)):
-        n += 1
-        name = "%s.%s.%d%s" % (base, stamp, n, _BACKUP_SUFFIX)
-    target = os.path.join(directory, name)
-    _replace_file(target, data, mode=0o600)
+    check_path(directory, "backup directory")
     try:
-        with open(target, "rb") as f:
-            copied = f.read()
+        dir_fd = open_directory(resolve_path(directory))
+    except OSError as e:
+        error = UsageError if e.errno in (errno.ENOENT, errno.ENOTDIR) else CacheError
+        raise error("backup directory %s: %s; nothing copied" % (directory, e.strerror or e))
+    try:
+        data = _read_cache_bytes(path)
+        # Refuse a cache that does not parse: pruning must never replace good copies by bad.
+        count = len(parse_cache(data, path)[0].entries)
+        base = os.path.basename(os.path.realpath(path))
+        return _backup_into(path, directory, dir_fd, base, data, count, keep, out, as_json)
+    finally:
+        os.close(dir_fd)
+
+
+def _backup_into(path, directory, dir_fd, base, data, count, keep, out, as_json=False):
+    try:
+        _remove_stale_temps(dir_fd, base)
+        name = write_backup(dir_fd, base, data)
+    except OSError as e:
+        raise CacheError("cannot write a copy of %s in %s: %s; older copies kept"
+                         % (path, directory, e.strerror or e))
+    target = os.path.join(directory, name)
+    try:
+        copied = read_regular_file(name, dir_fd=dir_fd, follow=False)[0]
     except OSError as e:
         copied = e
     if copied != data:
         try:
-            os.unlink(target)
+            os.unlink(name, dir_fd=dir_fd)
         except OSError:
             pass
         raise CacheError("backup of %s: the copy %s does not read back the same (%s); removed "
                          "it, older copies kept: check the disk" % (
                              path, target, copied.strerror if isinstance(copied, OSError)
                              else "%d bytes differ from %d" % (len(copied), len(data))))
+    # The new copy is never pruned; copies dated in the future (a clock that
+    # was ahead) are kept but not counted, so they cannot pin the rotation.
+    stamp = backup_stamp(time.time() + 60)
+    older, future = [], []
+    try:
+        for old, key in _backup_names(os.listdir(dir_fd), base).items():
+            st = _lstat_at(old, dir_fd)
+            if old != name and st is not None and stat.S_ISREG(st.st_mode):
+                (future if key[0] > stamp else older).append((key, old))
+    except OSError as e:
+        warn("could not list %s to remove older copies: %s" % (directory, e.strerror or e))
+        older, future = [], []
+    if future:
+        warn("%d cop%s of %s in %s dated in the future (clock skew?): kept, not counted in "
+             "--keep; remove them by hand once checked: %s" % (
+                 len(future), "y" if len(future) == 1 else "ies", base, directory,
+                 ", ".join(sorted(n for _, n in future))))
     pruned = []
-    for _, old in _backup_names(directory, base)[:-keep]:
+    for _, old in sorted(older)[:max(0, len(older) - (keep - 1))]:
         try:
-            os.unlink(os.path.join(directory, old))
+            os.unlink(old, dir_fd=dir_fd)
             pruned.append(old)
         except OSError as e:
             warn("could not remove old backup %s: %s" % (old, e.strerror or e))
-    out = out or sys.stdout
+    done = "the copy %s was written and verified" % target
     if as_json:
-        _json_dump({"cache": path, "copy": target, "entries": count, "bytes": len(data),
-                    "verified": True, "pruned": pruned, "keep": keep}, out)
+        report_output(out or sys.stdout, _json_text({
+            "cache": path, "copy": target, "entries": count, "bytes": len(data),
+            "verified": True, "pruned": pruned, "keep": keep}), done)
         return EXIT_OK
-    out.write("backup-cache: %s -> %s (%d entries, %d bytes, mode 0600, read back and "
-              "verified); %d older cop%s removed, keeping %d\n"
-              % (path, target, count, len(data), len(pruned), "y" if len(pruned) == 1 else "ies",
-                 keep))
-    out.flush()
+    report_output(out or sys.stdout, "backup-cache: %s -> %s (%d entries, %d bytes, mode 0600, "
+                  "read back and verified); %d older cop%s removed, keeping %d\n"
+                  % (path, target, count, len(data), len(pruned),
+                     "y" if len(pruned) == 1 else "ies", keep), done)
     return EXIT_OK
 
 
@@ -6475,19 +6948,15 @@ def _kit_inputs(kit, cache, bsrs, catalog, problems):
     """Copy and read back the cache, the export and the bootstraps; their facts."""
     cache_name = entries = export_name = export = None
     try:
-        op_backup_cache(cache, kit.directory, 1, io.StringIO())   # copied, read back, compared
-        copy = _backup_names(kit.directory, os.path.basename(os.path.realpath(cache)))[-1][1]
+        data = _read_cache_bytes(cache)
+        parse_cache(data, cache)        # a cache that does not read is not copied
         cache_name = os.path.basename(os.path.realpath(cache))
-        os.rename(os.path.join(kit.directory, copy), os.path.join(kit.directory, cache_name))
-        entries = read_cache(os.path.join(kit.directory, cache_name)).entries
-        with open(os.path.join(kit.directory, cache_name), "rb") as f:
-            kit.data[cache_name] = f.read()
+        entries = read_cache(kit.write(cache_name, data)).entries     # read back
     except BscryptoError as e:
         problems.append("crypto cache: %s" % kit.relative(e))
     if catalog:
         try:
-            with open(catalog, "rb") as f:
-                data = f.read()
+            data = read_regular_file(catalog)[0]
             export_name = kit.unique("catalog/" + os.path.basename(catalog))
             export = read_catalog_export(kit.write(export_name, data))
             problems.extend("catalog export %s line %d: %s" % (catalog, n, why)
@@ -6499,8 +6968,7 @@ def _kit_inputs(kit, cache, bsrs, catalog, problems):
     bootstraps, bsr_volumes_facts = [], []
     for path in bsrs:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular_file(path)[0]
         except (OSError, IOError) as e:
             problems.append("bootstrap %s: cannot read: %s" % (path, e.strerror or e))
             continue
@@ -6550,7 +7018,8 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
         raise UsageError("dr-kit: %s does not exist or is not a directory" % outdir)
     tool_path, tool = running_tool()
     out = out or sys.stdout
-    with cache_lock(os.path.join(outdir, ".dr-kit")):      # .dr-kit.lock
+    # Runs take turns: the same flock on OUTDIR itself that cache writers use.
+    with cache_lock(os.path.join(outdir, ".dr-kit")) as locked:
         _remove_dead_kit_temps(outdir)
         tmp = tempfile.mkdtemp(prefix="." + KIT_PREFIX, suffix=".tmp", dir=outdir)
         try:
@@ -6617,7 +7086,7 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
                 raise BscryptoError("dr-kit: cannot write the kit in %s: %s; nothing kept"
                                     % (outdir, e.strerror or e), EXIT_KIT_INCOMPLETE)
             raise
-        _fsync_directory(outdir)
+        _fsync_directory(locked.dir_fd)
         pruned = prune_kits(outdir, keep, name) if keep else []
     path = os.path.join(outdir, name)
     out.write("dr-kit: wrote %s (%d files, mode 0700/0600, MANIFEST read back%s)\n"
@@ -7113,10 +7582,16 @@ def _run_check(ns):
         kek_text, kek_source = kek_from_arguments(ns)
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
-    if ns.kit is not None:
-        return op_check_kit(ns.kit, kek_text, kek_source)
-    return op_check(ns.cache, kek_text, kek_source,
-                    ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
+    try:
+        if ns.kit is not None:
+            return op_check_kit(ns.kit, kek_text, kek_source)
+        return op_check(ns.cache, kek_text, kek_source,
+                        ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError("check: could not check: cannot write the report to standard "
+                          "output: %s" % (e.strerror or e), CHECK_UNABLE)
 
 
 def _add_kit_commands(sub, common):
@@ -7182,6 +7657,7 @@ def _commands_epilog():
 def _run_command(parser, argv):
     ns = parser.parse_args(argv)
     _set_debug(ns.debug, ns.dt)
+    _refuse_empty_arguments(ns, CHECK_UNABLE if ns.command == "check" else EXIT_USAGE)
     _device_from_tape(ns)
     return ns.run(ns)
 
@@ -7249,6 +7725,15 @@ def _unknown_command(word, names, rest=()):
             not any(arg.startswith("-") for arg in rest):
         return "unknown command %r: 'bscrypto.py help' lists the commands" % word
     return None
+
+
+def _refuse_empty_arguments(ns, exit_code=EXIT_USAGE):
+    """An empty argument ('', an unset shell variable) is never taken as "none":
+    `-w ''` would silently drop the wrap."""
+    for name, value in sorted(vars(ns).items()):
+        if value == "" and name != "key_desc":
+            raise BscryptoError("the %s argument is empty ('', an unset shell variable?); "
+                                "nothing done" % name.replace("_", "-"), exit_code)
 
 
 def _run_legacy_ops(ns):
@@ -7516,6 +8001,7 @@ def _run_legacy(argv):
     ns, extras = parser.parse_known_args(argv)
     _cli11_errors(parser, ns, extras)
     _set_debug(ns.debug, ns.dt)
+    _refuse_empty_arguments(ns)
     problem = _legacy_checks(ns)
     if problem:
         sys.stderr.write(problem + "\n")
@@ -7523,6 +8009,11 @@ def _run_legacy(argv):
             parser.print_usage(sys.stderr)
         return EXIT_USAGE
     return _run_legacy_ops(ns)
+
+
+def _flushed(rc):
+    sys.stdout.flush()      # here, where a failure is reported, not at interpreter exit
+    return rc
 
 
 def _set_debug(level, timestamps=False):
@@ -7572,6 +8063,42 @@ def _utf8_stdout():
                                   line_buffering=out.line_buffering)
 
 
+def _no_core_dumps():
+    """A core dump of this process could hold a key or KEK: allow none."""
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ImportError, ValueError, OSError):   # pragma: no cover - no resource module
+        pass
+
+
+class _ClosedStream(io.RawIOBase):
+    """Standard output when the process started with it closed (`>&-`): the
+    first write fails; later ones (the interpreter's last flush) go nowhere."""
+
+    failed = False
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.failed:
+            return len(data)
+        self.failed = True
+        raise OSError(errno.EBADF, "standard output is closed")
+
+
+def _output_failed():
+    """After stdout failed: send the rest (and the interpreter's last flush) nowhere."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv=None):
     """Entry point: returns the exit status instead of exiting."""
     if argv is None:
@@ -7581,22 +8108,34 @@ def main(argv=None):
     # logged; each command's parser still decides whether it takes them.
     SYSLOG, JSON_ERRORS = "--syslog" in argv, "--json" in argv
     _USAGE_ERROR[0] = None
+    _no_core_dumps()
+    if sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(_ClosedStream()), "utf-8")
     _utf8_stdout()
     try:
-        if not argv:
-            sys.stderr.write(SHORT_USAGE)
-            return EXIT_USAGE
-        options, rest = _split_global_options(argv)
-        if rest and not rest[0].startswith("-"):
-            parser, sub = _command_parser()
-            if rest[0] in sub.choices:
-                return _run_command(parser, rest[:1] + options + rest[1:])
-            if rest[0] == "help":
-                return _help(parser, sub, rest[1:])
-            problem = _unknown_command(rest[0], sub.choices, rest[1:])
-            if problem:
-                raise UsageError(problem)
-        return _run_legacy(argv)
+        try:
+            if not argv:
+                sys.stderr.write(SHORT_USAGE)
+                return EXIT_USAGE
+            options, rest = _split_global_options(argv)
+            if rest and not rest[0].startswith("-"):
+                parser, sub = _command_parser()
+                if rest[0] in sub.choices:
+                    return _flushed(_run_command(parser, rest[:1] + options + rest[1:]))
+                if rest[0] == "help":
+                    return _flushed(_help(parser, sub, rest[1:]))
+                problem = _unknown_command(rest[0], sub.choices, rest[1:])
+                if problem:
+                    raise UsageError(problem)
+            return _flushed(_run_legacy(argv))
+        except OSError as e:
+            if e.errno not in OUTPUT_ERRNOS:
+                raise
+            # Only stdout writes get here: file errors are caught where they happen.
+            raise OutputError("cannot write to standard output: %s" % (e.strerror or e))
+    except OutputError as e:
+        _output_failed()
+        return _failed(str(e), e.exit_code, stdout_works=False)
     except BscryptoError as e:
         return _failed(str(e), e.exit_code)
     except KeyboardInterrupt:
@@ -7617,12 +8156,15 @@ def main(argv=None):
         SYSLOG = JSON_ERRORS = False
 
 
-def _failed(message, code, printed=False):
+def _failed(message, code, printed=False, stdout_works=True):
     """The one error line on stderr; with --json also an object on stdout, with
     --syslog also a syslog line.  Returns the exit code."""
     if not printed:
-        sys.stderr.write("bscrypto: %s\n" % message)
-    if JSON_ERRORS:
+        try:
+            sys.stderr.write("bscrypto: %s\n" % message)
+        except (OSError, ValueError, AttributeError):
+            pass            # stderr closed too: the exit code still tells
+    if JSON_ERRORS and stdout_works:
         _json_dump({"error": message, "exit_code": code}, sys.stdout)
     audit("failed (exit %d): %s" % (code, message), error=True)
     return code
