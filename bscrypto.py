@@ -8077,6 +8077,7 @@ class _ClosedStream(io.RawIOBase):
     first write fails; later ones (the interpreter's last flush) go nowhere."""
 
     failed = False
+    error = (errno.EBADF, "standard output is closed")
 
     def writable(self):
         return True
@@ -8085,7 +8086,7 @@ class _ClosedStream(io.RawIOBase):
         if self.failed:
             return len(data)
         self.failed = True
-        raise OSError(errno.EBADF, "standard output is closed")
+        raise OSError(*self.error)
 
 
 def _output_failed():

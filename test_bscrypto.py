@@ -6488,17 +6488,9 @@ class TestEnvironmentErrors(RecoveryCacheTestCase):
         self.assertEqual([e[0] for e in self.entries(new)], ["New"])
 
     def test_io_error_on_stdout(self):
-        class Failing(io.RawIOBase):
-            failed = False      # fails once, as a device would, then takes the last flush
-
-            def writable(self):
-                return True
-
-            def write(self, data):
-                if self.failed:
-                    return len(data)
-                self.failed = True
-                raise OSError(errno.EIO, "Input/output error")
+        class Failing(bscrypto._ClosedStream):
+            # Fails once, as a device would, then takes the last flush.
+            error = (errno.EIO, "Input/output error")
         saved = sys.stdout, sys.stderr
         err = _KeptBytesIO()
         sys.stdout = io.TextIOWrapper(io.BufferedWriter(Failing()), "utf-8")
