@@ -1733,11 +1733,12 @@ class CacheFile(object):
             raise _missing_cache(self.path)
         return self.data
 
-    def replace(self, data, backup=False):
+    def replace(self, data, backup=False, new_owner_of_directory=False):
         """Atomically replace the cache with data: temporary file, fsync, the
         old file's owner and mode (CACHE_NEW_FILE_MODE less the umask for a
-        new one), rename, fsync the directory.  CacheError, old file kept,
-        when it cannot, or when the file is no longer the one read."""
+        new one, owned like the directory with new_owner_of_directory),
+        rename, fsync the directory.  CacheError, old file kept, when it
+        cannot, or when the file is no longer the one read."""
         try:
             _remove_stale_temps(self.dir_fd, self.base)
             like = self._unchanged()
@@ -1754,6 +1755,9 @@ class CacheFile(object):
                 if like is not None:
                     keep_owner(temp.fd, like, self.path)
                     os.fchmod(temp.fd, stat.S_IMODE(like.st_mode))
+                elif new_owner_of_directory:
+                    # Set on our own new file before the rename: no path is followed.
+                    keep_owner(temp.fd, os.fstat(self.dir_fd), self.path)
                 self._unchanged()
                 temp.publish(self.base, replace=True)
             finally:
@@ -1832,7 +1836,7 @@ def backup_cache(path):
     return os.path.join(cf.directory, name)
 
 
-def write_cache(path, entries, layout=None, backup=False):
+def write_cache(path, entries, layout=None, backup=False, new_owner_of_directory=False):
     """Atomically replace the cache (caller holds cache_lock): `path` is a
     path or the CacheFile read under the lock (then it must still be the
     file read).  `backup` first keeps a timestamped copy."""
@@ -1840,7 +1844,7 @@ def write_cache(path, entries, layout=None, backup=False):
     data = build_cache(entries, layout)      # refuse bad entries before touching anything
     cf = path if isinstance(path, CacheFile) else CacheFile(path)
     try:
-        cf.replace(data, backup)
+        cf.replace(data, backup, new_owner_of_directory)
     finally:
         if cf is not path:
             cf.close()
@@ -4201,9 +4205,10 @@ def op_populate_cache(path, now=None, layout=None, backup=False, skip_bad_lines=
     return EXIT_OK
 
 
-def update_cache(path, updates, now, layout=None, backup=False):
+def update_cache(path, updates, now, layout=None, backup=False, new_owner_of_directory=False):
     """Apply (name, key) updates with Bareos's rules under the lock, atomically;
-    (stats, written).  Written when something changed or --layout converts."""
+    (stats, written).  Written when something changed or --layout converts.
+    A new cache gets the directory's owner with new_owner_of_directory."""
     target = cache_layout(layout)
     with cache_lock(path) as cf:
         try:
@@ -4216,7 +4221,7 @@ def update_cache(path, updates, now, layout=None, backup=False):
         if write:
             if convert:
                 debug(1, "%s: rewriting layout %s as %s" % (path, cache.layout.name, target.name))
-            write_cache(cf, entries, target, backup)
+            write_cache(cf, entries, target, backup, new_owner_of_directory)
     return stats, write
 
 
@@ -5638,14 +5643,16 @@ def _verify_loaded(transport, shown, source, label, algorithm_index):
 
 
 def op_populate_from_catalog(path, export_path, now=None, layout=None, backup=False,
-                             skip_bad_lines=False, out=None, as_json=False):
+                             skip_bad_lines=False, out=None, as_json=False,
+                             new_owner_of_directory=False):
     """Add a catalog export's volumes with keys to the cache with Bareos's rules
     (under the lock, atomic write); print the counts on stdout."""
     export = read_catalog_export(export_path)
     if export.bad:
         _report_bad_lines(export.bad, path, skip_bad_lines,
                           "stdin" if export_path == "-" else export_path)
-    stats, write = update_cache(path, export.entries, resolve_now(now), layout, backup)
+    stats, write = update_cache(path, export.entries, resolve_now(now), layout, backup,
+                                new_owner_of_directory)
     done = "%s was %s" % (path, "written" if write else "not changed")
     if as_json:
         report_output(out or sys.stdout, _json_text(dict(
@@ -6301,32 +6308,20 @@ def _director_requirements(directors, keys, report):
 
 def _install_keys(path, cache=None, catalog=None, now=None, out=None):
     """Merge the keys into the SD's cache with Bareos's rules, under the lock,
-    atomically; a new cache is given the working directory's owner."""
-    created = not os.path.exists(path)
+    atomically; a new cache gets the working directory's owner (the storage
+    daemon runs as that user), set on the new file before it is renamed."""
     if catalog is not None:
-        op_populate_from_catalog(path, catalog, now, out=out)
-    else:
-        source = read_cache(cache)
-        now = resolve_now(now)
-        with cache_lock(path):
-            try:
-                current = read_cache(path)
-            except CacheMissingError:
-                current = CryptoCache([], None)
-            entries, stats = apply_cache_updates(
-                current.entries, [(e.volume_name, e.encryption_key) for e in source.entries],
-                now)
-            write = cache_changed(stats)
-            if write:
-                write_cache(path, entries)
-        out.write("%s: from crypto cache %s: %d read, %d added, %d updated, %d unchanged; %d "
-                  "expired removed; %s\n" % (path, cache, len(source.entries), stats["added"],
-                                             stats["updated"], stats["unchanged"],
-                                             stats["expired_removed"], "written" if write
-                                             else "nothing changed, not written"))
-    if created and os.path.exists(path) and os.geteuid() == 0:
-        owner = os.stat(os.path.dirname(path) or ".")
-        os.chown(path, owner.st_uid, owner.st_gid)
+        op_populate_from_catalog(path, catalog, now, out=out, new_owner_of_directory=True)
+        return
+    source = read_cache(cache)
+    stats, write = update_cache(path, [(e.volume_name, e.encryption_key) for e in source.entries],
+                                resolve_now(now), new_owner_of_directory=True)
+    report_output(out or sys.stdout, "%s: from crypto cache %s: %d read, %d added, %d updated, "
+                  "%d unchanged; %d expired removed; %s\n" % (
+                      path, cache, len(source.entries), stats["added"], stats["updated"],
+                      stats["unchanged"], stats["expired_removed"],
+                      "written" if write else "nothing changed, not written"),
+                  "%s was %s" % (path, "written" if write else "not changed"))
 
 
 def op_prepare_sd(config, cache=None, catalog=None, check=False, now=None, out=None):

@@ -7102,6 +7102,25 @@ class TestPrepareSd(RecoveryCacheTestCase):
         self.assertEqual(rc, 0, err)
         st = os.stat(os.path.join(self.work, "bareos-sd.9103.cryptoc"))
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (4321, 4322, 0o640))
+        # The same from another cache, and nothing is chowned through a link
+        # put in the cache's place after the write.
+        os.unlink(os.path.join(self.work, "bareos-sd.9103.cryptoc"))
+        victim = self.write("victim", b"root's file")
+        real_update = bscrypto.update_cache
+
+        def update_then_swap(path, *args, **kw):
+            result = real_update(path, *args, **kw)
+            os.rename(path, path + ".moved")
+            os.symlink(victim, path)
+            return result
+        with mock.patch.object(bscrypto, "update_cache", update_then_swap):
+            source = self.path("rescue.cryptoc")
+            bscrypto.write_cache(source, self.make(3))
+            rc, _, err = self.prepare(root, "--cache", source)
+        self.assertEqual(rc, 0, err)
+        st = os.stat(os.path.join(self.work, "bareos-sd.9103.cryptoc.moved"))
+        self.assertEqual((st.st_uid, st.st_gid), (4321, 4322))
+        self.assertEqual(os.stat(victim).st_uid, 0)
 
 
 class TestJsonOutput(RecoveryCacheTestCase):
