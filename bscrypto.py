@@ -5143,7 +5143,17 @@ def _next_data_block(transport):
     """(NextBlockEncryptionStatus of the first block after the filemarks at the
     position, None), or (None, a TapeVerification) when the tape ends first."""
     for _ in range(VERIFY_MAX_FILEMARKS + 1):
-        nbes = read_next_block_status(transport)
+        try:
+            nbes = read_next_block_status(transport)
+        except ScsiError as e:
+            refusal = _next_block_refusal(e)
+            if refusal == "blank":
+                break
+            if refusal == "no_key":
+                return None, _verification("wrong_key", "the block after the label is "
+                                           "encrypted and the drive has no key that decrypts "
+                                           "it (%s)" % sense_text(e.sense))
+            raise
         if nbes.encryption_status != NEXT_BLOCK_NOT_A_BLOCK:
             return nbes, None
         if _tape_motion(transport, "SPACE over a filemark",
@@ -5151,6 +5161,20 @@ def _next_data_block(transport):
             break
     return None, _verification("nothing", "nothing to verify: the tape ends after the label "
                                "(no data block follows it)")
+
+
+def _next_block_refusal(error):
+    """How some drives answer page 0021h instead of with a status: "blank"
+    (BLANK CHECK: nothing written there) or "no_key" (DATA PROTECT, e.g. 74h
+    security or IBM's EFh "key required"), else None."""
+    sense = error.sense
+    if sense is None:
+        return None
+    if sense.sense_key == SENSE_BLANK_CHECK:
+        return "blank"
+    if sense.sense_key == SENSE_DATA_PROTECT and sense.asc in (0x74, 0xEE, 0xEF):
+        return "no_key"
+    return None
 
 
 def _judge_block(nbes, label_type):
@@ -5218,18 +5242,20 @@ def op_verify(device, as_json=False, timeout=DEFAULT_SCSI_TIMEOUT, out=None, tra
         check_encryption_support(t)
         status = read_drive_status(t)
         v = verify_tape(t)
-    if as_json:
-        _json_dump(verification_dict(device, v), out)
-    elif v.outcome != "wrong_key":
-        out.write("%s: %s\n" % (device, v.text))
-        out.flush()
-    if v.outcome == "wrong_key":
+    code = EXIT_WRONG_KEY if v.outcome == "wrong_key" else EXIT_OK
+    if code:
         held = ("the drive holds no key" if status.decryption_mode == DECRYPTION_MODE_DISABLE
                 else "the loaded key is not this volume's")
-        raise BscryptoError("verify: %s: %s: %s; load this volume's key with `%s load %s "
-                            "--cache CACHE` (or --catalog EXPORT)" % (
-                                device, v.text, held, _program(), device), EXIT_WRONG_KEY)
-    return EXIT_OK
+        sys.stderr.write("bscrypto: verify: %s: %s: %s; load this volume's key with `%s load "
+                         "%s --cache CACHE` (or --catalog EXPORT)\n"
+                         % (device, v.text, held, _program(), device))
+    if as_json:
+        # One document: the outcome carries the exit code, no second error object.
+        _json_dump(dict(verification_dict(device, v), exit_code=code), out)
+    elif not code:
+        out.write("%s: %s\n" % (device, v.text))
+        out.flush()
+    return code
 
 
 # -- recovery operations --
@@ -5576,11 +5602,13 @@ def op_load_volume(device, cache=None, catalog=None, kek_text=None, kek_source=N
                     shown, _BAREOS_ENCRYPTION_MODE.get(status.encryption_mode, "?"),
                     _BAREOS_DECRYPTION_MODE.get(status.decryption_mode, "?"), _program(),
                     device), EXIT_KEY_REFUSED)
+        # Logged before the check, which may clear the key again (and logs that).
+        audit("%s: key of volume %s loaded (from %s): algorithm index %d, key instance counter "
+              "%d" % (device, shown, source, status.algorithm_index,
+                      status.key_instance_counter))
         check = _verify_loaded(t, shown, source, label, algorithm_index) if verify else None
     name = (algorithm_name(algorithm.security_algorithm_code, algorithm.key_length)
             if algorithm is not None else None)
-    audit("%s: key of volume %s loaded (from %s): algorithm index %d, key instance counter %d"
-          % (device, shown, source, status.algorithm_index, status.key_instance_counter))
     if as_json:
         record = {"device": device, "volume": shown,
                   "volume_from": "label" if label is not None else "--volume",
@@ -5627,7 +5655,10 @@ def _verify_loaded(transport, shown, source, label, algorithm_index):
     if check.outcome != "wrong_key":
         return check
     try:
-        clear_drive_key(transport, algorithm_index)
+        status = clear_drive_key(transport, algorithm_index)
+        audit("%s: key of volume %s cleared (it does not decrypt the tape): algorithm index %d, "
+              "key instance counter %d" % (device, shown, status.algorithm_index,
+                                           status.key_instance_counter))
         cleared = "the key was cleared from the drive"
     except BscryptoError as e:
         cleared = "clearing the key failed too (%s): run `%s clear-key %s`" % (
@@ -5845,8 +5876,8 @@ def op_rewrap(old_kek_text, new_kek_text, cache=None, catalog=None, sql_out=None
         rewrapped, kek_sources[1], already,
         "; crypto cache %s: %d entries written" % (cache, cache_changes) if cache else "",
         "; %s written" % sql_out if sql is not None else ""))
-    written = "rewrap finished (%s written)" % " and ".join(
-        [cache] * bool(cache and cache_changes) + [sql_out] * (sql is not None))
+    files = [cache] * bool(cache and cache_changes) + [sql_out] * (sql is not None)
+    written = "rewrap finished (%s written)" % " and ".join(files) if files else None
     if as_json:
         report_output(out or sys.stdout, _json_text({
             "old_kek": kek_sources[0], "new_kek": kek_sources[1],
@@ -7084,24 +7115,28 @@ def op_dr_kit(outdir, cache, bsrs, config, catalog=None, kek_text=None, kek_sour
         _fsync_directory(locked.dir_fd)
         pruned = prune_kits(outdir, keep, name) if keep else []
     path = os.path.join(outdir, name)
-    out.write("dr-kit: wrote %s (%d files, mode 0700/0600, MANIFEST read back%s)\n"
-              % (path, len(kit.data), ", kit.tar" if tar else ""))
-    out.write("dr-kit: volumes for the catalog restore: %s\n" % (", ".join(
-        "%s (%s)" % (v, media[v] or "media type unknown") for v in volumes) or "none"))
+    text = ["dr-kit: wrote %s (%d files, mode 0700/0600, MANIFEST read back%s)\n"
+            % (path, len(kit.data), ", kit.tar" if tar else ""),
+            "dr-kit: volumes for the catalog restore: %s\n" % (", ".join(
+                "%s (%s)" % (v, media[v] or "media type unknown") for v in volumes) or "none")]
     if kek_text:
-        out.write("dr-kit: KEK %s (%s), %s\n" % (
+        text.append("dr-kit: KEK %s (%s), %s\n" % (
             "INCLUDED" if include_kek else "not in the kit", kek_fingerprint(kek_text),
             "keys checked with %s" % kek_source))
     if keep:
-        out.write("dr-kit: %d older kit%s removed, keeping %d\n"
-                  % (len(pruned), "" if len(pruned) == 1 else "s", keep))
-    out.flush()
+        text.append("dr-kit: %d older kit%s removed, keeping %d\n"
+                    % (len(pruned), "" if len(pruned) == 1 else "s", keep))
     if problems:
         sys.stderr.write("".join("bscrypto: dr-kit: problem: %s\n" % p for p in problems))
         sys.stderr.write("bscrypto: dr-kit: %d problem%s: the kit is INCOMPLETE: %s\n"
                          % (len(problems), "" if len(problems) == 1 else "s", path))
-        return EXIT_KIT_INCOMPLETE
-    return EXIT_OK
+    try:
+        report_output(out, "".join(text), "the kit %s was written" % path)
+    except OutputError as e:
+        if not problems:
+            raise
+        warn(str(e))        # the incomplete kit is what the job must report
+    return EXIT_KIT_INCOMPLETE if problems else EXIT_OK
 
 
 def _write_kit_tar(directory, name, files):
@@ -7120,9 +7155,10 @@ def _write_kit_tar(directory, name, files):
 # -- check --kit --
 
 
-def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
+def op_check_kit(kit, kek_text=None, kek_source=None, out=None, quiet=False, as_json=False):
     """check --kit: verify a kit offline, as it will be used; CHECK_HEALTHY or
-    CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check."""
+    CHECK_PROBLEMS, raises with CHECK_UNABLE when it cannot check.  quiet and
+    as_json as for check."""
     import json
     import subprocess
     try:
@@ -7146,7 +7182,7 @@ def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
                              % (facts.get("format"), KIT_FORMAT))
         kek = facts["kek"]
         if kek_text is None and kek["included"]:
-            kek_text = read_key_file(os.path.join(kit, KIT_KEK), "the kit's KEK file")
+            kek_text = read_key_file(os.path.join(kit, KIT_KEK), "the kit's KEK file", kek=True)
             kek_source = "the KEK in the kit"
     except BscryptoError as e:
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
@@ -7185,9 +7221,9 @@ def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
                             CHECK_UNABLE)
     problems += kit_key_problems(volumes, entries, export, kek_text, facts["cache"],
                                  facts["catalog"])
-    tool = os.path.join(kit, KIT_TOOL)
     try:
-        child = subprocess.Popen([sys.executable, "-I", tool, "selftest"], cwd=kit,
+        # Run from the kit's own directory, as it will be on a fresh host.
+        child = subprocess.Popen([sys.executable, "-I", KIT_TOOL, "selftest"], cwd=kit,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         report = child.communicate(timeout=KIT_SELFTEST_TIMEOUT)[0]
         if child.returncode != 0:
@@ -7203,12 +7239,21 @@ def op_check_kit(kit, kek_text=None, kek_source=None, out=None):
         "keys %s" % ("unwrapped with %s (%s)" % (kek_source, kek_fingerprint(kek_text))
                      if kek_text is not None else "not wrapped"),
         "%s selftest under %s" % (KIT_TOOL, sys.executable)]
+    code = CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    if as_json:
+        _json_dump({"kit": kit, "name": facts["name"], "files": len(manifest),
+                    "volumes": volumes, "kek_source": kek_source,
+                    "kek_fingerprint": kek_fingerprint(kek_text) if kek_text else None,
+                    "problems": problems, "healthy": not problems, "exit_code": code}, out)
+        return code
+    if quiet and not problems:
+        return code
     out.write("".join("check: %s\n" % line for line in lines))
     out.write("".join("problem: %s\n" % line for line in problems))
     out.write("check: %s\n" % ("%d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
                                if problems else "healthy"))
     out.flush()
-    return CHECK_PROBLEMS if problems else CHECK_HEALTHY
+    return code
 
 
 # ---------------------------------------------------------------------------
@@ -7391,7 +7436,7 @@ def _add_drive_commands(sub, common):
                     "nothing is written or loaded. Use it after set-key, -s or the plugin. "
                     "Exit 0: verified, not encrypted, or nothing to verify (PRE_LABEL, no "
                     "data); exit %d: the drive cannot decrypt it with its key." % EXIT_WRONG_KEY)
-    p.add_argument("device", help="tape device, e.g. /dev/nst0 or /dev/sg1")
+    p.add_argument("device", nargs="?", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=lambda ns: op_verify(ns.device, ns.json, ns.timeout))
 
@@ -7579,7 +7624,7 @@ def _run_check(ns):
         raise BscryptoError("check: could not check: %s" % e, CHECK_UNABLE)
     try:
         if ns.kit is not None:
-            return op_check_kit(ns.kit, kek_text, kek_source)
+            return op_check_kit(ns.kit, kek_text, kek_source, quiet=ns.quiet, as_json=ns.json)
         return op_check(ns.cache, kek_text, kek_source,
                         ns.max_age_days, ns.catalog, ns.now, quiet=ns.quiet, as_json=ns.json)
     except OSError as e:
@@ -7649,8 +7694,12 @@ def _commands_epilog():
     return "\n".join(lines)
 
 
-def _run_command(parser, argv):
-    ns = parser.parse_args(argv)
+def _run_command(parser, sub, argv):
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        # Said by the command's own parser, so that check's usage errors
+        # exit 2 ("could not check") for cron like its other ones.
+        sub.choices[ns.command].error("unrecognized arguments: %s" % " ".join(extras))
     _set_debug(ns.debug, ns.dt)
     _refuse_empty_arguments(ns, CHECK_UNABLE if ns.command == "check" else EXIT_USAGE)
     _device_from_tape(ns)
@@ -7705,7 +7754,7 @@ def _help(parser, sub, args):
     if not args:
         return _run_legacy(["--help"])
     if args[0] in sub.choices:
-        return _run_command(parser, [args[0], "--help"])
+        return _run_command(parser, sub, [args[0], "--help"])
     raise UsageError(_unknown_command(args[0], sub.choices) or
                      "unknown command %r: 'bscrypto.py help' lists them" % args[0])
 
@@ -7726,7 +7775,7 @@ def _refuse_empty_arguments(ns, exit_code=EXIT_USAGE):
     """An empty argument ('', an unset shell variable) is never taken as "none":
     `-w ''` would silently drop the wrap."""
     for name, value in sorted(vars(ns).items()):
-        if value == "" and name != "key_desc":
+        if (value == "" or isinstance(value, list) and "" in value) and name != "key_desc":
             raise BscryptoError("the %s argument is empty ('', an unset shell variable?); "
                                 "nothing done" % name.replace("_", "-"), exit_code)
 
@@ -7838,6 +7887,12 @@ def _parser_class():
                 _USAGE_ERROR[0] = message
                 self.print_usage(sys.stderr)
                 self.exit(code, "%s: error: %s\n" % (self.prog, message))
+
+            def _print_message(self, message, file=None):
+                # argparse 3.11+ ignores a failed write: --help into a full
+                # disk or a closed pipe must fail like any other output.
+                if message:
+                    (file or sys.stderr).write(message)
 
         _PARSER_CLASS = Parser
     return _PARSER_CLASS
@@ -8117,7 +8172,7 @@ def main(argv=None):
             if rest and not rest[0].startswith("-"):
                 parser, sub = _command_parser()
                 if rest[0] in sub.choices:
-                    return _flushed(_run_command(parser, rest[:1] + options + rest[1:]))
+                    return _flushed(_run_command(parser, sub, rest[:1] + options + rest[1:]))
                 if rest[0] == "help":
                     return _flushed(_help(parser, sub, rest[1:]))
                 problem = _unknown_command(rest[0], sub.choices, rest[1:])
@@ -8140,6 +8195,15 @@ def main(argv=None):
         code = e.code if isinstance(e.code, int) else EXIT_USAGE
         if code:
             _failed(_USAGE_ERROR[0] or "usage error", code, printed=True)
+            return code
+        try:
+            sys.stdout.flush()      # --help, --version: argparse ignores a failed write
+        except OSError as error:
+            if error.errno not in OUTPUT_ERRNOS:
+                raise
+            _output_failed()
+            return _failed("cannot write to standard output: %s" % (error.strerror or error),
+                           EXIT_OUTPUT, stdout_works=False)
         return code
     except Exception as e:
         if DEBUG_LEVEL:
@@ -8161,7 +8225,10 @@ def _failed(message, code, printed=False, stdout_works=True):
         except (OSError, ValueError, AttributeError):
             pass            # stderr closed too: the exit code still tells
     if JSON_ERRORS and stdout_works:
-        _json_dump({"error": message, "exit_code": code}, sys.stdout)
+        try:
+            _json_dump({"error": message, "exit_code": code}, sys.stdout)
+        except (OSError, ValueError):
+            _output_failed()    # the stderr line and the exit code still tell
     audit("failed (exit %d): %s" % (code, message), error=True)
     return code
 

@@ -723,7 +723,9 @@ class TestKeyFiles(TempDirTestCase):
                      ["show", key, "-w", ""], ["generate", self.path("new"), "--kek", ""],
                      ["-g", ""], ["-k", ""], ["-p", ""], ["populate-cache", ""],
                      ["kek-from-config", "", "--print"], ["-s", key, "-w", "", "/dev/nst0"],
-                     ["load", "/dev/nst0", "--cache", ""], ["rewrap", "--sql-out", ""]):
+                     ["load", "/dev/nst0", "--cache", ""], ["rewrap", "--sql-out", ""],
+                     ["dr-kit", self.tmp, "--cache", key, "--config", key, "--bsr", key,
+                      "--bsr", ""]):
             rc, out, err = cli(*args, stdin=b"V\tk\n")
             self.assertEqual((rc, out), (bscrypto.EXIT_USAGE, b""), args)
             self.assertIn("is empty ('', an unset shell variable?)", err)
@@ -732,6 +734,9 @@ class TestKeyFiles(TempDirTestCase):
             bscrypto.read_key_file("")
         rc, out, err = cli("check", "--cache", "", stdin=b"")
         self.assertEqual((rc, out), (bscrypto.CHECK_UNABLE, b""))     # cron: could not check
+        rc, out, err = cli("check", "--cache", key, "stray")            # also a stray argument
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE, err)
+        self.assertIn("unrecognized arguments: stray", err)
 
     def test_empty_existing_file_is_replaced(self):
         p = self.write("k", b"", mode=0o644)
@@ -5742,6 +5747,42 @@ class TestVerify(RecoveryDriveTestCase):
         self.assertIn('(its U-KAD: "Full-0042 key")', err)
         self.assertEqual(self.drive.key, b"B" * 32)                      # verify loads nothing
 
+    def test_drives_that_answer_page_21h_with_an_error(self):
+        # BLANK CHECK at end of data (HP): the tape ends after the label.
+        self.drive.profile = dict(self.drive.profile, quirks={"blank_check": True})
+        self.tape(filemarks=1, data=())
+        out, _ = self.run_ok("verify", self.dev)
+        self.assertIn("nothing to verify", out)
+        # DATA PROTECT "key required" (IBM EFh, some HP firmware) instead of status 6.
+        self.drive.profile = dict(self.drive.profile, quirks={"key_required": True})
+        self.tape(key=b"W" * 32)
+        logged = []
+        with mock.patch.object(bscrypto, "_syslog_send", lambda m, error=False: logged.append(m)):
+            rc, _, err = self.load("--syslog")
+        self.assertEqual(rc, bscrypto.EXIT_WRONG_KEY, err)
+        self.assertIn("the drive has no key that decrypts it", err)
+        self.assertIsNone(self.drive.key)
+        self.assertEqual([m.split(":")[1] for m in logged[:2]],
+                         [" key of volume Full-0042 loaded (from crypto cache %s)"
+                          % self.wrapped_cache(), " key of volume Full-0042 cleared (it does not "
+                          "decrypt the tape)"])
+        self.assertIn("failed (exit 14)", logged[2])
+        self.assertTrue(all(self.PASSPHRASE.decode() not in m for m in logged))
+
+    def test_verify_json_is_one_document_and_takes_tape(self):
+        self.tape(key=b"W" * 32)
+        with bscrypto.LinuxSgTransport(self.dev) as t:
+            bscrypto.load_drive_key(t, self.KEY)
+        rc, out, err = cli("verify", self.dev, "--json")
+        self.assertEqual(rc, bscrypto.EXIT_WRONG_KEY)
+        data = json.loads(out.decode())                 # one document, not two
+        self.assertEqual((data["outcome"], data["exit_code"]), ("wrong_key", 14))
+        self.assertIn("the loaded key is not this volume's", err)
+        with mock.patch.dict(os.environ, {"TAPE": self.dev}):
+            rc, out, err = cli("verify")
+        self.assertEqual(rc, bscrypto.EXIT_WRONG_KEY)
+        self.assertIn("verify: device %s (from $TAPE)" % self.dev, err)
+
     def test_verify_tells_a_pre_label_from_the_block_itself(self):
         pre = build_label_block(VolumeName=self.VOLUME, FileIndex=-1)
         self.drive.medium = Medium([Block(pre), FILEMARK, Block(b"x" * 99, b"W" * 32, GCM, 1)])
@@ -6453,6 +6494,31 @@ class TestEnvironmentErrors(RecoveryCacheTestCase):
             self.assertEqual(rc, bscrypto.EXIT_OUTPUT, (command, err))
             self.assertEqual(err, "bscrypto: cannot write to standard output: Broken pipe\n")
 
+    def test_help_json_errors_and_reports_to_a_full_disk(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full")
+        for command in ('"$1" "$2" --help > /dev/full', '"$1" "$2" check --help >&-'):
+            rc, _, err = self.sh(command)
+            self.assertEqual(rc, bscrypto.EXIT_OUTPUT, (command, err))
+            self.assertIn("cannot write to standard output", err)
+        # The JSON error object cannot be written either: the stderr line and
+        # check's "could not check" still tell, no traceback.
+        rc, _, err = self.sh('"$1" "$2" check --cache "$3" --kek "$3" --json > /dev/full',
+                             self.path("missing"))
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE, err)
+        self.assertNotIn("Traceback", err)
+        old, new = self.keks()
+        path = self.path("c.cryptoc")
+        bscrypto.write_cache(path, self.make(2))
+        rewrap = '"$1" "$2" rewrap --old-kek "$3" --new-kek "$4" --cache "$5" > /dev/full'
+        rc, _, err = self.sh(rewrap, old, new, path)
+        self.assertEqual(rc, bscrypto.EXIT_OUTPUT, err)
+        self.assertIn("rewrap finished (%s written); but cannot write" % path, err)
+        rc, _, err = self.sh(rewrap, old, new, path)      # again: nothing to write
+        self.assertEqual(rc, bscrypto.EXIT_OUTPUT)
+        self.assertTrue(err.endswith("\nbscrypto: cannot write to standard output: No space left "
+                                     "on device\n"), err)
+
     def test_closed_stdout_and_full_disk(self):
         if not os.path.exists("/dev/full"):
             self.skipTest("no /dev/full")
@@ -6820,6 +6886,17 @@ class TestDrKitProblems(DrKitTestCase):
         self.assertIn(b"problem: the kit was made INCOMPLETE", out)
         return problems, out.decode()
 
+    def test_incomplete_kit_to_a_full_disk_still_exits_16(self):
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full")
+        self.write("catalog.bsr", CATALOG_BSR + b"Volume=NoSuchVolume\n")
+        with open("/dev/full", "w") as full:
+            rc = subprocess.call([sys.executable, SCRIPT, "dr-kit", self.out, "--cache",
+                                  self.cache, "--bsr", self.bsr, "--config", self.config],
+                                 stdout=full, stderr=subprocess.DEVNULL)
+        self.assertEqual(rc, bscrypto.EXIT_KIT_INCOMPLETE)
+        self.assertTrue(self.only_kit().endswith("-INCOMPLETE"))
+
     def test_bootstrap_volume_without_key(self):
         self.write("catalog.bsr", CATALOG_BSR + b"Volume=Vol9999\n")
         problems, checked = self.incomplete()
@@ -6892,6 +6969,32 @@ class TestCheckKit(DrKitTestCase):
         self.assertEqual((rc, err), (0, ""), out)
         self.assertIn("check: keys unwrapped with the Key Encryption Key in %s (sha256:" % sd,
                       out.decode())
+
+    def test_quiet_json_and_a_relative_kit_path(self):
+        rc, out, err = self.check_kit(self.kit, "--kek", self.kek, "--quiet")
+        self.assertEqual((rc, out, err), (0, b"", ""))
+        rc, out, err = self.check_kit(self.kit, "--kek", self.kek, "--json")
+        data = json.loads(out.decode())
+        self.assertEqual((rc, data["healthy"], data["volumes"], data["exit_code"]),
+                         (0, True, ["Vol0002"], 0))
+        cwd = os.getcwd()
+        os.chdir(self.out)
+        self.addCleanup(os.chdir, cwd)
+        rc, out, err = self.check_kit(os.path.basename(self.kit), "--kek", self.kek)
+        self.assertEqual((rc, err), (0, ""), out)
+
+    def test_included_kek_is_read_as_a_kek(self):
+        # A KEK with a NUL in its first 16 bytes: Bareos uses the bytes as they
+        # are; read as a key file it would end at the NUL and fail its own kit.
+        kek = self.write("nul.kek", b"abc\0defghijklmnopqrstuvwxyz0123")
+        bscrypto.write_cache(self.cache, [bscrypto.CacheEntry(
+            "Vol0002", bscrypto.wrap_passphrase(read_bytes(kek), b"p" * 32), CACHE_FIXTURE_TIME)])
+        self.dr_kit("--kek", kek, "--include-kek", catalog="")
+        kit = sorted(os.path.join(self.out, n) for n in self.kits())[-1]
+        rc, out, err = self.check_kit(kit)
+        self.assertNotIn(b"fingerprint mismatch", out)
+        self.assertNotIn(b"does not unwrap", out)
+        self.assertIn(b"keys unwrapped with the KEK in the kit", out)
 
     def test_kek_fingerprint_mismatch(self):
         other = self.write("other.kek", b"another-kek-0123456789abcdefghij")
