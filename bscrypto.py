@@ -6540,8 +6540,7 @@ def parse_bsr(text, path="bootstrap"):
 def read_bsr(path):
     """parse_bsr() of a file; ValueError saying why it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path)[0]
     except (OSError, IOError) as e:
         raise ValueError("cannot read %s: %s" % (path, e.strerror or e))
     try:
@@ -6701,8 +6700,7 @@ def verify_manifest(kit, manifest):
     problems = []
     for name, (digest, size) in sorted(manifest.items()):
         try:
-            with open(os.path.join(kit, name), "rb") as f:
-                data = f.read()
+            data = read_regular_file(os.path.join(kit, name))[0]
         except (OSError, IOError) as e:
             problems.append("%s: listed in the MANIFEST but cannot be read: %s"
                             % (name, e.strerror or e))
@@ -6747,8 +6745,7 @@ def running_tool():
         raise UsageError("dr-kit: this tool was not run from a file (python3 - < bscrypto.py?), "
                          "so it cannot copy itself into the kit: run "
                          "`python3 /path/to/bscrypto.py dr-kit ...`")
-    with open(path, "rb") as f:
-        return path, f.read()
+    return path, read_regular_file(path)[0]
 
 
 class _KitFiles(object):
@@ -6833,11 +6830,6 @@ def prune_kits(directory, keep, new):
     return pruned
 
 
-def _shell(word):
-    import shlex
-    return shlex.quote(word)
-
-
 def format_recovery(facts):
     """RECOVERY.txt: this site's recovery, step by step, from the kit's facts."""
     kek = facts["kek"]
@@ -6916,9 +6908,9 @@ def format_recovery(facts):
         steps.append(load)
         steps.append(["Restore the catalog backup from %s:" % bsr["bootstrap"],
                       "  bextract -c /etc/bareos%s -V %s -b %s %s %s" % (
-                          " -D %s" % _shell(director) if director else "",
-                          _shell("|".join(bsr["volumes"])), _shell(bsr["bootstrap"]),
-                          _shell(device), restore)])
+                          " -D %s" % _quoted_arg(director) if director else "",
+                          _quoted_arg("|".join(bsr["volumes"])), _quoted_arg(bsr["bootstrap"]),
+                          _quoted_arg(device), restore)])
     steps.append(["Clear the key and load the restored database dump (e.g. "
                   "%s/var/lib/bareos/bareos.sql into PostgreSQL), then start Bareos:" % restore,
                   "  python3 bscrypto.py clear-key %s" % _kit_device(facts["devices"], None)])
@@ -6950,8 +6942,7 @@ def _kit_config(kit, config, include_kek, problems):
         return names, devices, places, []
     for path in files:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular_file(path)[0]
         except (OSError, IOError) as e:
             problems.append("configuration %s: cannot read: %s" % (path, e.strerror or e))
             continue
@@ -7165,12 +7156,13 @@ def op_check_kit(kit, kek_text=None, kek_source=None, out=None, quiet=False, as_
         if not os.path.isdir(kit):
             raise UsageError("%s is not a directory" % kit)
         try:
-            with open(os.path.join(kit, KIT_FACTS), "rb") as f:
-                facts = json.loads(f.read().decode("utf-8"))
-            with open(os.path.join(kit, KIT_MANIFEST), "rb") as f:
-                manifest = parse_manifest(f.read().decode("utf-8"))
+            read = KIT_FACTS
+            facts = json.loads(read_regular_file(os.path.join(kit, read))[0].decode("utf-8"))
+            read = KIT_MANIFEST
+            manifest = parse_manifest(read_regular_file(os.path.join(kit, read))[0]
+                                      .decode("utf-8"))
         except (OSError, IOError) as e:
-            raise UsageError("not a dr-kit: %s: %s" % (e.filename, e.strerror or e))
+            raise UsageError("not a dr-kit: %s: %s" % (os.path.join(kit, read), e.strerror or e))
         except ValueError as e:
             raise UsageError("not a readable dr-kit: %s" % e)
         missing = [k for k in ("name", "complete", "problems", "cache", "catalog",

@@ -7034,6 +7034,12 @@ class TestCheckKit(DrKitTestCase):
         rc, _, err = self.check_kit(self.kit, "--kek", self.kek)
         self.assertEqual(rc, bscrypto.CHECK_UNABLE)
         self.assertIn("check: could not check: not a dr-kit", err)
+        # A FIFO in the kit's place is refused at once, never waited on.
+        os.mkfifo(os.path.join(self.kit, "MANIFEST"))
+        rc, _, err = self.check_kit(self.kit, "--kek", self.kek)
+        self.assertEqual(rc, bscrypto.CHECK_UNABLE)
+        self.assertIn("not a dr-kit: %s: a FIFO, not a regular file"
+                      % os.path.join(self.kit, "MANIFEST"), err)
 
 
 # ---------------------------------------------------------------------------
